@@ -1,0 +1,5 @@
+"""Pie subprocess driver that serves token generation from TensorRT-LLM or a PyTorch reference engine."""
+
+__version__ = "0.1.0"
+DRIVER_NAME = "pie-driver-trtllm"
+PROTOCOL_VERSION = 1

@@ -1,0 +1,157 @@
+"""A small host-side client: spawn a driver, read its handshake, send ops, get typed replies."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+
+@dataclass
+class ErrorInfo:
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    id: int | None
+    ok: bool
+    result: dict[str, Any]
+    error: ErrorInfo | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.result[key]
+
+
+class DriverFailed(RuntimeError):
+    """The driver exited before it was ready; the message holds its standard error."""
+
+
+class RequestFailed(RuntimeError):
+    def __init__(self, reply: Reply) -> None:
+        assert reply.error is not None
+        super().__init__(f"{reply.error.code}: {reply.error.message}")
+        self.reply = reply
+
+
+def parse_reply(payload: bytes) -> Reply:
+    data = msgpack.unpackb(payload, strict_map_key=False)
+    if data.get("ok"):
+        result = {k: v for k, v in data.items() if k not in ("v", "id", "ok")}
+        return Reply(data.get("id"), True, result)
+    error = dict(data.get("error") or {})
+    info = ErrorInfo(error.pop("code", "?"), error.pop("message", ""), error)
+    return Reply(data.get("id"), False, {}, info)
+
+
+class DriverClient:
+    """One DEALER connection to a driver. Not thread-safe: use one client per thread."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._context = zmq.Context.instance()
+        self.socket = self._context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self._ids = itertools.count(1)
+
+    def send(self, op: str, **fields: Any) -> int:
+        request_id = next(self._ids)
+        self.send_raw(msgpack.packb({"v": 1, "id": request_id, "op": op, **fields}))
+        return request_id
+
+    def send_raw(self, frame: bytes) -> None:
+        self.socket.send(frame)
+
+    def recv(self, timeout_s: float | None = None) -> Reply:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        if not self.socket.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no reply from {self.endpoint} within {timeout} s")
+        return parse_reply(self.socket.recv())
+
+    def call(self, op: str, check: bool = True, **fields: Any) -> Reply:
+        request_id = self.send(op, **fields)
+        reply = self.recv()
+        if reply.id != request_id:
+            raise RuntimeError(f"reply for id {reply.id} while waiting for {request_id}")
+        if check and not reply.ok:
+            raise RequestFailed(reply)
+        return reply
+
+    def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.call("forward", requests=requests)["results"]
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+@dataclass
+class DriverProcess:
+    """A driver subprocess started with `spawn`."""
+
+    process: subprocess.Popen[bytes]
+    endpoint: str
+    handshake_line: dict[str, Any]
+    stderr_path: Path
+
+    def client(self, timeout_s: float = 60.0) -> DriverClient:
+        return DriverClient(self.endpoint, timeout_s)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout_s: float = 120.0,
+          env: dict[str, str] | None = None, stderr_path: str | Path | None = None) -> DriverProcess:
+    """Start `python -m pie_driver_trtllm` and wait for its two handshake lines."""
+    command = [sys.executable, "-m", "pie_driver_trtllm", "--config", str(config_path)]
+    if endpoint:
+        command += ["--endpoint", endpoint]
+    log = Path(stderr_path) if stderr_path else Path(str(config_path) + ".stderr.log")
+    with open(log, "wb") as err:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err,
+                                   env={**os.environ, **(env or {})})
+    assert process.stdout is not None
+    deadline = time.monotonic() + ready_timeout_s
+    lines: list[dict[str, Any]] = []
+    os.set_blocking(process.stdout.fileno(), False)
+    buffer = b""
+    while len(lines) < 2:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise DriverFailed(f"driver not ready within {ready_timeout_s} s: {log.read_text()[-2000:]}")
+        chunk = process.stdout.read()
+        if chunk:
+            buffer += chunk
+            while b"\n" in buffer and len(lines) < 2:
+                line, buffer = buffer.split(b"\n", 1)
+                lines.append(json.loads(line))
+        elif process.poll() is not None:
+            raise DriverFailed(f"driver exited with {process.returncode}: {log.read_text().strip()[-2000:]}")
+        else:
+            time.sleep(0.01)
+    if not lines[1].get("ready"):
+        process.kill()
+        raise DriverFailed(f"unexpected second handshake line {lines[1]!r}")
+    return DriverProcess(process, lines[0]["endpoint"], lines[0], log)

@@ -1,0 +1,229 @@
+"""Startup configuration: the one typed source of truth for every key the driver reads.
+
+The host writes a TOML file with `[model]`, `[driver]` and `[driver.options]`. Each key is a dataclass
+field below whose metadata holds its documentation and its rule; `load_config` checks every key once and
+fails with a single line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import StartupError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10 and older
+    import tomli as tomllib
+
+ENGINE_ALIASES = {"tensorrt_llm": "tensorrt_llm", "tensorrt-llm": "tensorrt_llm", "trtllm": "tensorrt_llm",
+                  "reference": "reference"}
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+MAX_LOOKAHEAD = 16
+
+
+def opt(default: Any, doc: str, kinds: tuple[type, ...], *, choices: tuple[Any, ...] = (),
+        minimum: float | None = None, maximum: float | None = None, nullable: bool = False) -> Any:
+    """A config field: default, one-line doc, accepted TOML types and the allowed values."""
+    meta = {"doc": doc, "kinds": kinds, "choices": choices, "minimum": minimum, "maximum": maximum,
+            "nullable": nullable}
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DriverOptions:
+    """`[driver.options]`: the user's `[model.driver.options]` table."""
+
+    engine: str = opt("tensorrt_llm", "Engine: `tensorrt_llm` (aliases `tensorrt-llm`, `trtllm`) or "
+                      "`reference` (PyTorch + transformers).", (str,), choices=tuple(ENGINE_ALIASES))
+    lookahead_tokens: int = opt(16, "Greedy tokens generated per engine call and served one per host step; "
+                                "1 turns lookahead off.", (int,), minimum=1, maximum=MAX_LOOKAHEAD)
+    execution_mode: str = opt("generate", "TensorRT-LLM path: public `LLM.generate` or the experimental "
+                              "private `pyexecutor` loop.", (str,), choices=("generate", "pyexecutor"))
+    trust_remote_code: bool = opt(True, "Passed to the model loader.", (bool,))
+    skip_tokenizer_init: bool = opt(True, "Passed to `tensorrt_llm.LLM`; the host sends token ids.", (bool,))
+    backend: str | None = opt(None, "TensorRT-LLM backend override.", (str,), nullable=True)
+    attn_backend: str | None = opt(None, "TensorRT-LLM attention backend override.", (str,), nullable=True)
+    enable_chunked_prefill: bool | None = opt(None, "TensorRT-LLM chunked prefill.", (bool,), nullable=True)
+    max_seq_len: int | None = opt(None, "Runtime sequence cap; also clamps `max_model_len`.", (int,),
+                                  minimum=1, nullable=True)
+    max_batch_size: int | None = opt(None, "TensorRT-LLM runtime batch-size cap.", (int,), minimum=1,
+                                     nullable=True)
+    max_num_tokens: int | None = opt(None, "TensorRT-LLM runtime token cap.", (int,), minimum=1, nullable=True)
+    kv_cache_free_gpu_memory_fraction: float | None = opt(
+        None, "Fraction of free GPU memory TensorRT-LLM gives its KV cache.", (float, int),
+        minimum=0.01, maximum=1.0, nullable=True)
+    llm_kwargs: dict = opt({}, "Passed through to `tensorrt_llm.LLM(...)`; wins over curated keys.", (dict,))
+    pyexecutor_max_tokens: int = opt(4096, "Continuation window of one private executor request.", (int,),
+                                     minimum=1)
+    pyexecutor_worker_stop_timeout_s: float = opt(30.0, "Join timeout when stopping TensorRT-LLM's worker.",
+                                                  (float, int), minimum=0.0)
+    enable_cache_salt: bool = opt(True, "Give each context its own TensorRT-LLM cache salt.", (bool,))
+    max_concurrent_requests: int = opt(128, "Advertised `max_forward_requests`.", (int,), minimum=1)
+    max_batched_tokens: int = opt(8192, "Advertised `max_forward_tokens`, `max_logit_rows`, `max_prob_rows`.",
+                                  (int,), minimum=1)
+    virtual_kv_page_size: int = opt(16, "Advertised (virtual) `kv_page_size`.", (int,), minimum=1)
+    virtual_total_pages: int = opt(65536, "Advertised (virtual) `total_pages` and `max_page_refs`.", (int,),
+                                   minimum=1)
+    max_logprob_labels: int = opt(1024, "Most `token_ids` of a `logprobs` sampler and largest `k` of `dist`.",
+                                  (int,), minimum=0)
+    max_session_histories: int = opt(65536, "Context histories kept; the least recently used is evicted.",
+                                     (int,), minimum=1)
+    max_history_tokens: int | None = opt(None, "Longest history kept per context; positions past it are "
+                                         "refused with OUT_OF_RANGE (it clamps `max_model_len`).", (int,),
+                                         minimum=1, nullable=True)
+    max_frame_bytes: int = opt(64 << 20, "Largest request frame decoded; bigger ones get BAD_FRAME.", (int,),
+                               minimum=1024)
+    venv: str | None = opt(None, "Interpreter override; read by the host, ignored by the driver.", (str,),
+                           nullable=True)
+    python: str | None = opt(None, "Interpreter override; read by the host, ignored by the driver.", (str,),
+                             nullable=True)
+
+
+@dataclass
+class ModelSection:
+    """`[model]`."""
+
+    snapshot_dir: str = opt("", "Local Hugging Face checkpoint directory (config.json and weights).", (str,))
+    name: str = opt("", "Model name reported in the handshake (default: the directory name).", (str,))
+    hf_repo: str = opt("", "Hugging Face repository id, informational.", (str,))
+
+
+@dataclass
+class DriverSection:
+    """`[driver]`."""
+
+    device: list = opt(["cuda:0"], "Devices, one data-parallel replica each: `cpu`, `cuda` or `cuda:N`.",
+                       (list,))
+    group_id: int = opt(0, "Group id echoed in the handshake line.", (int,), minimum=0)
+    activation_dtype: str = opt("bfloat16", "Activation dtype.", (str,), choices=DTYPES)
+    random_seed: int | None = opt(None, "Seed of the driver's own randomness (unseeded samplers); "
+                                  "unset draws from the OS.", (int,), minimum=0, nullable=True)
+    tensor_parallel_size: int = opt(1, "Must be 1: use several devices for data parallelism.", (int,),
+                                    choices=(1,))
+    type: str = opt("tensorrt_llm", "Driver type as written by the host.", (str,), choices=tuple(ENGINE_ALIASES))
+
+
+@dataclass
+class DriverConfig:
+    model: ModelSection
+    driver: DriverSection
+    options: DriverOptions
+
+    @property
+    def engine(self) -> str:
+        return ENGINE_ALIASES[self.options.engine]
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def _check(section: str, key: str, value: Any, meta: dict[str, Any]) -> Any:
+    name = f"{section}.{key}"
+    if value is None:
+        if meta["nullable"]:
+            return None
+        raise StartupError(f"config: {name} = null is not allowed; expected {_kinds(meta)}")
+    kinds: tuple[type, ...] = meta["kinds"]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise StartupError(f"config: {name} = {value!r} has type {type(value).__name__}; expected {_kinds(meta)}")
+    if meta["choices"] and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise StartupError(f"config: {name} = {value!r} is not allowed; expected one of {allowed}")
+    lo, hi = meta["minimum"], meta["maximum"]
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+        raise StartupError(f"config: {name} = {value!r} is out of range; expected {bounds}")
+    if isinstance(value, float) or float in kinds:
+        return float(value)
+    return value
+
+
+def _kinds(meta: dict[str, Any]) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
+    text = " or ".join(dict.fromkeys(names[k] for k in meta["kinds"]))
+    return text + (" or unset" if meta["nullable"] else "")
+
+
+def build_section(cls: type, section: str, table: Any) -> Any:
+    """Check one TOML table against the dataclass `cls`, refusing unknown keys."""
+    if not isinstance(table, dict):
+        raise StartupError(f"config: [{section}] must be a table, got {type(table).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise StartupError(f"config: unknown key {section}.{unknown[0]}; allowed keys: {', '.join(sorted(known))}")
+    values = {}
+    for name, f in known.items():
+        if name in table:
+            values[name] = _check(section, name, table[name], dict(f.metadata))
+        elif f.default is MISSING and f.default_factory is MISSING:  # pragma: no cover - every field has one
+            raise StartupError(f"config: {section}.{name} is required")
+    return cls(**values)
+
+
+def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> DriverConfig:
+    """Build a DriverConfig from a parsed TOML document."""
+    unknown = sorted(set(data) - {"model", "driver"})
+    if unknown:
+        raise StartupError(f"config: unknown table [{unknown[0]}]; allowed tables: [model], [driver]")
+    driver_table = dict(data.get("driver", {}))
+    options_table = driver_table.pop("options", {})
+    model = build_section(ModelSection, "model", data.get("model", {}))
+    driver = build_section(DriverSection, "driver", driver_table)
+    options = build_section(DriverOptions, "driver.options", options_table)
+
+    if not model.snapshot_dir:
+        raise StartupError("config: model.snapshot_dir is required (a local Hugging Face checkpoint directory)")
+    snapshot = Path(os.path.expanduser(model.snapshot_dir))
+    if not snapshot.is_absolute() and base_dir is not None:
+        snapshot = base_dir / snapshot
+    model.snapshot_dir = str(snapshot)
+    if not model.name:
+        model.name = snapshot.name
+    if not driver.device:
+        raise StartupError("config: driver.device = [] is empty; list at least one device such as \"cpu\"")
+    for dev in driver.device:
+        if not isinstance(dev, str) or not _DEVICE.match(dev):
+            raise StartupError(f"config: driver.device entry {dev!r} is not allowed; expected \"cpu\", "
+                               "\"cuda\" or \"cuda:N\"")
+    for key, value in options.llm_kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise StartupError(f"config: driver.options.llm_kwargs key {key!r} is not a Python identifier")
+        del value
+    if options.execution_mode == "pyexecutor" and options.max_history_tokens is not None:
+        raise StartupError("config: driver.options.max_history_tokens must be unset with execution_mode = "
+                           "\"pyexecutor\" (the executor needs full histories)")
+    return DriverConfig(model=model, driver=driver, options=options)
+
+
+def load_config(path: str | Path) -> DriverConfig:
+    """Read and check the startup TOML file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise StartupError(f"config: {path} is not valid TOML: {exc}") from None
+    return parse_config(data, base_dir=path.parent)
+
+
+def option_table_markdown() -> str:
+    """The `[driver.options]` table of docs/configuration.md, generated from the dataclass."""
+    rows = ["| key | default | type | meaning |", "|---|---|---|---|"]
+    for cls, section in ((ModelSection, "model"), (DriverSection, "driver"), (DriverOptions, "driver.options")):
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            shown = "unset" if default is None else repr(default).replace("'", '"')
+            rows.append(f"| `{section}.{f.name}` | `{shown}` | {_kinds(dict(f.metadata))} | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"

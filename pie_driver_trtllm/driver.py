@@ -1,0 +1,122 @@
+"""Driver start-up: config, engine, socket, the two handshake lines, then serve until told to stop."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+from typing import Any, TextIO
+
+from . import DRIVER_NAME, PROTOCOL_VERSION, __version__
+from .backend import LocalBackend
+from .config import DriverConfig, load_config
+from .core import DriverCore
+from .engines import load_engine
+from .engines.base import Engine
+from .errors import StartupError
+from .protocol import Limits
+from .server import DriverServer, resolve_endpoint
+
+U32_MAX = 2**32 - 1
+
+
+def build_limits(config: DriverConfig, engine: Engine) -> Limits:
+    o = config.options
+    return Limits(vocab_size=engine.model.vocab_size, max_model_len=engine.model.max_model_len,
+                  max_forward_requests=o.max_concurrent_requests, max_forward_tokens=o.max_batched_tokens,
+                  max_logprob_labels=o.max_logprob_labels if "logprobs" in engine.samplers else 0,
+                  max_frame_bytes=o.max_frame_bytes, samplers=engine.samplers)
+
+
+def build_caps(config: DriverConfig, engine: Engine, limits: Limits) -> dict[str, Any]:
+    o = config.options
+    return {
+        "total_pages": o.virtual_total_pages, "kv_page_size": o.virtual_kv_page_size, "swap_pool_size": 0,
+        "max_forward_tokens": limits.max_forward_tokens, "max_forward_requests": limits.max_forward_requests,
+        "max_page_refs": o.virtual_total_pages, "max_logit_rows": o.max_batched_tokens,
+        "max_prob_rows": o.max_batched_tokens, "max_custom_mask_bytes": 0, "max_sampler_rows": U32_MAX,
+        "max_logprob_labels": limits.max_logprob_labels, "activation_dtype": config.driver.activation_dtype,
+        "supports_user_attention_mask": False, "supports_adapters": False,
+        "samplers": sorted(engine.samplers), "lookahead_tokens": o.lookahead_tokens,
+        "tensor_parallel_size": 1, "replicas": len(config.driver.device), "devices": list(config.driver.device),
+        "arch_name": engine.model.arch_name, "vocab_size": engine.model.vocab_size,
+        "max_model_len": engine.model.max_model_len, "snapshot_dir": config.model.snapshot_dir,
+    }
+
+
+def build_handshake(config: DriverConfig, engine: Engine, caps: dict[str, Any]) -> dict[str, Any]:
+    m = engine.model
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "driver": {"name": DRIVER_NAME, "version": __version__},
+        "engine": {"kind": engine.kind, "version": engine.version, "execution_mode": engine.execution_mode},
+        "model": {"name": m.name, "arch_name": m.arch_name, "vocab_size": m.vocab_size,
+                  "max_model_len": m.max_model_len, "eos_token_id": m.eos_token_id},
+        "caps": caps,
+    }
+
+
+def _die_with_parent() -> None:
+    # Linux delivers SIGTERM when the parent exits; the serve loop also polls getppid() as a fallback.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _handshake_stream(fd: int | None) -> TextIO:
+    """The stream for the two handshake lines; standard output then carries stderr's text instead."""
+    sys.stdout.flush()
+    target = os.dup(1) if fd is None else fd
+    os.dup2(2, 1)  # libraries that print (TensorRT-LLM's banner) must not corrupt the handshake
+    return os.fdopen(target, "w", buffering=1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pie_driver_trtllm", description="Pie driver for TensorRT-LLM")
+    parser.add_argument("--config", required=True, help="startup TOML written by the host")
+    parser.add_argument("--handshake-fd", type=int, default=None, help="fd for the handshake lines (default stdout)")
+    parser.add_argument("--endpoint", default=None, help="ipc:// or tcp:// URL (default: private ipc socket)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    parent = os.getppid()
+    _die_with_parent()
+    handshake_out = _handshake_stream(args.handshake_fd)
+    try:
+        config = load_config(args.config)
+        if len(config.driver.device) > 1:
+            raise StartupError(f"config: driver.device lists {len(config.driver.device)} devices; this build "
+                               "serves one replica per driver process, so list one device")
+        engine = load_engine(config, config.driver.device[0])
+        core = DriverCore(engine, max_contexts=config.options.max_session_histories,
+                          lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed)
+        limits = build_limits(config, engine)
+        caps = build_caps(config, engine, limits)
+        endpoint = resolve_endpoint(args.endpoint)
+        server = DriverServer(endpoint, limits, LocalBackend(core, config.driver.device[0]),
+                              build_handshake(config, engine, caps), parent_pid=parent)
+    except StartupError as exc:
+        print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
+        return 2
+
+    def request_stop(signum: int, frame: object) -> None:
+        server.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    handshake_out.write(json.dumps({"group_id": config.driver.group_id, "endpoint": endpoint.url,
+                                    "caps": caps}) + "\n")
+    handshake_out.write(json.dumps({"ready": True, "num_groups": 1}) + "\n")
+    handshake_out.close()
+    try:
+        server.serve()
+    finally:
+        engine.close()
+    return 0

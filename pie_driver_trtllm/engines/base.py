@@ -1,0 +1,65 @@
+"""The engine interface: one batched call per forward, many contexts per call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..protocol import Sampler
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    arch_name: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+
+@dataclass(slots=True)
+class Row:
+    """One sampler to evaluate: the distribution after `tokens[:length]` of `context`.
+
+    `tokens` is the context's live history (or a private snapshot); engines must not mutate it.
+    `steps` > 1 asks a greedy row for that many greedy tokens in a row (lookahead).
+    """
+
+    context: int
+    tokens: list[int]
+    length: int
+    sampler: Sampler
+    seed: int | None = None
+    steps: int = 1
+
+
+@dataclass(slots=True)
+class RowResult:
+    tokens: list[int] | None = None                          # token samplers
+    dist: tuple[list[int], list[float]] | None = None         # dist
+    logprobs: list[float] | None = None                      # logprobs
+    error: str | None = None                                 # the engine failed on this row alone
+
+
+class Engine(Protocol):
+    kind: str
+    version: str
+    execution_mode: str
+    model: ModelInfo
+    samplers: frozenset[str]
+
+    def step(self, rows: list[Row]) -> list[RowResult]:
+        """Evaluate every row in one batched call; results are in row order."""
+        ...
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """`dst` now starts with `src`'s first `length` tokens (engines may copy cached state)."""
+        ...
+
+    def drop(self, contexts: list[int]) -> None:
+        """Free everything held for these contexts."""
+        ...
+
+    def close(self) -> None:
+        ...

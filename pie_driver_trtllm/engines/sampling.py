@@ -1,0 +1,39 @@
+"""Turning one row of logits into what a sampler asks for (torch; shared by torch-based engines)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..protocol import Sampler
+
+
+def sample_token(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> int:
+    """A token from a 1-D float32 logits row: argmax when greedy, else seeded filtered sampling."""
+    if sampler.is_greedy:
+        return int(torch.argmax(logits))
+    scores = logits / sampler.temperature
+    if sampler.top_k and sampler.top_k < scores.numel():
+        kth = torch.topk(scores, sampler.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampler.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - torch.softmax(ordered, dim=-1) >= sampler.top_p  # keeps at least the top one
+        scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    if sampler.min_p > 0.0:
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < sampler.min_p * probs.max(), float("-inf"))
+    generator = torch.Generator(device=logits.device)
+    generator.manual_seed(seed if seed is not None else int(torch.seed()))
+    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
+
+
+def top_k_dist(logits: torch.Tensor, sampler: Sampler) -> tuple[list[int], list[float]]:
+    probs = torch.softmax(logits / sampler.temperature, dim=-1)
+    top = torch.topk(probs, sampler.k)
+    return top.indices.tolist(), top.values.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, sampler: Sampler) -> list[float]:
+    logprobs = torch.log_softmax(logits / sampler.temperature, dim=-1)
+    return logprobs[torch.tensor(sampler.token_ids, device=logits.device)].tolist()

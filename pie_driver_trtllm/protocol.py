@@ -1,0 +1,319 @@
+"""Protocol v1 codec: frames in, validated request objects out; reply maps in, frames out.
+
+All checking of what a host sends happens here, once. Inner code receives `Request` objects whose
+fields are known to be well typed and within the model's limits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+
+from . import PROTOCOL_VERSION
+from .errors import DriverError, ErrorCode
+
+U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack cannot carry integers above 2**64 - 1
+
+TOKEN_SAMPLERS = ("greedy", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p")
+ALL_SAMPLERS = (*TOKEN_SAMPLERS, "dist", "logprobs")
+CONTROL_OPS = frozenset({"handshake", "health", "stats"})
+STATE_OPS = frozenset({"forward", "fork", "truncate", "release", "shutdown"})
+
+
+# ---------------------------------------------------------------- wire shapes (decoded by msgspec)
+
+class _Header(msgspec.Struct):
+    v: Any = msgspec.UNSET
+    id: Any = msgspec.UNSET
+    op: Any = msgspec.UNSET
+
+
+class _Op(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    v: Any = None
+    id: Any = None
+    op: Any = None
+
+
+class _Forward(_Op):
+    requests: list[msgspec.Raw]
+
+
+class _Fork(_Op):
+    src: U64
+    dst: U64
+    length: U32 | None = None
+
+
+class _Truncate(_Op):
+    context: U64
+    length: U32
+
+
+class _Release(_Op):
+    contexts: list[U64]
+
+
+class _WireSampler(msgspec.Struct, forbid_unknown_fields=True):
+    at: U32
+    type: str
+    temperature: float | None = None
+    top_k: U32 | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: U64 | None = None
+    k: U32 | None = None
+    token_ids: list[U32] | None = None
+
+
+class _WireRequest(msgspec.Struct, forbid_unknown_fields=True):
+    context: U64
+    tokens: list[U32]
+    positions: list[U32]
+    samplers: list[_WireSampler] = []
+
+
+_OP_TYPES: dict[str, type[_Op]] = {"forward": _Forward, "fork": _Fork, "truncate": _Truncate,
+                                   "release": _Release}
+_header_decoder = msgspec.msgpack.Decoder(_Header)
+_op_decoders = {op: msgspec.msgpack.Decoder(t) for op, t in _OP_TYPES.items()}
+_request_decoder = msgspec.msgpack.Decoder(_WireRequest)
+_encoder = msgspec.msgpack.Encoder()
+
+
+# ---------------------------------------------------------------- validated objects (what inner code sees)
+
+@dataclass(frozen=True, slots=True)
+class Sampler:
+    """One sampler, normalised: absent parameters hold their neutral value."""
+
+    type: str
+    at: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    k: int = 0
+    token_ids: tuple[int, ...] = ()
+
+    @property
+    def makes_token(self) -> bool:
+        return self.type in TOKEN_SAMPLERS
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.type == "greedy" or (self.makes_token and self.temperature == 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardItem:
+    context: int
+    tokens: list[int]
+    positions: list[int]
+    samplers: tuple[Sampler, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    src: int
+    dst: int
+    length: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    context: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    contexts: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    items: list[ForwardItem | DriverError]  # a bad request fails alone, so it stays in its slot
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    op: str
+    body: Forward | Fork | Truncate | Release | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the edge checks requests against (model facts and advertised caps)."""
+
+    vocab_size: int
+    max_model_len: int
+    max_forward_requests: int
+    max_forward_tokens: int
+    max_logprob_labels: int
+    max_frame_bytes: int
+    samplers: frozenset[str] = frozenset(ALL_SAMPLERS)
+
+
+class FrameRejected(Exception):
+    """A frame that gets an error reply before reaching the driver core."""
+
+    def __init__(self, request_id: int | None, error: DriverError) -> None:
+        super().__init__(error.message)
+        self.request_id = request_id
+        self.error = error
+
+
+# ---------------------------------------------------------------- decoding
+
+def decode_frame(frame: bytes | memoryview, limits: Limits) -> Request:
+    """Decode and validate one frame. Raises FrameRejected with the reply's id and error."""
+    if len(frame) > limits.max_frame_bytes:
+        raise FrameRejected(None, DriverError(
+            ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes is over the {limits.max_frame_bytes}-byte limit"))
+    try:
+        header = _header_decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, f"frame is not a msgpack map: {exc}")) from None
+    except msgspec.DecodeError as exc:
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, f"frame is not valid msgpack: {exc}")) from None
+
+    request_id = header.id if _is_uint(header.id, 64) else None
+    if header.v is msgspec.UNSET or header.v != PROTOCOL_VERSION or isinstance(header.v, bool):
+        shown = "missing" if header.v is msgspec.UNSET else repr(header.v)
+        raise FrameRejected(request_id, DriverError(
+            ErrorCode.VERSION, f"protocol version {shown} is not supported; this driver speaks v=1"))
+    if request_id is None:
+        what = "missing" if header.id is msgspec.UNSET else f"{header.id!r} is not an unsigned 64-bit integer"
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_REQUEST, f"request id {what}"))
+    if not isinstance(header.op, str):
+        raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, "field 'op' must be a string"))
+    op = header.op
+    if op in CONTROL_OPS or op == "shutdown":
+        return Request(request_id, op)
+    if op not in _OP_TYPES:
+        known = ", ".join(sorted(CONTROL_OPS | STATE_OPS))
+        raise FrameRejected(request_id, DriverError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; known: {known}"))
+    try:
+        wire = _op_decoders[op].decode(frame)
+    except msgspec.ValidationError as exc:
+        raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, f"{op}: {exc}")) from None
+    if isinstance(wire, _Forward):
+        return Request(request_id, op, _forward_body(wire, limits, request_id))
+    if isinstance(wire, _Fork):
+        if wire.src == wire.dst:
+            raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, "fork: src and dst are the same"))
+        return Request(request_id, op, Fork(wire.src, wire.dst, wire.length))
+    if isinstance(wire, _Truncate):
+        return Request(request_id, op, Truncate(wire.context, wire.length))
+    assert isinstance(wire, _Release)
+    return Request(request_id, op, Release(tuple(wire.contexts)))
+
+
+def _is_uint(value: Any, bits: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < (1 << bits)
+
+
+def _forward_body(wire: _Forward, limits: Limits, request_id: int) -> Forward:
+    if len(wire.requests) > limits.max_forward_requests:
+        raise FrameRejected(request_id, DriverError(
+            ErrorCode.CAPACITY, f"forward has {len(wire.requests)} requests; max_forward_requests is "
+            f"{limits.max_forward_requests}"))
+    items: list[ForwardItem | DriverError] = []
+    total_tokens = 0
+    for index, raw in enumerate(wire.requests):
+        try:
+            item = _forward_item(raw, limits)
+            total_tokens += len(item.tokens)
+            items.append(item)
+        except DriverError as exc:
+            exc.message = f"requests[{index}]: {exc.message}"
+            items.append(exc)
+    if total_tokens > limits.max_forward_tokens:
+        raise FrameRejected(request_id, DriverError(
+            ErrorCode.CAPACITY, f"forward carries {total_tokens} tokens; max_forward_tokens is "
+            f"{limits.max_forward_tokens}"))
+    return Forward(items)
+
+
+def _forward_item(raw: msgspec.Raw, limits: Limits) -> ForwardItem:
+    try:
+        wire = _request_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise DriverError(ErrorCode.BAD_REQUEST, str(exc)) from None
+    tokens, positions = wire.tokens, wire.positions
+    if len(tokens) != len(positions):
+        raise DriverError(ErrorCode.BAD_REQUEST,
+                          f"{len(tokens)} tokens but {len(positions)} positions; they must pair up")
+    if tokens and max(tokens) >= limits.vocab_size:
+        bad = next(t for t in tokens if t >= limits.vocab_size)
+        raise DriverError(ErrorCode.OUT_OF_RANGE, f"token {bad} is not below vocab_size {limits.vocab_size}")
+    if positions and max(positions) >= limits.max_model_len:
+        bad = next(p for p in positions if p >= limits.max_model_len)
+        raise DriverError(ErrorCode.OUT_OF_RANGE,
+                          f"position {bad} is not below max_model_len {limits.max_model_len}")
+    samplers = tuple(_sampler(s, len(tokens), limits) for s in wire.samplers)
+    return ForwardItem(wire.context, tokens, positions, samplers)
+
+
+def _sampler(s: _WireSampler, n_tokens: int, limits: Limits) -> Sampler:
+    if s.type not in ALL_SAMPLERS:
+        raise DriverError(ErrorCode.BAD_REQUEST,
+                          f"sampler type {s.type!r} is unknown; known: {', '.join(ALL_SAMPLERS)}")
+    if s.type not in limits.samplers:
+        raise DriverError(ErrorCode.UNSUPPORTED, f"sampler type {s.type!r} is not served by this engine")
+    if s.at >= n_tokens:
+        raise DriverError(ErrorCode.OUT_OF_RANGE, f"sampler at={s.at} is outside the request's {n_tokens} tokens")
+    temperature = 1.0 if s.temperature is None else s.temperature
+    if not math.isfinite(temperature) or temperature < 0:
+        raise DriverError(ErrorCode.BAD_REQUEST, f"temperature {s.temperature} must be a finite number >= 0")
+    if s.type == "greedy":
+        temperature = 0.0
+    top_k = _need(s, "top_k", s.type in ("top_k", "top_k_top_p"))
+    top_p = _need(s, "top_p", s.type in ("top_p", "top_k_top_p"))
+    min_p = _need(s, "min_p", s.type == "min_p")
+    k = _need(s, "k", s.type == "dist")
+    token_ids = _need(s, "token_ids", s.type == "logprobs")
+    if top_k is not None and top_k < 1:
+        raise DriverError(ErrorCode.BAD_REQUEST, "top_k must be >= 1")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise DriverError(ErrorCode.BAD_REQUEST, f"top_p {top_p} must be in (0, 1]")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise DriverError(ErrorCode.BAD_REQUEST, f"min_p {min_p} must be in [0, 1]")
+    label_cap = min(limits.vocab_size, limits.max_logprob_labels)
+    if k is not None and not 1 <= k <= label_cap:
+        raise DriverError(ErrorCode.OUT_OF_RANGE, f"dist k={k} must be in 1..{label_cap}")
+    if token_ids is not None:
+        if not 1 <= len(token_ids) <= limits.max_logprob_labels:
+            raise DriverError(ErrorCode.OUT_OF_RANGE,
+                              f"logprobs asks for {len(token_ids)} token_ids; allowed 1..{limits.max_logprob_labels}")
+        if max(token_ids) >= limits.vocab_size:
+            raise DriverError(ErrorCode.OUT_OF_RANGE,
+                              f"logprobs token id {max(token_ids)} is not below vocab_size {limits.vocab_size}")
+    if s.type not in TOKEN_SAMPLERS and s.temperature in (None, 0.0):
+        temperature = 1.0  # dist and logprobs report softmax(logits / T) with T = 1 when T is 0 or absent
+    return Sampler(type=s.type, at=s.at, temperature=temperature, top_k=top_k or 0,
+                   top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0, seed=s.seed, k=k or 0,
+                   token_ids=tuple(token_ids or ()))
+
+
+def _need(s: _WireSampler, name: str, required: bool) -> Any:
+    value = getattr(s, name)
+    if required and value is None:
+        raise DriverError(ErrorCode.BAD_REQUEST, f"sampler type {s.type!r} needs '{name}'")
+    return value if required else None
+
+
+# ---------------------------------------------------------------- encoding
+
+def encode_ok(request_id: int, result: dict[str, Any]) -> bytes:
+    return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **result})
+
+
+def encode_error(request_id: int | None, error: DriverError) -> bytes:
+    return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error.to_wire()})
