@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import StartupError
 
-if sys.version_info >= (3, 11):
+if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older interpreters working
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10 and older
     import tomli as tomllib
@@ -60,7 +60,7 @@ class DriverOptions:
     kv_cache_free_gpu_memory_fraction: float | None = opt(
         None, "Fraction of free GPU memory TensorRT-LLM gives its KV cache.", (float, int),
         minimum=0.01, maximum=1.0, nullable=True)
-    llm_kwargs: dict = opt({}, "Passed through to `tensorrt_llm.LLM(...)`; wins over curated keys.", (dict,))
+    llm_kwargs: dict = opt({}, "Passed through to `tensorrt_llm.LLM(...)`; wins over curated keys.", (dict,))  # noqa: RUF009
     pyexecutor_max_tokens: int = opt(4096, "Continuation window of one private executor request.", (int,),
                                      minimum=1)
     pyexecutor_worker_stop_timeout_s: float = opt(30.0, "Join timeout when stopping TensorRT-LLM's worker.",
@@ -72,7 +72,7 @@ class DriverOptions:
     virtual_kv_page_size: int = opt(16, "Advertised (virtual) `kv_page_size`.", (int,), minimum=1)
     virtual_total_pages: int = opt(65536, "Advertised (virtual) `total_pages` and `max_page_refs`.", (int,),
                                    minimum=1)
-    max_logprob_labels: int = opt(1024, "Most `token_ids` of a `logprobs` sampler and largest `k` of `dist`.",
+    max_logprob_labels: int = opt(1024, "Most `token_ids` of one `logprobs` sampler.",
                                   (int,), minimum=0)
     max_session_histories: int = opt(65536, "Context histories kept; the least recently used is evicted.",
                                      (int,), minimum=1)
@@ -100,7 +100,7 @@ class ModelSection:
 class DriverSection:
     """`[driver]`."""
 
-    device: list = opt(["cuda:0"], "Devices, one data-parallel replica each: `cpu`, `cuda` or `cuda:N`.",
+    device: list = opt(["cuda:0"], "Devices, one data-parallel replica each: `cpu`, `cuda` or `cuda:N`.",  # noqa: RUF009
                        (list,))
     group_id: int = opt(0, "Group id echoed in the handshake line.", (int,), minimum=0)
     activation_dtype: str = opt("bfloat16", "Activation dtype.", (str,), choices=DTYPES)
@@ -132,7 +132,7 @@ def _check(section: str, key: str, value: Any, meta: dict[str, Any]) -> Any:
             return None
         raise StartupError(f"config: {name} = null is not allowed; expected {_kinds(meta)}")
     kinds: tuple[type, ...] = meta["kinds"]
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise StartupError(f"config: {name} = {value!r} has type {type(value).__name__}; expected {_kinds(meta)}")
     if meta["choices"] and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
@@ -146,9 +146,20 @@ def _check(section: str, key: str, value: Any, meta: dict[str, Any]) -> Any:
     return value
 
 
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{}" if not value else "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
 def _kinds(meta: dict[str, Any]) -> str:
     names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
-    text = " or ".join(dict.fromkeys(names[k] for k in meta["kinds"]))
+    kinds = [k for k in meta["kinds"] if not (k is int and float in meta["kinds"])]  # a number takes ints
+    text = " or ".join(dict.fromkeys(names[k] for k in kinds))
     return text + (" or unset" if meta["nullable"] else "")
 
 
@@ -174,7 +185,10 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> DriverCo
     unknown = sorted(set(data) - {"model", "driver"})
     if unknown:
         raise StartupError(f"config: unknown table [{unknown[0]}]; allowed tables: [model], [driver]")
-    driver_table = dict(data.get("driver", {}))
+    driver_table = data.get("driver", {})
+    if not isinstance(driver_table, dict):
+        raise StartupError(f"config: [driver] must be a table, got {type(driver_table).__name__}")
+    driver_table = dict(driver_table)
     options_table = driver_table.pop("options", {})
     model = build_section(ModelSection, "model", data.get("model", {}))
     driver = build_section(DriverSection, "driver", driver_table)
@@ -224,6 +238,6 @@ def option_table_markdown() -> str:
     for cls, section in ((ModelSection, "model"), (DriverSection, "driver"), (DriverOptions, "driver.options")):
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            shown = "unset" if default is None else repr(default).replace("'", '"')
+            shown = "unset" if default is None else _toml(default)
             rows.append(f"| `{section}.{f.name}` | `{shown}` | {_kinds(dict(f.metadata))} | {f.metadata['doc']} |")
     return "\n".join(rows) + "\n"

@@ -52,11 +52,11 @@ class DriverCore:
         rows: list[Row] = []
         slots: list[tuple[int, int]] = []
         evicted: list[int] = []
+        self.counters.requests += n
         for index, item in enumerate(body.items):
             if isinstance(item, DriverError):
                 failures[index] = item
                 continue
-            self.counters.requests += 1
             try:
                 merged = self._merge(item, rows)
             except DriverError as exc:

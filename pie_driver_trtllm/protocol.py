@@ -173,6 +173,13 @@ class FrameRejected(Exception):
 
 def decode_frame(frame: bytes | memoryview, limits: Limits) -> Request:
     """Decode and validate one frame. Raises FrameRejected with the reply's id and error."""
+    try:
+        return _decode(frame, limits)
+    except RecursionError:
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, "frame is nested too deeply")) from None
+
+
+def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
     if len(frame) > limits.max_frame_bytes:
         raise FrameRejected(None, DriverError(
             ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes is over the {limits.max_frame_bytes}-byte limit"))
@@ -184,7 +191,7 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Request:
         raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, f"frame is not valid msgpack: {exc}")) from None
 
     request_id = header.id if _is_uint(header.id, 64) else None
-    if header.v is msgspec.UNSET or header.v != PROTOCOL_VERSION or isinstance(header.v, bool):
+    if type(header.v) is not int or header.v != PROTOCOL_VERSION:
         shown = "missing" if header.v is msgspec.UNSET else repr(header.v)
         raise FrameRejected(request_id, DriverError(
             ErrorCode.VERSION, f"protocol version {shown} is not supported; this driver speaks v=1"))
@@ -228,9 +235,13 @@ def _forward_body(wire: _Forward, limits: Limits, request_id: int) -> Forward:
     total_tokens = 0
     for index, raw in enumerate(wire.requests):
         try:
-            item = _forward_item(raw, limits)
-            total_tokens += len(item.tokens)
-            items.append(item)
+            wire_request = _request_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            items.append(DriverError(ErrorCode.BAD_REQUEST, f"requests[{index}]: {exc}"))
+            continue
+        total_tokens += len(wire_request.tokens)  # counted even when the request is refused below
+        try:
+            items.append(_forward_item(wire_request, limits))
         except DriverError as exc:
             exc.message = f"requests[{index}]: {exc.message}"
             items.append(exc)
@@ -241,11 +252,7 @@ def _forward_body(wire: _Forward, limits: Limits, request_id: int) -> Forward:
     return Forward(items)
 
 
-def _forward_item(raw: msgspec.Raw, limits: Limits) -> ForwardItem:
-    try:
-        wire = _request_decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise DriverError(ErrorCode.BAD_REQUEST, str(exc)) from None
+def _forward_item(wire: _WireRequest, limits: Limits) -> ForwardItem:
     tokens, positions = wire.tokens, wire.positions
     if len(tokens) != len(positions):
         raise DriverError(ErrorCode.BAD_REQUEST,
@@ -285,9 +292,8 @@ def _sampler(s: _WireSampler, n_tokens: int, limits: Limits) -> Sampler:
         raise DriverError(ErrorCode.BAD_REQUEST, f"top_p {top_p} must be in (0, 1]")
     if min_p is not None and not 0.0 <= min_p <= 1.0:
         raise DriverError(ErrorCode.BAD_REQUEST, f"min_p {min_p} must be in [0, 1]")
-    label_cap = min(limits.vocab_size, limits.max_logprob_labels)
-    if k is not None and not 1 <= k <= label_cap:
-        raise DriverError(ErrorCode.OUT_OF_RANGE, f"dist k={k} must be in 1..{label_cap}")
+    if k is not None and not 1 <= k <= limits.vocab_size:
+        raise DriverError(ErrorCode.OUT_OF_RANGE, f"dist k={k} must be in 1..{limits.vocab_size}")
     if token_ids is not None:
         if not 1 <= len(token_ids) <= limits.max_logprob_labels:
             raise DriverError(ErrorCode.OUT_OF_RANGE,

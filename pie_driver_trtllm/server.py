@@ -30,10 +30,6 @@ class Backend(Protocol):
     """What the transport serves: the core of one replica (or, later, a router over several)."""
 
     def handle(self, request: Request) -> dict[str, Any]: ...
-    @property
-    def inflight(self) -> int:
-        return self._queued - self._finished
-
     def health(self) -> dict[str, Any]: ...
     def stats(self) -> dict[str, Any]: ...
     def count_error(self, code: str) -> None: ...
@@ -69,6 +65,13 @@ def resolve_endpoint(url: str | None) -> Endpoint:
     raise StartupError(f"endpoint: {url!r} is not an ipc:// or tcp:// URL")
 
 
+def remove_endpoint_files(endpoint: Endpoint) -> None:
+    if endpoint.socket_path and os.path.exists(endpoint.socket_path):
+        os.unlink(endpoint.socket_path)
+    if endpoint.private_dir:
+        shutil.rmtree(endpoint.private_dir, ignore_errors=True)
+
+
 class DriverServer:
     def __init__(self, endpoint: Endpoint, limits: Limits, backend: Backend,
                  handshake: dict[str, Any], parent_pid: int | None = None) -> None:
@@ -91,12 +94,16 @@ class DriverServer:
         self._pipe_url = f"inproc://replies-{id(self)}"
         self._replies = self._context.socket(zmq.PULL)
         self._replies.bind(self._pipe_url)
+        if endpoint.url.startswith("tcp://["):
+            self._router.setsockopt(zmq.IPV6, 1)
         try:
             self._router.bind(endpoint.url)
         except zmq.ZMQError as exc:
             self._router.close(0)
             self._replies.close(0)
+            remove_endpoint_files(endpoint)
             raise StartupError(f"endpoint: cannot bind {endpoint.url}: {exc}") from None
+        endpoint.url = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a tcp wildcard port
         if endpoint.socket_path:
             os.chmod(endpoint.socket_path, 0o600)
         self._worker = threading.Thread(target=self._work_loop, name="driver-worker", daemon=True)
@@ -130,7 +137,10 @@ class DriverServer:
                 self._reject(identity, None, DriverError(
                     ErrorCode.BAD_FRAME, f"expected one frame per message, got {len(parts) - 1}"))
                 continue
-            self._on_frame(identity, parts[1].buffer)
+            try:
+                self._on_frame(identity, parts[1].buffer)
+            except Exception as exc:  # last line of defence: a frame must never stop the socket loop
+                self._reject(identity, None, DriverError(ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}"))
 
     def _on_frame(self, identity: bytes, frame: memoryview) -> None:
         try:
@@ -152,8 +162,9 @@ class DriverServer:
             self._send(identity, encode_ok(request.id, {}))
             self.stop_requested.set()
         else:
-            self._queued += 1
             self._work.put((identity, request))
+            if request.op == "forward":
+                self._queued += 1
 
     @property
     def inflight(self) -> int:
@@ -187,15 +198,13 @@ class DriverServer:
     def _shutdown(self) -> None:
         self._work.put(None)
         while self._worker.is_alive():  # a running forward finishes; queued frames get SHUTTING_DOWN
-            self._worker.join(0.05)
+            self._worker.join(0.02)
             self._flush_replies()
+            self._receive_frames()  # frames arriving meanwhile are answered SHUTTING_DOWN too
         self._flush_replies()
         self._router.close()
         self._replies.close(0)
-        if self.endpoint.socket_path and os.path.exists(self.endpoint.socket_path):
-            os.unlink(self.endpoint.socket_path)
-        if self.endpoint.private_dir:
-            shutil.rmtree(self.endpoint.private_dir, ignore_errors=True)
+        remove_endpoint_files(self.endpoint)
 
     # ------------------------------------------------------------------ worker thread
 
@@ -212,7 +221,8 @@ class DriverServer:
                 else:
                     reply = self._run(request)
                 push.send_multipart([identity, reply], copy=False)
-                self._finished += 1
+                if request.op == "forward":
+                    self._finished += 1
         finally:
             push.close(linger=1000)
 
