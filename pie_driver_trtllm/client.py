@@ -123,13 +123,17 @@ class DriverProcess:
 
 
 def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout_s: float = 120.0,
-          env: dict[str, str] | None = None, stderr_path: str | Path | None = None) -> DriverProcess:
-    """Start `python -m pie_driver_trtllm` and wait for its two handshake lines."""
-    command = [sys.executable, "-m", "pie_driver_trtllm", "--config", str(config_path)]
+          env: dict[str, str] | None = None, stderr_path: str | Path | None = None,
+          extra_args: list[str] | tuple[str, ...] = ()) -> DriverProcess:
+    """Start `python -m pie_driver_trtllm` and wait for its two handshake lines.
+
+    Standard error goes to `stderr_path` (default: next to the config file).
+    """
+    command = [sys.executable, "-m", "pie_driver_trtllm", "--config", str(config_path), *extra_args]
     if endpoint:
         command += ["--endpoint", endpoint]
     log = Path(stderr_path) if stderr_path else Path(str(config_path) + ".stderr.log")
-    with open(log, "wb") as err:
+    with open(log, "ab") as err:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err,
                                    env={**os.environ, **(env or {})})
     assert process.stdout is not None

@@ -142,7 +142,7 @@ class DriverCore:
             results = [RowResult(error=f"{type(exc).__name__}: {exc}")] * len(rows)
         for (index, position), row, result in zip(slots, rows, results, strict=True):
             if result.error is not None:
-                failures[index] = DriverError(ErrorCode.ENGINE_ERROR, result.error)
+                failures[index] = DriverError(ErrorCode(result.code), result.error)
             elif result.tokens is not None:
                 outputs[index][position] = {"token": result.tokens[0]}
                 if row.steps > 1:

@@ -16,6 +16,7 @@ from .config import DriverConfig, load_config
 from .core import DriverCore
 from .engines import load_engine
 from .engines.base import Engine
+from .engines.tensorrt_llm import ensure_library_path, require_package
 from .errors import StartupError
 from .protocol import Limits
 from .server import DriverServer, resolve_endpoint
@@ -88,9 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parent = os.getppid()
     _die_with_parent()
-    handshake_out = _handshake_stream(args.handshake_fd)
     try:
         config = load_config(args.config)
+        if config.engine == "tensorrt_llm":
+            require_package()
+            ensure_library_path(sys.argv[1:] if argv is None else argv)  # may re-exec this process once
+    except StartupError as exc:
+        print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
+        return 2
+    handshake_out = _handshake_stream(args.handshake_fd)
+    try:
         if len(config.driver.device) > 1:
             raise StartupError(f"config: driver.device lists {len(config.driver.device)} devices; this build "
                                "serves one replica per driver process, so list one device")

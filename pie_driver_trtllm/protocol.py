@@ -323,3 +323,25 @@ def encode_ok(request_id: int, result: dict[str, Any]) -> bytes:
 
 def encode_error(request_id: int | None, error: DriverError) -> bytes:
     return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error.to_wire()})
+
+
+_SAMPLER_PARAMETERS = {"top_k": ("top_k",), "top_p": ("top_p",), "min_p": ("min_p",),
+                       "top_k_top_p": ("top_k", "top_p"), "dist": ("k",), "logprobs": ("token_ids",)}
+
+
+def encode_forward(request_id: int, items: list[ForwardItem]) -> bytes:
+    """A forward frame carrying already-validated requests (the router's hop to a replica)."""
+    requests = []
+    for item in items:
+        samplers = []
+        for s in item.samplers:
+            wire: dict[str, Any] = {"at": s.at, "type": s.type, "temperature": s.temperature}
+            for name in _SAMPLER_PARAMETERS.get(s.type, ()):
+                value = getattr(s, name)
+                wire[name] = list(value) if name == "token_ids" else value
+            if s.seed is not None:
+                wire["seed"] = s.seed
+            samplers.append(wire)
+        requests.append({"context": item.context, "tokens": item.tokens, "positions": item.positions,
+                         "samplers": samplers})
+    return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "op": "forward", "requests": requests})

@@ -28,24 +28,42 @@ def write_config(directory: Path, model: Path, *, device: str = "cpu", dtype: st
                  driver: dict[str, Any] | None = None, **options: Any) -> Path:
     """A startup TOML for the reference engine; keyword arguments become [driver.options]."""
     options = {"engine": "reference", **options}
-    lines = ["[model]", f"snapshot_dir = {toml_value(str(model))}", "", "[driver]",
-             f"device = {toml_value([device])}", f"activation_dtype = {toml_value(dtype)}"]
-    lines += [f"{k} = {toml_value(v)}" for k, v in (driver or {}).items()]
+    driver = {"device": [device], "activation_dtype": dtype, **(driver or {})}
+    lines = ["[model]", f"snapshot_dir = {toml_value(str(model))}", "", "[driver]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in driver.items()]
     lines += ["", "[driver.options]"] + [f"{k} = {toml_value(v)}" for k, v in options.items()]
     path = directory / "driver.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+# Engine variants a driver fixture can run: the reference engine, and the TensorRT-LLM engine in each
+# execution mode on the TensorRT-LLM test double (tests/trtllm_double), never the real package.
+ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
+    "reference": {"engine": "reference"},
+    "trtllm-double-generate": {"engine": "tensorrt_llm", "execution_mode": "generate"},
+    "trtllm-double-pyexecutor": {"engine": "tensorrt_llm", "execution_mode": "pyexecutor"},
+}
+
+
 @pytest.fixture
-def start_driver(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., DriverProcess]]:
+def engine_variant() -> str:
+    return "reference"
+
+
+@pytest.fixture
+def start_driver(tmp_path: Path, tiny_model: Path, engine_variant: str) -> Iterator[Callable[..., DriverProcess]]:
     """Start a driver subprocess on the tiny model; every one started is stopped at teardown."""
     started: list[DriverProcess] = []
 
     def start(**options: Any) -> DriverProcess:
+        from trtllm_support import double_env
+
         directory = tmp_path / f"driver{len(started)}"
         directory.mkdir()
-        process = spawn(write_config(directory, tiny_model, **options))
+        options = {**ENGINE_VARIANTS[engine_variant], **options}
+        env = double_env() if options["engine"] == "tensorrt_llm" else None
+        process = spawn(write_config(directory, tiny_model, **options), env=env)
         started.append(process)
         return process
 

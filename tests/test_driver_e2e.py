@@ -13,12 +13,18 @@ from pathlib import Path
 import msgpack
 import pytest
 import torch
-from conftest import write_config
+from conftest import ENGINE_VARIANTS, write_config
 from transformers import AutoModelForCausalLM
 
 from pie_driver_trtllm.client import DriverClient, DriverFailed, spawn
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=list(ENGINE_VARIANTS))
+def engine_variant(request: pytest.FixtureRequest) -> str:
+    """Every test here runs once per engine variant (the TensorRT-LLM ones on the test double)."""
+    return request.param
 
 PROMPTS = [[3 + 7 * c + i for i in range(4 + c)] for c in range(8)]
 
@@ -174,24 +180,38 @@ def test_seeded_sampling_reproducible_and_unseeded_fresh(driver):
     assert len(unseeded) > 1  # fresh randomness every step, not one fixed seed
 
 
-def test_dist_and_logprobs_match_transformers(driver, tiny_model):
+def test_dist_matches_transformers(driver, tiny_model):
     client = driver.client()
     prompt = PROMPTS[4]
     result = client.forward([{"context": 1, "tokens": prompt, "positions": list(range(len(prompt))),
                               "samplers": [{"at": len(prompt) - 1, "type": "dist", "k": 5},
-                                           {"at": 1, "type": "logprobs", "token_ids": [7, 9], "temperature": 2.0},
                                            greedy(len(prompt) - 1)]}])[0]
+    if "dist" not in driver.handshake_line["caps"]["samplers"]:
+        assert result["error"]["code"] == "UNSUPPORTED" and "dist" in result["error"]["message"]
+        return
     assert result["ok"], result
-    dist, logprobs, token = result["outputs"]
+    dist, token = result["outputs"]
     with torch.inference_mode():
         logits = _hf_model(tiny_model)(torch.tensor([prompt])).logits[0]
-    probs = torch.softmax(logits[-1], -1)
-    top = torch.topk(probs, 5)
+    top = torch.topk(torch.softmax(logits[-1], -1), 5)
     assert dist["dist"][0] == top.indices.tolist()
     assert dist["dist"][1] == pytest.approx(top.values.tolist(), rel=1e-4)
-    expected = torch.log_softmax(logits[1] / 2.0, -1)[[7, 9]].tolist()
-    assert logprobs["logprobs"] == pytest.approx(expected, abs=1e-4)
     assert token["token"] == top.indices[0].item()
+
+
+def test_logprobs_match_transformers_or_are_refused(driver, tiny_model, engine_variant):
+    client = driver.client()
+    prompt = PROMPTS[4]
+    sampler = {"at": 1, "type": "logprobs", "token_ids": [7, 9], "temperature": 2.0}
+    result = client.forward([{"context": 1, "tokens": prompt, "positions": list(range(len(prompt))),
+                              "samplers": [sampler]}])[0]
+    if "logprobs" not in driver.handshake_line["caps"]["samplers"]:
+        assert result["error"]["code"] == "UNSUPPORTED" and "logprobs" in result["error"]["message"]
+        return
+    with torch.inference_mode():
+        logits = _hf_model(tiny_model)(torch.tensor([prompt])).logits[0]
+    expected = torch.log_softmax(logits[1] / 2.0, -1)[[7, 9]].tolist()
+    assert result["outputs"][0]["logprobs"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_bad_request_fails_alone(driver):
@@ -372,17 +392,14 @@ def test_tcp_wildcard_port_is_resolved(tmp_path, tiny_model):
         spawn(write_config(tmp_path, tiny_model), endpoint="tcp://0.0.0.0:5555")
 
 
-def test_same_context_twice_in_one_forward_equals_two_forwards(start_driver):
+def test_same_context_twice_in_one_forward_equals_two_forwards(start_driver, tiny_model):
     one, two = start_driver().client(), start_driver().client()
     prompt = PROMPTS[5]
     first = {"context": 1, "tokens": prompt, "positions": list(range(len(prompt))),
-             "samplers": [greedy(len(prompt) - 1), {"at": 2, "type": "dist", "k": 3}]}
+             "samplers": [greedy(len(prompt) - 1), greedy(2)]}
     second = {"context": 1, "tokens": [9, 9], "positions": [2, 3], "samplers": [greedy(1)]}  # rolls back
     together = one.forward([first, second])
     apart = two.forward([first]) + two.forward([second])
-    assert [r["outputs"][0] for r in together] == [r["outputs"][0] for r in apart]  # greedy tokens
-    ids_together, probs_together = together[0]["outputs"][1]["dist"]
-    ids_apart, probs_apart = apart[0]["outputs"][1]["dist"]
-    assert ids_together == ids_apart
-    assert probs_together == pytest.approx(probs_apart, rel=1e-5)  # KV computed in another order
+    assert together == apart
+    assert together[0]["outputs"][1]["token"] == transformers_greedy(tiny_model, prompt[:3], 1)[0]
     assert one.call("stats")["requests"] == 2

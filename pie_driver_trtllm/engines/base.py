@@ -40,6 +40,7 @@ class RowResult:
     dist: tuple[list[int], list[float]] | None = None         # dist
     logprobs: list[float] | None = None                      # logprobs
     error: str | None = None                                 # the engine failed on this row alone
+    code: str = "ENGINE_ERROR"                               # the protocol code for `error`
 
 
 class Engine(Protocol):
