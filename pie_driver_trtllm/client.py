@@ -124,10 +124,10 @@ class DriverProcess:
 
 def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout_s: float = 120.0,
           env: dict[str, str] | None = None, stderr_path: str | Path | None = None,
-          extra_args: list[str] | tuple[str, ...] = ()) -> DriverProcess:
+          extra_args: list[str] | tuple[str, ...] = (), cpus: set[int] | None = None) -> DriverProcess:
     """Start `python -m pie_driver_trtllm` and wait for its two handshake lines.
 
-    Standard error goes to `stderr_path` (default: next to the config file).
+    Standard error goes to `stderr_path` (default: next to the config file); `cpus` pins the process.
     """
     command = [sys.executable, "-m", "pie_driver_trtllm", "--config", str(config_path), *extra_args]
     if endpoint:
@@ -136,6 +136,8 @@ def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout
     with open(log, "ab") as err:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err,
                                    env={**os.environ, **(env or {})})
+    if cpus:
+        os.sched_setaffinity(process.pid, cpus)  # before the engine starts its threads
     assert process.stdout is not None
     deadline = time.monotonic() + ready_timeout_s
     lines: list[dict[str, Any]] = []

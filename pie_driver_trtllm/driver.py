@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from typing import Any, TextIO
 
 from . import DRIVER_NAME, PROTOCOL_VERSION, __version__
@@ -19,7 +20,8 @@ from .engines.base import Engine
 from .engines.tensorrt_llm import ensure_library_path, require_package
 from .errors import StartupError
 from .protocol import Limits
-from .server import DriverServer, resolve_endpoint
+from .replicas import ReplicaSet
+from .server import DriverServer, Endpoint, remove_endpoint_files, resolve_endpoint
 
 U32_MAX = 2**32 - 1
 
@@ -82,35 +84,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="startup TOML written by the host")
     parser.add_argument("--handshake-fd", type=int, default=None, help="fd for the handshake lines (default stdout)")
     parser.add_argument("--endpoint", default=None, help="ipc:// or tcp:// URL (default: private ipc socket)")
+    parser.add_argument("--replica", type=int, default=None, help=argparse.SUPPRESS)  # set by the replica router
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parent = os.getppid()
-    _die_with_parent()
+    if args.replica is None:
+        # Not for replicas: Linux sends this signal when the spawning *thread* exits, and replicas are
+        # started from short-lived threads. They watch getppid() instead, like every driver does.
+        _die_with_parent()
     try:
         config = load_config(args.config)
-        if config.engine == "tensorrt_llm":
+        if args.replica is not None:
+            select_replica(config, args.replica)
+        if config.engine == "tensorrt_llm" and len(config.driver.device) == 1:
             require_package()
             ensure_library_path(sys.argv[1:] if argv is None else argv)  # may re-exec this process once
     except StartupError as exc:
         print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
         return 2
     handshake_out = _handshake_stream(args.handshake_fd)
+    endpoint = None
     try:
-        if len(config.driver.device) > 1:
-            raise StartupError(f"config: driver.device lists {len(config.driver.device)} devices; this build "
-                               "serves one replica per driver process, so list one device")
-        engine = load_engine(config, config.driver.device[0])
-        core = DriverCore(engine, max_contexts=config.options.max_session_histories,
-                          lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed)
-        limits = build_limits(config, engine)
-        caps = build_caps(config, engine, limits)
         endpoint = resolve_endpoint(args.endpoint)
-        server = DriverServer(endpoint, limits, LocalBackend(core, config.driver.device[0]),
-                              build_handshake(config, engine, caps), parent_pid=parent)
+        backend, handshake, limits, close = _build_backend(config, args.config, endpoint)
+        server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent)
     except StartupError as exc:
+        if endpoint is not None:
+            remove_endpoint_files(endpoint)
         print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
         return 2
 
@@ -120,11 +123,43 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     handshake_out.write(json.dumps({"group_id": config.driver.group_id, "endpoint": endpoint.url,
-                                    "caps": caps}) + "\n")
+                                    "caps": handshake["caps"]}) + "\n")
     handshake_out.write(json.dumps({"ready": True, "num_groups": 1}) + "\n")
     handshake_out.close()
     try:
         server.serve()
     finally:
-        engine.close()
+        close()
     return 0
+
+
+def select_replica(config: DriverConfig, index: int) -> None:
+    """In a replica subprocess: keep only its own device (the parent already pinned CUDA_VISIBLE_DEVICES)."""
+    devices = config.driver.device
+    if not 0 <= index < len(devices):
+        raise StartupError(f"--replica {index} is outside driver.device ({len(devices)} entries)")
+    device = devices[index]
+    if device.startswith("cuda:") and os.environ.get("CUDA_VISIBLE_DEVICES") == device.split(":", 1)[1]:
+        device = "cuda:0"  # the only GPU this process can see
+    config.driver.device = [device]
+
+
+def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -> tuple[Any, ...]:
+    """One device: the core in this process. Several: a replica subprocess per device behind a router."""
+    if len(config.driver.device) > 1:
+        private_dir = endpoint.private_dir or tempfile.mkdtemp(prefix="pie-trtllm-r-", dir="/tmp")
+        replicas = ReplicaSet(config_path, config.driver.device, private_dir)
+        handshake = replicas.handshake
+        caps, model = handshake["caps"], handshake["model"]
+        limits = Limits(vocab_size=model["vocab_size"], max_model_len=model["max_model_len"],
+                        max_forward_requests=caps["max_forward_requests"],
+                        max_forward_tokens=caps["max_forward_tokens"],
+                        max_logprob_labels=caps["max_logprob_labels"], max_frame_bytes=config.options.max_frame_bytes,
+                        samplers=frozenset(caps["samplers"]))
+        return replicas, handshake, limits, replicas.close
+    engine = load_engine(config, config.driver.device[0])
+    core = DriverCore(engine, max_contexts=config.options.max_session_histories,
+                      lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed)
+    limits = build_limits(config, engine)
+    handshake = build_handshake(config, engine, build_caps(config, engine, limits))
+    return LocalBackend(core, config.driver.device[0]), handshake, limits, engine.close

@@ -1,0 +1,370 @@
+"""Data-parallel replicas: one driver subprocess per device behind the one socket the host talks to.
+
+Each replica is this same driver started with `--replica N` on its own device and a private ipc socket;
+the parent routes with context affinity, splits a forward by replica and joins the results in order.
+A monitor thread notices a dead replica within a poll interval, fails its contexts with REPLICA_LOST
+and restarts it with backoff while the other replicas keep serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from .client import DriverClient, DriverFailed, DriverProcess, parse_reply, spawn
+from .errors import DriverError, ErrorCode, StartupError
+from .protocol import Fork, Forward, ForwardItem, Release, Request, Truncate, encode_forward
+
+MONITOR_INTERVAL_S = 0.1
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STATS_TIMEOUT_S = 0.5
+
+
+@dataclass
+class Replica:
+    index: int
+    device: str
+    process: DriverProcess | None = None
+    work: DriverClient | None = None       # used by the worker thread only
+    control: DriverClient | None = None    # used by the socket thread only
+    alive: bool = False
+    restarting: bool = False
+    restarts: int = 0
+    failures: int = 0
+    next_start: float = 0.0
+    contexts: set[int] = field(default_factory=set)
+    # A socket belongs to one thread: a dead replica's clients wait here for their owner to close them.
+    retired_work: list[DriverClient] = field(default_factory=list)
+    retired_control: list[DriverClient] = field(default_factory=list)
+
+
+class ReplicaSet:
+    """A Backend over several replica subprocesses."""
+
+    def __init__(self, config_path: str | Path, devices: list[str], private_dir: str) -> None:
+        self.config_path = str(Path(config_path).resolve())
+        self.private_dir = private_dir
+        self.replicas = [Replica(i, d) for i, d in enumerate(devices)]
+        self._owner: dict[int, int] = {}
+        self._lost: set[int] = set()
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._errors: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._cpus = cpu_partition(len(devices))
+        starters = [threading.Thread(target=self._start, args=(r,)) for r in self.replicas]
+        for thread in starters:
+            thread.start()
+        for thread in starters:
+            thread.join()
+        dead = [r for r in self.replicas if not r.alive]
+        if dead:
+            self.close()
+            raise StartupError(f"replica {dead[0].index} on {dead[0].device} did not start; see its error above")
+        handshake = self.replicas[0].control.call("handshake").result  # type: ignore[union-attr]
+        handshake["caps"].update(replicas=len(devices), devices=list(devices))
+        self.handshake = handshake
+        self._monitor = threading.Thread(target=self._watch, name="replica-monitor", daemon=True)
+        self._monitor.start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _start(self, replica: Replica) -> None:
+        env = {}
+        if replica.device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = replica.device.split(":", 1)[1]  # before any CUDA import there
+        cpus = self._cpus[replica.index]
+        if cpus and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(len(cpus))
+        endpoint = f"ipc://{self.private_dir}/r{replica.index}.sock"
+        try:
+            process = spawn(self.config_path, endpoint=endpoint, env=env, stderr_path="/dev/stderr",
+                            extra_args=["--replica", str(replica.index)], cpus=cpus)
+        except (DriverFailed, OSError) as exc:
+            with self._lock:
+                replica.failures += 1
+                replica.next_start = time.monotonic() + BACKOFF_S[min(replica.failures, len(BACKOFF_S)) - 1]
+                replica.restarting = False
+            print(f"pie-driver-trtllm: replica {replica.index} ({replica.device}) failed to start: {exc}",
+                  file=os.sys.stderr)
+            return
+        with self._lock:
+            replica.process = process
+            replica.work = process.client()
+            replica.control = process.client(timeout_s=STATS_TIMEOUT_S)
+            replica.alive, replica.restarting, replica.failures = True, False, 0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL_S):
+            for replica in self.replicas:
+                if replica.alive and replica.process and replica.process.process.poll() is not None:
+                    self._mark_dead(replica)
+                with self._lock:
+                    due = not replica.alive and not replica.restarting and time.monotonic() >= replica.next_start
+                    if due:
+                        replica.restarting = True
+                        replica.restarts += 1
+                if due and not self._stop.is_set():
+                    threading.Thread(target=self._start, args=(replica,), daemon=True).start()
+
+    def _mark_dead(self, replica: Replica) -> None:
+        with self._lock:
+            if not replica.alive:
+                return
+            replica.alive = False
+            replica.failures += 1
+            replica.next_start = time.monotonic() + BACKOFF_S[min(replica.failures, len(BACKOFF_S)) - 1]
+            for context in replica.contexts:
+                self._owner.pop(context, None)
+                self._lost.add(context)
+            replica.contexts.clear()
+            replica.retired_work += [replica.work] if replica.work else []
+            replica.retired_control += [replica.control] if replica.control else []
+            replica.work = replica.control = None
+        print(f"pie-driver-trtllm: replica {replica.index} ({replica.device}) died; restarting",
+              file=os.sys.stderr)
+
+    def close(self) -> None:
+        self._stop.set()
+        for replica in self.replicas:
+            if replica.process is not None:
+                replica.process.process.terminate()
+        for replica in self.replicas:
+            if replica.process is not None:
+                replica.process.stop(timeout_s=10)
+            for client in (replica.work, replica.control, *replica.retired_work, *replica.retired_control):
+                if client is not None:
+                    client.close()
+
+    def _close_retired(self, kind: str) -> None:
+        with self._lock:
+            for replica in self.replicas:
+                retired = replica.retired_control if kind == "control" else replica.retired_work
+                for client in retired:
+                    client.close()
+                retired.clear()
+
+    # ------------------------------------------------------------------ Backend
+
+    def handle(self, request: Request) -> dict[str, Any]:
+        self._close_retired(kind="work")
+        body = request.body
+        if isinstance(body, Forward):
+            return {"results": self._forward(body.items)}
+        if isinstance(body, Fork):
+            return self._fork(body)
+        if isinstance(body, Truncate):
+            replica = self._owner_of(body.context)
+            return self._call(replica, "truncate", context=body.context, length=body.length)
+        if isinstance(body, Release):
+            return {"released": self._release(body.contexts)}
+        raise AssertionError(f"op {request.op!r} reached the backend")
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            replicas = [{"device": r.device, "alive": r.alive, "contexts": len(r.contexts),
+                         "restarts": r.restarts, "pid": r.process.process.pid if r.process else None}
+                        for r in self.replicas]
+        return {"status": "ok" if all(r["alive"] for r in replicas) else "degraded", "replicas": replicas}
+
+    def stats(self) -> dict[str, Any]:
+        total: dict[str, Any] = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "engine_calls": 0,
+                                 "lookahead_hits": 0, "contexts": 0, "evictions": 0}
+        self._close_retired(kind="control")
+        errors = Counter(self._errors)
+        per_replica = []
+        for replica in self.replicas:
+            entry: dict[str, Any] = {"device": replica.device, "alive": replica.alive}
+            client = replica.control
+            if replica.alive and client is not None:
+                try:
+                    stats = client.call("stats").result
+                except (TimeoutError, RuntimeError, zmq.ZMQError):
+                    stats = {}
+                for key in total:
+                    total[key] += stats.get(key, 0)
+                errors.update(stats.get("errors", {}))
+                entry.update(stats)
+            per_replica.append(entry)
+        return {**total, "errors": dict(errors), "replicas": per_replica}
+
+    def count_error(self, code: str) -> None:
+        with self._lock:
+            self._errors[str(code)] += 1
+
+    # ------------------------------------------------------------------ routing
+
+    def _forward(self, items: list[ForwardItem | DriverError]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any] | None] = [None] * len(items)
+        batches: dict[int, list[int]] = {}
+        for index, item in enumerate(items):
+            if isinstance(item, DriverError):
+                results[index] = _failed(item)
+                continue
+            try:
+                replica = self._place(item)
+            except DriverError as exc:
+                results[index] = _failed(exc)
+                continue
+            batches.setdefault(replica.index, []).append(index)
+        sent = {}
+        for index, positions in batches.items():
+            replica = self.replicas[index]
+            request_id = next(self._ids)
+            try:
+                replica.work.send_raw(encode_forward(request_id, [items[i] for i in positions]))  # type: ignore
+                sent[index] = request_id
+            except (AttributeError, zmq.ZMQError):
+                self._mark_dead(replica)
+        for index, reply in self._gather(sent).items():
+            positions = batches[index]
+            if reply is None:
+                lost = DriverError(ErrorCode.REPLICA_LOST, f"replica {index} ({self.replicas[index].device}) died; "
+                                   "replay the context from position 0")
+                for i in positions:
+                    results[i] = _failed(lost)
+            elif "results" not in reply:  # the replica refused the whole forward
+                for i in positions:
+                    results[i] = {"ok": False, "error": reply["error"]}
+            else:
+                for i, result in zip(positions, reply["results"], strict=True):
+                    results[i] = result
+        for index in set(batches) - set(sent):
+            for i in batches[index]:
+                results[i] = _failed(DriverError(ErrorCode.REPLICA_LOST, f"replica {index} is not reachable"))
+        return results  # type: ignore[return-value]
+
+    def _gather(self, sent: dict[int, int]) -> dict[int, dict[str, Any] | None]:
+        """Wait for every replica's reply; a replica that dies meanwhile yields None."""
+        replies: dict[int, dict[str, Any] | None] = {}
+        while len(replies) < len(sent):
+            poller = zmq.Poller()
+            waiting = {}
+            for index in sent:
+                replica = self.replicas[index]
+                if index in replies:
+                    continue
+                if not replica.alive or replica.work is None or replica.process.process.poll() is not None:  # type: ignore
+                    self._mark_dead(replica)
+                    replies[index] = None
+                    continue
+                poller.register(replica.work.socket, zmq.POLLIN)
+                waiting[replica.work.socket] = index
+            for socket, _ in poller.poll(50) if waiting else ():
+                index = waiting[socket]
+                reply = parse_reply(socket.recv())
+                if reply.id == sent[index]:
+                    replies[index] = reply.result if reply.ok else {"error": _error_map(reply)}
+        return replies
+
+    def _place(self, item: ForwardItem) -> Replica:
+        with self._lock:
+            if item.context in self._lost:
+                if not item.positions or item.positions[0] != 0:
+                    raise DriverError(ErrorCode.REPLICA_LOST, f"context {item.context} lived on a replica that "
+                                      "died; replay it from position 0")
+                self._lost.discard(item.context)
+            owner = self._owner.get(item.context)
+            if owner is not None:
+                return self.replicas[owner]
+            alive = [r for r in self.replicas if r.alive]
+            if not alive:
+                raise DriverError(ErrorCode.REPLICA_LOST, "no replica is alive; retry shortly")
+            replica = min(alive, key=lambda r: (len(r.contexts), r.index))
+            self._owner[item.context] = replica.index
+            replica.contexts.add(item.context)
+            return replica
+
+    def _owner_of(self, context: int) -> Replica:
+        with self._lock:
+            if context in self._lost:
+                raise DriverError(ErrorCode.REPLICA_LOST, f"context {context} lived on a replica that died")
+            owner = self._owner.get(context)
+            if owner is None or not self.replicas[owner].alive:
+                raise DriverError(ErrorCode.UNKNOWN_CONTEXT, f"context {context} is not known")
+            return self.replicas[owner]
+
+    def _fork(self, body: Fork) -> dict[str, Any]:
+        source = self._owner_of(body.src)
+        target = self._owner.get(body.dst)
+        if target is not None and target != source.index:  # dst moves to src's replica, history copied there
+            self._call(self.replicas[target], "release", contexts=[body.dst])
+            self._forget(body.dst)
+        reply = self._call(source, "fork", src=body.src, dst=body.dst, length=body.length)
+        with self._lock:
+            self._lost.discard(body.dst)
+            self._owner[body.dst] = source.index
+            source.contexts.add(body.dst)
+        return reply
+
+    def _release(self, contexts: tuple[int, ...]) -> int:
+        groups: dict[int, list[int]] = {}
+        with self._lock:
+            for context in contexts:
+                self._lost.discard(context)
+                owner = self._owner.get(context)
+                if owner is not None:
+                    groups.setdefault(owner, []).append(context)
+        released = 0
+        for index, group in groups.items():
+            released += self._call(self.replicas[index], "release", contexts=group)["released"]
+            for context in group:
+                self._forget(context)
+        return released
+
+    def _forget(self, context: int) -> None:
+        with self._lock:
+            owner = self._owner.pop(context, None)
+            if owner is not None:
+                self.replicas[owner].contexts.discard(context)
+
+    def _call(self, replica: Replica, op: str, **fields: Any) -> dict[str, Any]:
+        client = replica.work
+        if not replica.alive or client is None:
+            raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) is down")
+        request_id = client.send(op, **{k: v for k, v in fields.items() if v is not None})
+        reply = self._gather({replica.index: request_id}).get(replica.index)
+        if reply is None:
+            raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) died")
+        if "error" in reply and "results" not in reply:
+            error = reply["error"]
+            raise DriverError(ErrorCode(error["code"]), error["message"])
+        return reply
+
+
+def cpu_partition(parts: int) -> list[set[int]]:
+    """Split this process's CPUs into `parts` sets of whole physical cores (hyperthread siblings together).
+
+    Replicas spend much of a step in single-threaded Python and kernel launches; two of them on sibling
+    hyperthreads slow each other down. An empty set means "do not pin" (too few cores to split).
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    cores: dict[str, list[int]] = {}
+    for cpu in allowed:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            siblings = str(cpu)
+        cores.setdefault(siblings, []).append(cpu)
+    groups = list(cores.values())
+    if len(groups) < parts:
+        return [set() for _ in range(parts)]
+    per = len(groups) // parts
+    return [{cpu for group in groups[i * per:(i + 1) * per] for cpu in group} for i in range(parts)]
+
+
+def _error_map(reply: Any) -> dict[str, Any]:
+    return {"code": reply.error.code, "message": reply.error.message, **reply.error.details}
+
+
+def _failed(error: DriverError) -> dict[str, Any]:
+    return {"ok": False, "error": error.to_wire()}
+
