@@ -22,7 +22,8 @@ from pie_driver_trtllm.modelgen import make_model
 def write_config(directory: Path, model: Path, devices: list[str], dtype: str) -> Path:
     path = directory / f"driver-{len(devices)}.toml"
     path.write_text(f'[model]\nsnapshot_dir = "{model}"\n\n[driver]\ndevice = {json.dumps(devices)}\n'
-                    f'activation_dtype = "{dtype}"\n\n[driver.options]\nengine = "reference"\nlookahead_tokens = 1\n')
+                    f'activation_dtype = "{dtype}"\n\n[driver.options]\nengine = "reference"\nlookahead_tokens = 1\n'
+                    f'max_concurrent_requests = 512\n')
     return path
 
 

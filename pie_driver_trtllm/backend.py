@@ -27,11 +27,15 @@ class LocalBackend:
         raise AssertionError(f"op {request.op!r} reached the backend")  # the server answers the others
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok",
-                "replicas": [{"device": self.device, "alive": True, "contexts": len(self.core.store)}]}
+        replica: dict[str, Any] = {"device": self.device, "alive": True, "contexts": len(self.core.store),
+                                   "engine": "ok"}
+        stuck_for = getattr(self.core.engine, "stuck_for_s", None)  # set by engine_guard.GuardedEngine
+        if stuck_for is not None:
+            replica.update(engine="stuck", stuck_s=round(stuck_for, 3))
+        return {"status": "ok" if stuck_for is None else "degraded", "replicas": [replica]}
 
     def stats(self) -> dict[str, Any]:
-        return self.core.stats()
+        return {**self.core.stats(), "engine_timeouts": getattr(self.core.engine, "timeouts", 0)}
 
     def count_error(self, code: ErrorCode | str) -> None:
         self.core.counters.error(code)

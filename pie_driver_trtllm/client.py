@@ -58,12 +58,19 @@ def parse_reply(payload: bytes) -> Reply:
 class DriverClient:
     """One DEALER connection to a driver. Not thread-safe: use one client per thread."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 60.0, *, curve_server_key: bytes | None = None,
+                 curve_keypair: tuple[bytes, bytes] | None = None) -> None:
+        """`curve_server_key` (Z85) turns CURVE on; `curve_keypair` is (public, secret), fresh by default."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._context = zmq.Context.instance()
         self.socket = self._context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve_server_key is not None:
+            public, secret = curve_keypair or zmq.curve_keypair()
+            self.socket.curve_serverkey = curve_server_key
+            self.socket.curve_publickey = public
+            self.socket.curve_secretkey = secret
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
 
@@ -106,8 +113,8 @@ class DriverProcess:
     handshake_line: dict[str, Any]
     stderr_path: Path
 
-    def client(self, timeout_s: float = 60.0) -> DriverClient:
-        return DriverClient(self.endpoint, timeout_s)
+    def client(self, timeout_s: float = 60.0, **curve: Any) -> DriverClient:
+        return DriverClient(self.endpoint, timeout_s, **curve)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -81,6 +81,16 @@ class DriverOptions:
                                          minimum=1, nullable=True)
     max_frame_bytes: int = opt(64 << 20, "Largest request frame decoded; bigger ones get BAD_FRAME.", (int,),
                                minimum=1024)
+    engine_step_timeout_s: float = opt(
+        300.0, "Deadline of one engine call; past it the forward's requests get ENGINE_ERROR and the engine "
+        "is fenced off (health `degraded`) until the call returns. 0 waits forever.", (float, int),
+        minimum=0.0)
+    curve_secret_key_file: str | None = opt(
+        None, "File (mode 0600) holding the server's Z85 CURVE secret key: encrypts the socket and allows a "
+        "`tcp://` bind beyond loopback. Hosts connect with the matching public key.", (str,), nullable=True)
+    curve_client_keys_file: str | None = opt(
+        None, "With CURVE: file of allowed client public keys (Z85, one per line); unset admits any client "
+        "that knows the server's public key.", (str,), nullable=True)
     venv: str | None = opt(None, "Interpreter override; read by the host, ignored by the driver.", (str,),
                            nullable=True)
     python: str | None = opt(None, "Interpreter override; read by the host, ignored by the driver.", (str,),
@@ -215,6 +225,13 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> DriverCo
     if options.execution_mode == "pyexecutor" and options.max_history_tokens is not None:
         raise StartupError("config: driver.options.max_history_tokens must be unset with execution_mode = "
                            "\"pyexecutor\" (the executor needs full histories)")
+    if options.curve_client_keys_file is not None and options.curve_secret_key_file is None:
+        raise StartupError("config: driver.options.curve_client_keys_file needs curve_secret_key_file as well")
+    for key in ("curve_secret_key_file", "curve_client_keys_file"):
+        value = getattr(options, key)
+        if value is not None:  # like snapshot_dir: ~ expanded, relative to the TOML file's directory
+            path = Path(os.path.expanduser(value))
+            setattr(options, key, str(base_dir / path if not path.is_absolute() and base_dir else path))
     return DriverConfig(model=model, driver=driver, options=options)
 
 

@@ -19,12 +19,18 @@ from .lookahead import LookaheadBuffer
 from .protocol import Fork, Forward, ForwardItem, Release, Truncate
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's (CUDA) OutOfMemoryError, recognised without importing torch."""
+    return isinstance(exc, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(exc).__mro__)
+
+
 @dataclass
 class Counters:
     requests: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
     engine_calls: int = 0
+    oom_splits: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -135,11 +141,7 @@ class DriverCore:
     def _run_engine(self, rows: list[Row], slots: list[tuple[int, int]],
                     outputs: list[list[dict[str, Any] | None]], failures: list[DriverError | None]) -> None:
         self.counters.engine_calls += 1
-        try:
-            results = self.engine.step(rows)
-        except Exception as exc:  # the engine raised for the whole batch
-            self.engine.drop(list({row.context for row in rows}))
-            results = [RowResult(error=f"{type(exc).__name__}: {exc}")] * len(rows)
+        results = self._step_or_fail(rows)
         for (index, position), row, result in zip(slots, rows, results, strict=True):
             if result.error is not None:
                 failures[index] = DriverError(ErrorCode(result.code), result.error)
@@ -151,6 +153,27 @@ class DriverCore:
                 outputs[index][position] = {"dist": [result.dist[0], result.dist[1]]}
             else:
                 outputs[index][position] = {"logprobs": result.logprobs}
+
+    def _step_or_fail(self, rows: list[Row]) -> list[RowResult]:
+        """One engine call; if it raises as a whole, every row fails and its contexts' engine state goes."""
+        try:
+            return self._step(rows)
+        except Exception as exc:
+            self.engine.drop(list({row.context for row in rows}))
+            return [RowResult(error=f"{type(exc).__name__}: {exc}")] * len(rows)
+
+    def _step(self, rows: list[Row]) -> list[RowResult]:
+        try:
+            return self.engine.step(rows)
+        except Exception as exc:
+            if len(rows) == 1 or not out_of_memory(exc):
+                raise
+        # Out of memory: retry in halves, outside the except block so the failed attempt's tensors
+        # (held by its traceback) are freed first. A single row that still does not fit fails alone.
+        self.counters.oom_splits += 1
+        self.engine.drop(list({row.context for row in rows}))
+        middle = len(rows) // 2
+        return self._step_or_fail(rows[:middle]) + self._step_or_fail(rows[middle:])
 
     # ------------------------------------------------------------------ other state ops
 
@@ -176,5 +199,5 @@ class DriverCore:
     def stats(self) -> dict[str, Any]:
         c = self.counters
         return {"requests": c.requests, "tokens_in": c.tokens_in, "tokens_out": c.tokens_out,
-                "engine_calls": c.engine_calls, "lookahead_hits": self.lookahead.hits,
+                "engine_calls": c.engine_calls, "oom_splits": c.oom_splits, "lookahead_hits": self.lookahead.hits,
                 "contexts": len(self.store), "evictions": self.store.evictions, "errors": dict(c.errors)}

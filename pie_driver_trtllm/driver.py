@@ -15,13 +15,15 @@ from . import DRIVER_NAME, PROTOCOL_VERSION, __version__
 from .backend import LocalBackend
 from .config import DriverConfig, load_config
 from .core import DriverCore
+from .engine_guard import GuardedEngine
 from .engines import load_engine
 from .engines.base import Engine
+from .engines.faults import ENV_VAR as FAULTS_ENV_VAR
 from .engines.tensorrt_llm import ensure_library_path, require_package
 from .errors import StartupError
 from .protocol import Limits
 from .replicas import ReplicaSet
-from .server import DriverServer, Endpoint, remove_endpoint_files, resolve_endpoint
+from .server import DriverServer, Endpoint, load_curve, remove_endpoint_files, resolve_endpoint
 
 U32_MAX = 2**32 - 1
 
@@ -108,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     handshake_out = _handshake_stream(args.handshake_fd)
     endpoint = None
     try:
-        endpoint = resolve_endpoint(args.endpoint)
+        curve = load_curve(config.options.curve_secret_key_file, config.options.curve_client_keys_file)
+        endpoint = resolve_endpoint(args.endpoint, curve=curve is not None)
         backend, handshake, limits, close = _build_backend(config, args.config, endpoint)
-        server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent)
+        server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent, curve=curve)
     except StartupError as exc:
         if endpoint is not None:
             remove_endpoint_files(endpoint)
@@ -157,9 +160,20 @@ def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -
                         max_logprob_labels=caps["max_logprob_labels"], max_frame_bytes=config.options.max_frame_bytes,
                         samplers=frozenset(caps["samplers"]))
         return replicas, handshake, limits, replicas.close
-    engine = load_engine(config, config.driver.device[0])
+    engine = _wrap_engine(load_engine(config, config.driver.device[0]), config)
     core = DriverCore(engine, max_contexts=config.options.max_session_histories,
                       lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed)
     limits = build_limits(config, engine)
     handshake = build_handshake(config, engine, build_caps(config, engine, limits))
     return LocalBackend(core, config.driver.device[0]), handshake, limits, engine.close
+
+
+def _wrap_engine(engine: Engine, config: DriverConfig) -> Engine:
+    """Test-only fault injection when its variable is set, then the step deadline."""
+    faults = os.environ.get(FAULTS_ENV_VAR)
+    if faults:
+        from .engines.faults import FaultyEngine, parse_faults
+
+        engine = FaultyEngine(engine, parse_faults(faults))
+    timeout = config.options.engine_step_timeout_s
+    return GuardedEngine(engine, timeout) if timeout > 0 else engine

@@ -20,8 +20,12 @@ SIZES: dict[str, dict[str, Any]] = {
 INIT_RANGE = 0.1
 
 
-def make_model(directory: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a random-weight LlamaForCausalLM checkpoint to `directory` and return its path."""
+def make_model(directory: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32",
+               max_position_embeddings: int | None = None) -> Path:
+    """Write a random-weight LlamaForCausalLM checkpoint to `directory` and return its path.
+
+    `max_position_embeddings` overrides the size's context length (the history benchmark needs 8K+).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,10 +33,13 @@ def make_model(directory: str | Path, size: str = "tiny", seed: int = 0, dtype: 
         raise ValueError(f"size {size!r} is not one of {', '.join(SIZES)}")
     out = Path(directory)
     marker = out / "pie-make-model.json"
-    recipe = {"size": size, "seed": seed, "dtype": dtype, "init_range": INIT_RANGE}
+    recipe: dict[str, Any] = {"size": size, "seed": seed, "dtype": dtype, "init_range": INIT_RANGE}
+    shape = dict(SIZES[size])
+    if max_position_embeddings is not None:
+        recipe["max_position_embeddings"] = shape["max_position_embeddings"] = max_position_embeddings
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         return out  # same recipe, same weights: nothing to do
-    config = LlamaConfig(**SIZES[size], initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2,
+    config = LlamaConfig(**shape, initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2,
                          pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))

@@ -6,6 +6,7 @@ fields are known to be well typed and within the model's limits.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -57,7 +58,7 @@ class _Release(_Op):
     contexts: list[U64]
 
 
-class _WireSampler(msgspec.Struct, forbid_unknown_fields=True):
+class _WireSampler(msgspec.Struct, forbid_unknown_fields=True, frozen=True):  # hashable: see _normalized
     at: U32
     type: str
     temperature: float | None = None
@@ -66,7 +67,7 @@ class _WireSampler(msgspec.Struct, forbid_unknown_fields=True):
     min_p: float | None = None
     seed: U64 | None = None
     k: U32 | None = None
-    token_ids: list[U32] | None = None
+    token_ids: tuple[U32, ...] | None = None
 
 
 class _WireRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -173,16 +174,57 @@ class FrameRejected(Exception):
 
 def decode_frame(frame: bytes | memoryview, limits: Limits) -> Request:
     """Decode and validate one frame. Raises FrameRejected with the reply's id and error."""
+    if len(frame) > limits.max_frame_bytes:
+        raise FrameRejected(None, DriverError(
+            ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes is over the {limits.max_frame_bytes}-byte limit"))
     try:
-        return _decode(frame, limits)
+        return _fast_forward(frame, limits) or _decode(frame, limits)
     except RecursionError:
         raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, "frame is nested too deeply")) from None
 
 
+def _fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
+    """The common case in one pass: a well-formed forward whose requests are all valid.
+
+    Anything else returns None and takes the general path, which names each problem and keeps a bad
+    request's failure to its own slot. Both paths accept exactly the same frames.
+    """
+    try:
+        wire = _fast_decoder(limits.vocab_size, limits.max_model_len).decode(frame)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if (wire.op != "forward" or type(wire.v) is not int or wire.v != PROTOCOL_VERSION or not _is_uint(wire.id, 64)
+            or len(wire.requests) > limits.max_forward_requests):
+        return None
+    items: list[ForwardItem | DriverError] = []
+    total_tokens = 0
+    try:
+        for request in wire.requests:
+            n_tokens = len(request.tokens)
+            if n_tokens != len(request.positions):
+                return None
+            total_tokens += n_tokens
+            samplers = tuple(_sampler(s, n_tokens, limits) for s in request.samplers)
+            items.append(ForwardItem(request.context, request.tokens, request.positions, samplers))
+    except DriverError:
+        return None
+    return None if total_tokens > limits.max_forward_tokens else Request(wire.id, "forward", Forward(items))
+
+
+@functools.lru_cache(maxsize=8)
+def _fast_decoder(vocab_size: int, max_model_len: int) -> msgspec.msgpack.Decoder:
+    """A typed decoder whose token and position bounds are the model's, checked while decoding."""
+    token = Annotated[int, msgspec.Meta(ge=0, lt=vocab_size)]
+    position = Annotated[int, msgspec.Meta(ge=0, lt=max_model_len)]
+    request = msgspec.defstruct("FastRequest", [("context", U64), ("tokens", list[token]),
+                                                ("positions", list[position]),
+                                                ("samplers", list[_WireSampler], [])], forbid_unknown_fields=True)
+    frame = msgspec.defstruct("FastForward", [("v", Any), ("id", Any), ("op", Any), ("requests", list[request])],
+                              forbid_unknown_fields=True)
+    return msgspec.msgpack.Decoder(frame)
+
+
 def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
-    if len(frame) > limits.max_frame_bytes:
-        raise FrameRejected(None, DriverError(
-            ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes is over the {limits.max_frame_bytes}-byte limit"))
     try:
         header = _header_decoder.decode(frame)
     except msgspec.ValidationError as exc:
@@ -269,13 +311,26 @@ def _forward_item(wire: _WireRequest, limits: Limits) -> ForwardItem:
 
 
 def _sampler(s: _WireSampler, n_tokens: int, limits: Limits) -> Sampler:
+    if s.at >= n_tokens:
+        raise DriverError(ErrorCode.OUT_OF_RANGE, f"sampler at={s.at} is outside the request's {n_tokens} tokens")
+    key = (s, limits)
+    sampler = _SAMPLERS.get(key)
+    if sampler is None:
+        if len(_SAMPLERS) >= 4096:  # a host rarely uses many distinct samplers; bound the memo anyway
+            _SAMPLERS.clear()
+        sampler = _SAMPLERS[key] = _normalized(s, limits)
+    return sampler
+
+
+_SAMPLERS: dict[tuple[_WireSampler, Limits], Sampler] = {}
+
+
+def _normalized(s: _WireSampler, limits: Limits) -> Sampler:
     if s.type not in ALL_SAMPLERS:
         raise DriverError(ErrorCode.BAD_REQUEST,
                           f"sampler type {s.type!r} is unknown; known: {', '.join(ALL_SAMPLERS)}")
     if s.type not in limits.samplers:
         raise DriverError(ErrorCode.UNSUPPORTED, f"sampler type {s.type!r} is not served by this engine")
-    if s.at >= n_tokens:
-        raise DriverError(ErrorCode.OUT_OF_RANGE, f"sampler at={s.at} is outside the request's {n_tokens} tokens")
     temperature = 1.0 if s.temperature is None else s.temperature
     if not math.isfinite(temperature) or temperature < 0:
         raise DriverError(ErrorCode.BAD_REQUEST, f"temperature {s.temperature} must be a finite number >= 0")

@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
@@ -35,6 +36,60 @@ class Backend(Protocol):
     def count_error(self, code: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """The server's CURVE key pair (Z85 bytes) and, optionally, the client public keys it admits."""
+
+    secret_key: bytes
+    public_key: bytes
+    client_keys: frozenset[bytes] | None = None
+
+
+def _read_key_file(path: str, what: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+        text = Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"endpoint: cannot read the CURVE {what} {path}: {exc}") from None
+    if what == "secret key file" and mode & 0o077:
+        raise StartupError(f"endpoint: the CURVE secret key file {path} is readable by others "
+                           f"(mode {oct(mode & 0o777)}); chmod 600 it")
+    return text
+
+
+def load_curve(secret_key_file: str | None, client_keys_file: str | None) -> CurveKeys | None:
+    """Read the configured CURVE keys; None when CURVE is off."""
+    if secret_key_file is None:
+        return None
+    if not zmq.has("curve"):
+        raise StartupError("endpoint: CURVE keys are configured but this libzmq was built without CURVE")
+    secret = _read_key_file(secret_key_file, "secret key file").strip().encode()
+    try:
+        public = zmq.curve_public(secret)
+    except (zmq.ZMQError, ValueError):
+        raise StartupError(f"endpoint: {secret_key_file} does not hold a 40-character Z85 CURVE secret key "
+                           "(make one with python -c 'import zmq; print(zmq.curve_keypair()[1].decode())')") from None
+    clients = None
+    if client_keys_file is not None:
+        lines = _read_key_file(client_keys_file, "client keys file").split()
+        bad = [key for key in lines if len(key) != 40]
+        if bad or not lines:
+            raise StartupError(f"endpoint: {client_keys_file} must list 40-character Z85 public keys, one per "
+                               f"line; got {bad[0]!r}" if bad else f"endpoint: {client_keys_file} lists no keys")
+        clients = frozenset(key.encode() for key in lines)
+    return CurveKeys(secret, public, clients)
+
+
+class _AllowedClients:
+    """ZAP callback: admit a CURVE client only if its public key is listed."""
+
+    def __init__(self, keys: frozenset[bytes]) -> None:
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
 @dataclass
 class Endpoint:
     url: str
@@ -42,8 +97,8 @@ class Endpoint:
     socket_path: str | None = None
 
 
-def resolve_endpoint(url: str | None) -> Endpoint:
-    """The default is an ipc socket in a fresh 0700 directory; tcp must stay on loopback for now."""
+def resolve_endpoint(url: str | None, curve: bool = False) -> Endpoint:
+    """The default is an ipc socket in a fresh 0700 directory; tcp stays on loopback unless CURVE is on."""
     if url is None:
         import tempfile
 
@@ -59,8 +114,9 @@ def resolve_endpoint(url: str | None) -> Endpoint:
         return Endpoint(url, None, path)
     if url.startswith("tcp://"):
         host = urlparse(url).hostname or ""
-        if host not in _LOOPBACK and host != "::1":
-            raise StartupError(f"endpoint: {url} binds beyond loopback; only 127.0.0.1 / [::1] are allowed")
+        if host not in _LOOPBACK and not curve:
+            raise StartupError(f"endpoint: {url} binds beyond loopback; only 127.0.0.1 / [::1] are allowed "
+                               "unless driver.options.curve_secret_key_file is set")
         return Endpoint(url)
     raise StartupError(f"endpoint: {url!r} is not an ipc:// or tcp:// URL")
 
@@ -74,7 +130,7 @@ def remove_endpoint_files(endpoint: Endpoint) -> None:
 
 class DriverServer:
     def __init__(self, endpoint: Endpoint, limits: Limits, backend: Backend,
-                 handshake: dict[str, Any], parent_pid: int | None = None) -> None:
+                 handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
         self.limits = limits
         self.backend = backend
@@ -96,11 +152,14 @@ class DriverServer:
         self._replies.bind(self._pipe_url)
         if endpoint.url.startswith("tcp://["):
             self._router.setsockopt(zmq.IPV6, 1)
+        self._auth = self._secure(curve) if curve is not None else None
         try:
             self._router.bind(endpoint.url)
         except zmq.ZMQError as exc:
             self._router.close(0)
             self._replies.close(0)
+            if self._auth is not None:
+                self._auth.stop()
             remove_endpoint_files(endpoint)
             raise StartupError(f"endpoint: cannot bind {endpoint.url}: {exc}") from None
         endpoint.url = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a tcp wildcard port
@@ -108,6 +167,21 @@ class DriverServer:
             os.chmod(endpoint.socket_path, 0o600)
         self._worker = threading.Thread(target=self._work_loop, name="driver-worker", daemon=True)
         self._worker.start()
+
+    def _secure(self, curve: CurveKeys) -> Any:
+        """CURVE on the ROUTER: a peer that does not know the server's public key never completes the
+        handshake, so it gets nothing back. With a client list, a ZAP thread admits listed keys only."""
+        auth = None
+        if curve.client_keys is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            auth = ThreadAuthenticator(self._context)
+            auth.start()
+            auth.configure_curve_callback("*", _AllowedClients(curve.client_keys))
+        self._router.curve_secretkey = curve.secret_key
+        self._router.curve_publickey = curve.public_key
+        self._router.curve_server = True
+        return auth
 
     # ------------------------------------------------------------------ socket thread
 
@@ -204,6 +278,8 @@ class DriverServer:
         self._flush_replies()
         self._router.close()
         self._replies.close(0)
+        if self._auth is not None:
+            self._auth.stop()
         remove_endpoint_files(self.endpoint)
 
     # ------------------------------------------------------------------ worker thread

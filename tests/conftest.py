@@ -56,13 +56,13 @@ def start_driver(tmp_path: Path, tiny_model: Path, engine_variant: str) -> Itera
     """Start a driver subprocess on the tiny model; every one started is stopped at teardown."""
     started: list[DriverProcess] = []
 
-    def start(**options: Any) -> DriverProcess:
+    def start(env: dict[str, str] | None = None, **options: Any) -> DriverProcess:
         from trtllm_support import double_env
 
         directory = tmp_path / f"driver{len(started)}"
         directory.mkdir()
         options = {**ENGINE_VARIANTS[engine_variant], **options}
-        env = double_env() if options["engine"] == "tensorrt_llm" else None
+        env = {**(double_env() if options["engine"] == "tensorrt_llm" else {}), **(env or {})}
         process = spawn(write_config(directory, tiny_model, **options), env=env)
         started.append(process)
         return process

@@ -280,12 +280,18 @@ def test_oversize_frame_is_refused(start_driver):
     assert driver.client().call("health")["status"] == "ok"
 
 
-def test_health_answers_fast_while_a_long_forward_runs(driver):
+# A forward whose last token is 509 makes the test-only fault wrapper hold the engine for a while,
+# so "a long forward" does not depend on how fast this machine is.
+SLOW_FORWARD = {"PIE_DRIVER_FAULTS": "hang_on_token:509,hang_s:1.5"}
+
+
+def test_health_answers_fast_while_a_long_forward_runs(start_driver):
+    driver = start_driver(env=SLOW_FORWARD)
     client = driver.client()
-    requests = [{"context": c, "tokens": [(c + i) % 500 for i in range(60)], "positions": list(range(60)),
-                 "samplers": [greedy(59)]} for c in range(40)]
+    requests = [{"context": c, "tokens": [(c + i) % 500 for i in range(59)] + [509], "positions": list(range(60)),
+                 "samplers": [greedy(59)]} for c in range(8)]
     forward_id = client.send("forward", requests=requests)
-    time.sleep(0.2)  # the forward is now running on the worker
+    time.sleep(0.3)  # the forward is now running on the worker
     started = time.monotonic()
     health_id = client.send("health")
     first = client.recv(30)
@@ -356,10 +362,11 @@ def test_tensorrt_llm_engine_missing_fails_fast_with_one_line(tmp_path, tiny_mod
     assert "tensorrt_llm" in message and "pip install" in message
 
 
-def test_frames_during_shutdown_get_shutting_down(driver):
+def test_frames_during_shutdown_get_shutting_down(start_driver):
+    driver = start_driver(env=SLOW_FORWARD)
     client = driver.client()
-    requests = [{"context": c, "tokens": list(range(1, 61)), "positions": list(range(60)),
-                 "samplers": [greedy(59)]} for c in range(24)]
+    requests = [{"context": c, "tokens": [*range(1, 60), 509], "positions": list(range(60)),
+                 "samplers": [greedy(59)]} for c in range(4)]
     running = client.send("forward", requests=requests)
     queued = client.send("forward", requests=requests[:1])
     time.sleep(0.2)

@@ -64,3 +64,18 @@ class Engine(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def common_prefix(cached: list[int], tokens: list[int], end: int) -> int:
+    """Length of the common prefix of `cached` and `tokens[:end]` (C-speed compares, log-many of them)."""
+    n = min(len(cached), end)
+    if cached[:n] == tokens[:n]:
+        return n
+    lo, hi = 0, n  # the first mismatch lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cached[:mid] == tokens[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -12,8 +12,10 @@ from typing import Any
 from ..config import DriverConfig
 from ..errors import StartupError
 from ..protocol import ALL_SAMPLERS
-from .base import ModelInfo, Row, RowResult
+from .base import ModelInfo, Row, RowResult, common_prefix
+from .batched_llama import slot_bytes, supports
 from .model_facts import read_model_info
+from .sampling import row_result
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
            "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -34,9 +36,8 @@ class ReferenceEngine:
 
     def __init__(self, model: Any, device: str, info: ModelInfo) -> None:
         import torch
-        import transformers
 
-        self.version = f"torch {torch.__version__}, transformers {transformers.__version__}"
+        self.version = _version()
         self._torch = torch
         self._model = model
         self._device = device
@@ -45,6 +46,7 @@ class ReferenceEngine:
 
     @classmethod
     def load(cls, config: DriverConfig, device: str) -> ReferenceEngine:
+        """The batched engine for Llama-family checkpoints that fit a slot cache, else this one."""
         info = read_model_info(config)
         try:
             import torch
@@ -67,6 +69,11 @@ class ReferenceEngine:
             raise StartupError(f"reference engine: cannot load {config.model.snapshot_dir}: "
                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         model.to(device).eval()
+        slots = _slot_count(model, info, device, config.options.max_concurrent_requests)
+        if slots:
+            from .reference_batched import BatchedReferenceEngine
+
+            return BatchedReferenceEngine(model, device, info, slots, _version())  # type: ignore[return-value]
         return cls(model, device, info)
 
     # ------------------------------------------------------------------ the interface
@@ -109,14 +116,12 @@ class ReferenceEngine:
     # ------------------------------------------------------------------ internals
 
     def _run(self, context: int, rows: list[Row]) -> list[RowResult]:
-        from .sampling import sample_token, token_logprobs, top_k_dist
-
         torch = self._torch
         tokens = rows[0].tokens
         end = max(row.length for row in rows)
         first_needed = min(row.length for row in rows) - 1
         resident = self._resident.get(context)
-        keep = min(_common_prefix(resident.tokens, tokens, end), first_needed) if resident else 0
+        keep = min(common_prefix(resident.tokens, tokens, end), first_needed) if resident else 0
         if resident is None or keep == 0:
             resident = self._resident[context] = _Resident(self._new_cache())
         else:
@@ -129,19 +134,12 @@ class ReferenceEngine:
         results = []
         for row in rows:
             current = row_logits[row.length]
-            sampler = row.sampler
-            if sampler.type == "dist":
-                ids, probs = top_k_dist(current, sampler)
-                results.append(RowResult(dist=(ids, probs)))
-            elif sampler.type == "logprobs":
-                results.append(RowResult(logprobs=token_logprobs(current, sampler)))
-            else:
-                out = [sample_token(current, sampler, row.seed)]
-                if row.steps > 1 and row.length == end:
-                    for _ in range(row.steps - 1):
-                        current = self._forward(resident, out[-1:], [0])[0]
-                        out.append(int(torch.argmax(current)))
-                results.append(RowResult(tokens=out))
+            result = row_result(current, row.sampler, row.seed)
+            if row.steps > 1 and row.length == end and result.tokens:
+                for _ in range(row.steps - 1):
+                    current = self._forward(resident, result.tokens[-1:], [0])[0]
+                    result.tokens.append(int(torch.argmax(current)))
+            results.append(result)
         return results
 
     def _forward(self, resident: _Resident, new_tokens: list[int], wanted: list[int]) -> Any:
@@ -165,15 +163,20 @@ def _crop(cache: Any, length: int, keep: int) -> None:
         cache.crop(keep - length)
 
 
-def _common_prefix(cached: list[int], tokens: list[int], end: int) -> int:
-    n = min(len(cached), end)
-    if cached[:n] == tokens[:n]:
-        return n
-    lo, hi = 0, n  # the first mismatch lies in [lo, hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if cached[:mid] == tokens[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+
+def _version() -> str:
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def _slot_count(model: Any, info: ModelInfo, device: str, wanted: int) -> int:
+    """Cache slots for the batched path: as many contexts as requested that fit; 0 means unsupported."""
+    if not supports(model):
+        return 0
+    import torch
+
+    per_slot = slot_bytes(model, info.max_model_len)
+    budget = int(torch.cuda.mem_get_info()[0] * 0.5) if device.startswith("cuda") else 2 << 30
+    return max(0, min(wanted, 256, budget // per_slot))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..protocol import Sampler
@@ -37,3 +39,17 @@ def top_k_dist(logits: torch.Tensor, sampler: Sampler) -> tuple[list[int], list[
 def token_logprobs(logits: torch.Tensor, sampler: Sampler) -> list[float]:
     logprobs = torch.log_softmax(logits / sampler.temperature, dim=-1)
     return logprobs[torch.tensor(sampler.token_ids, device=logits.device)].tolist()
+
+
+def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None, greedy_token: int | None = None) -> Any:
+    """The RowResult for one sampler from its logits row (a precomputed greedy argmax may be passed)."""
+    from .base import RowResult
+
+    if sampler.type == "dist":
+        ids, probs = top_k_dist(logits, sampler)
+        return RowResult(dist=(ids, probs))
+    if sampler.type == "logprobs":
+        return RowResult(logprobs=token_logprobs(logits, sampler))
+    if sampler.is_greedy and greedy_token is not None:
+        return RowResult(tokens=[greedy_token])
+    return RowResult(tokens=[sample_token(logits, sampler, seed)])

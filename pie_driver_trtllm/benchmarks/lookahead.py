@@ -1,0 +1,67 @@
+"""lookahead: greedy decode through the driver with lookahead 16 against lookahead 1.
+
+Two driver subprocesses (reference engine), the same contexts and prompts; rounds alternate between them.
+Engine calls per token come from the driver's own `stats` counters, read around the timed steps only.
+With lookahead 16 one engine call serves 16 steps of a context, so a window of 16k steps holds k calls.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from ..client import spawn
+from .common import Bench, Decode, header, table, timed_steps, write_config, write_result
+
+LOOKAHEADS = (16, 1)
+
+
+def plan(bench: Bench) -> tuple[int, int, int, int]:
+    """(contexts, prompt_len, rounds, steps per round); steps are a multiple of 16."""
+    return (2, 8, 1, 16) if bench.quick else (8, 32, 4, 64)
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    model = bench.model()
+    contexts, prompt_len, rounds, steps = plan(bench)
+    # Started from this thread one after the other: a driver dies with the thread that spawned it.
+    drivers = {n: spawn(write_config(bench, bench.work_dir / f"lookahead-{n}", model, lookahead_tokens=n),
+                        ready_timeout_s=600) for n in LOOKAHEADS}
+    try:
+        clients = {n: d.client(timeout_s=600) for n, d in drivers.items()}
+        decodes = {n: Decode(list(range(contexts)), prompt_len) for n in LOOKAHEADS}
+        for n in LOOKAHEADS:  # prefill plus 15 steps: the next step of lookahead 16 is an engine call
+            timed_steps(bench, decodes[n], clients[n].forward, 16)
+        before = {n: clients[n].call("stats").result for n in LOOKAHEADS}
+        times: dict[int, list[float]] = {n: [] for n in LOOKAHEADS}
+        for _ in range(rounds):
+            for n in LOOKAHEADS:
+                times[n] += timed_steps(bench, decodes[n], clients[n].forward, steps)
+        after = {n: clients[n].call("stats").result for n in LOOKAHEADS}
+        for client in clients.values():
+            client.close()
+    finally:
+        for driver in drivers.values():
+            driver.stop()
+    sides = {}
+    for n in LOOKAHEADS:
+        tokens = contexts * len(times[n])
+        calls = after[n]["engine_calls"] - before[n]["engine_calls"]
+        sides[n] = {"lookahead_tokens": n, "tokens": tokens, "engine_calls": calls,
+                    "engine_calls_per_token": calls / tokens,
+                    "lookahead_hits": after[n]["lookahead_hits"] - before[n]["lookahead_hits"],
+                    "tokens_per_s": tokens / sum(times[n]), "step_ms": statistics.fmean(times[n]) * 1e3}
+    on, off = sides[16], sides[1]
+    result = {**header(bench, "lookahead"), "contexts": contexts, "steps": rounds * steps,
+              "lookahead_16": on, "lookahead_1": off,
+              "engine_calls_reduction": off["engine_calls_per_token"] / on["engine_calls_per_token"],
+              "tokens_per_s_ratio": on["tokens_per_s"] / off["tokens_per_s"],
+              "target_engine_calls_reduction_min": 8.0, "target_tokens_per_s_ratio_min": 2.0}
+    print(table(f"lookahead: greedy decode through the driver, {contexts} contexts, {rounds * steps} steps",
+                ["lookahead", "engine calls", "calls/token", "hits", "tokens/s", "step ms"],
+                [[s["lookahead_tokens"], s["engine_calls"], s["engine_calls_per_token"], s["lookahead_hits"],
+                  s["tokens_per_s"], s["step_ms"]] for s in (on, off)]))
+    print(f"engine calls per token: {result['engine_calls_reduction']:.1f}x fewer (target >= 8x); "
+          f"tokens/s: {result['tokens_per_s_ratio']:.2f}x (target >= 2x)")
+    write_result(bench, "lookahead", result)
+    return result

@@ -1,0 +1,93 @@
+"""overhead: served tokens/s through a real driver subprocess against the same engine called in-process.
+
+Both sides run the reference engine on the same model with the same decode batches (batch 1, 16, 64;
+greedy; lookahead 1, so both call the engine every step). The in-process side is `ReferenceEngine` +
+`DriverCore` fed the validated objects directly (no socket, no codec). Rounds of the two sides alternate
+so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..client import spawn
+from ..protocol import Release
+from .common import Bench, Decode, core_forward, header, in_process_core, table, timed_steps, write_config, write_result
+
+BATCHES = (1, 16, 64)
+
+
+def plan(bench: Bench, batch: int) -> tuple[int, int, int, int]:
+    """(prompt_len, warmup steps, rounds, steps per round) for one batch size."""
+    if bench.quick:
+        return 8, 1, 1, 2
+    return 32, 16, 5, max(8, 256 // batch)
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    model = bench.model()
+    config = bench.work_dir / "overhead"
+    # On CPU both sides get one intra-op thread: two torch processes whose idle OpenMP threads spin on the
+    # same few cores would otherwise slow whichever side runs next.
+    threads = {"OMP_NUM_THREADS": "1"} if bench.device == "cpu" else {}
+    driver = spawn(_config(bench, config, model), ready_timeout_s=600, env=threads)
+    core = in_process_core(bench, model, lookahead_tokens=1)
+    if threads:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    rows: list[dict[str, Any]] = []
+    try:
+        client = driver.client(timeout_s=600)
+        # A throwaway decode on both sides first: a fresh engine's first steps pay one-time costs (kernel
+        # and allocator set-up for each new shape) that are tens of times a warm step on CPU.
+        for forward in (client.forward, core_forward(core)):
+            timed_steps(bench, Decode([999_999], 32), forward, 4 if bench.quick else 64)
+        client.call("release", contexts=[999_999])
+        core.release(Release((999_999,)))
+        for batch in BATCHES:
+            prompt_len, warmup, rounds, steps = plan(bench, batch)
+            contexts = list(range(batch * 1000, batch * 1000 + batch))
+            sides = {"driver": (Decode(contexts, prompt_len), client.forward),
+                     "in_process": (Decode(contexts, prompt_len), core_forward(core))}
+            times: dict[str, list[float]] = {"driver": [], "in_process": []}
+            for decode, forward in sides.values():
+                timed_steps(bench, decode, forward, 1 + warmup)  # prefill, then warm-up decode steps
+            for _ in range(rounds):
+                for name, (decode, forward) in sides.items():
+                    times[name] += timed_steps(bench, decode, forward, steps)
+            driver_step = statistics.fmean(times["driver"])
+            inproc_step = statistics.fmean(times["in_process"])
+            rows.append({"batch": batch, "steps": len(times["driver"]),
+                         "driver_tokens_per_s": batch / driver_step, "in_process_tokens_per_s": batch / inproc_step,
+                         "ratio": inproc_step / driver_step,
+                         "driver_step_ms": driver_step * 1e3, "in_process_step_ms": inproc_step * 1e3,
+                         "driver_step_p50_ms": statistics.median(times["driver"]) * 1e3,
+                         "in_process_step_p50_ms": statistics.median(times["in_process"]) * 1e3,
+                         "ratio_p50": statistics.median(times["in_process"]) / statistics.median(times["driver"]),
+                         "driver_cost_us": (driver_step - inproc_step) * 1e6})
+            client.call("release", contexts=contexts)  # free both engines' caches before the next batch
+            core.release(Release(tuple(contexts)))
+        client.close()
+    finally:
+        driver.stop()
+        core.engine.close()
+        if threads:
+            torch.set_num_threads(previous_threads)
+    result = {**header(bench, "overhead"), "engine": "reference", "lookahead_tokens": 1,
+              "torch_threads": 1 if threads else None, "batches": rows,
+              "target_ratio_min": 0.95}
+    print(table("overhead: reference engine through the driver vs in-process (greedy, lookahead 1)",
+                ["batch", "steps", "driver tok/s", "in-proc tok/s", "ratio", "ratio p50", "driver ms", "in-proc ms",
+                 "driver cost us"],
+                [[r["batch"], r["steps"], r["driver_tokens_per_s"], r["in_process_tokens_per_s"], r["ratio"],
+                  r["ratio_p50"], r["driver_step_ms"], r["in_process_step_ms"], r["driver_cost_us"]] for r in rows]))
+    write_result(bench, "overhead", result)
+    return result
+
+
+def _config(bench: Bench, directory: Path, model: Path) -> Path:
+    return write_config(bench, directory, model, lookahead_tokens=1)

@@ -1,0 +1,90 @@
+"""The benchmark workloads (issue 7): the quick set runs on CPU and writes sound JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from pie_driver_trtllm.bench import WORKLOADS, run_benchmarks
+from pie_driver_trtllm.benchmarks import codec
+from pie_driver_trtllm.protocol import ForwardItem, decode_frame
+
+# Documented keys (pie_driver_trtllm/bench.py) that must hold positive finite numbers, as dotted paths.
+NUMBERS: dict[str, list[str]] = {
+    "transport": ["driver.p50_us", "driver.p99_us", "raw_zmq.p50_us", "raw_zmq.p99_us", "p50_ratio", "p99_ratio",
+                  "frame_bytes", "thread.p50_ratio", "without_engine_wrappers.p50_ratio"],
+    "lookahead": ["lookahead_16.engine_calls_per_token", "lookahead_16.tokens_per_s", "lookahead_16.step_ms",
+                  "lookahead_1.engine_calls_per_token", "lookahead_1.tokens_per_s", "lookahead_1.step_ms",
+                  "engine_calls_reduction", "tokens_per_s_ratio"],
+    "history": ["short.history_tokens", "short.step_ms", "short.step_p50_ms", "long.history_tokens",
+                "long.step_ms", "long.step_p50_ms", "ratio", "p50_ratio"],
+    "codec": ["requests", "tokens", "frame_bytes", "mean_ms", "p50_ms", "p99_ms", "decode_mean_ms",
+              "encode_reply_mean_ms", "host_encode_mean_ms"],
+}
+OVERHEAD_ROW = ["driver_tokens_per_s", "in_process_tokens_per_s", "ratio", "driver_step_ms", "in_process_step_ms"]
+
+
+def dig(data: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        data = data[key]
+    return data
+
+
+def positive_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_quick_set_writes_every_documented_number(tmp_path: Path) -> None:
+    results = run_benchmarks(list(WORKLOADS), size="tiny", device="cpu", dtype="float32", out_dir=tmp_path,
+                             quick=True)
+    for name in WORKLOADS:
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data == json.loads(json.dumps(results[name]))
+        assert data["workload"] == name and data["device"] == "cpu" and data["quick"] is True
+        for path in NUMBERS.get(name, []):
+            assert positive_finite(dig(data, path)), f"{name}: {path} = {dig(data, path)!r}"
+    rows = json.loads((tmp_path / "overhead.json").read_text())["batches"]
+    assert [r["batch"] for r in rows] == [1, 16, 64]
+    for row in rows:
+        for key in OVERHEAD_ROW:
+            assert positive_finite(row[key]), f"overhead batch {row['batch']}: {key} = {row[key]!r}"
+        assert math.isfinite(row["driver_cost_us"])  # a difference: may be negative within noise
+    look = results["lookahead"]
+    assert look["lookahead_1"]["engine_calls_per_token"] == pytest.approx(1 / look["contexts"])  # a call a step
+    assert look["engine_calls_reduction"] == pytest.approx(16.0)  # one call per 16 steps of every context
+    assert results["history"]["long"]["history_tokens"] > results["history"]["short"]["history_tokens"]
+    assert (results["codec"]["requests"], results["codec"]["tokens"]) == (64, 8192)
+
+
+def test_codec_frame_holds_64_requests_and_8192_tokens() -> None:
+    frame = msgpack.packb(codec.build_forward())
+    request = codec.driver_side(frame)[0]
+    items = request.body.items
+    assert len(items) == 64 and all(isinstance(i, ForwardItem) for i in items)  # none refused by the edge checks
+    assert sum(len(i.tokens) for i in items) == 8192
+    assert all(len(i.samplers) == 1 and i.samplers[0].is_greedy for i in items)
+    assert decode_frame(frame, codec.LIMITS).id == request.id
+
+
+def test_plot_overhead_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from pie_driver_trtllm.benchmarks.plot import plot_overhead
+
+    rows = [{"batch": b, "driver_tokens_per_s": 10.0 * b, "in_process_tokens_per_s": 11.0 * b, "ratio": 10 / 11}
+            for b in (1, 16, 64)]
+    source = tmp_path / "overhead.json"
+    source.write_text(json.dumps({"engine": "reference", "size": "tiny", "device": "cpu", "dtype": "float32",
+                                  "batches": rows}))
+    png = plot_overhead(source, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_workload_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown workload"):
+        run_benchmarks(["nope"], out_dir=tmp_path)

@@ -1,0 +1,266 @@
+"""Fuzzing at the protocol edge, through a live driver subprocess on the tiny model.
+
+Hypothesis draws batches of frames: random bytes, msgpack of the wrong shape, every field with values of
+the wrong type, huge arrays, negative and out-of-vocab ids, positions past `max_model_len`, sampler `at`
+out of bounds, NaN/inf temperatures, duplicate contexts in one forward, and interleaved
+fork/truncate/release. Invariants: every frame gets exactly one reply, every code is a documented one,
+no frame reaches the catch-all `ENGINE_ERROR`, the driver stays up, and a control context's greedy tokens
+are the same afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from conftest import write_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pie_driver_trtllm.client import DriverClient, DriverProcess, parse_reply, spawn
+from pie_driver_trtllm.errors import ErrorCode
+
+pytestmark = pytest.mark.slow
+
+VOCAB, MAX_LEN, MAX_TOKENS, MAX_FRAME = 512, 256, 512, 1 << 20
+CONTROL = 7_777_777  # never drawn by the strategies below
+CONTROL_PROMPT = [5, 9, 14, 200, 31, 7]
+BATCHES, FRAMES_PER_BATCH = 160, 64  # 10,240 frames
+CODES = {code.value for code in ErrorCode}
+SAMPLER_TYPES = ["greedy", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p", "dist", "logprobs"]
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def fuzz_driver(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[DriverProcess]:
+    config = write_config(tmp_path_factory.mktemp("fuzz"), tiny_model, max_history_tokens=MAX_LEN,
+                          max_batched_tokens=MAX_TOKENS, max_concurrent_requests=16, max_frame_bytes=MAX_FRAME,
+                          max_logprob_labels=8, lookahead_tokens=4, max_session_histories=4096)
+    socket = config.parent / "f.sock"
+    process = spawn(config, endpoint=f"ipc://{socket}")
+    assert oct(socket.stat().st_mode & 0o777) == "0o600"  # an explicit ipc path is private too
+    yield process
+    process.stop()
+
+
+# ---------------------------------------------------------------- strategies
+
+anything = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6), st.binary(max_size=6), st.lists(st.integers(-3, 600), max_size=4),
+    st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2),
+)
+contexts = st.one_of(st.integers(0, 12), st.sampled_from([2**32, 2**63, 2**64 - 1]))
+token = st.one_of(st.integers(0, VOCAB - 1), st.integers(0, VOCAB - 1), st.sampled_from([VOCAB, 2**32 - 1, -1]))
+temperature = st.one_of(st.floats(0, 3), st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf]), st.none())
+
+
+@st.composite
+def sampler(draw: st.DrawFn, n_tokens: int) -> dict[str, Any]:
+    kind = draw(st.sampled_from([*SAMPLER_TYPES, "beam"]))
+    s: dict[str, Any] = {"at": draw(st.one_of(st.integers(0, max(n_tokens - 1, 0)), st.integers(0, 2**32 - 1))),
+                         "type": kind}
+    t = draw(temperature)
+    if t is not None:
+        s["temperature"] = t
+    if kind in ("top_k", "top_k_top_p") or draw(st.booleans()):
+        s["top_k"] = draw(st.integers(0, 600))
+    if kind in ("top_p", "top_k_top_p"):
+        s["top_p"] = draw(st.floats(-0.5, 1.5))
+    if kind == "min_p":
+        s["min_p"] = draw(st.floats(-0.5, 1.5))
+    if kind == "dist":
+        s["k"] = draw(st.integers(0, VOCAB + 2))
+    if kind == "logprobs":
+        s["token_ids"] = draw(st.lists(st.integers(0, VOCAB + 1), max_size=10))
+    if draw(st.booleans()):
+        s["seed"] = draw(st.integers(0, 2**64 - 1))
+    return s
+
+
+@st.composite
+def forward_entry(draw: st.DrawFn) -> dict[str, Any]:
+    n = draw(st.integers(0, 6))
+    start = draw(st.one_of(st.just(0), st.integers(0, 12), st.sampled_from([MAX_LEN - 2, MAX_LEN, 2**32 - 1])))
+    entry: dict[str, Any] = {"context": draw(contexts), "tokens": draw(st.lists(token, min_size=n, max_size=n)),
+                             "positions": [min(start + i, 2**32 - 1) for i in range(n)]}
+    if draw(st.booleans()):
+        entry["samplers"] = draw(st.lists(sampler(n), max_size=3))
+    return entry
+
+
+def broken(entry: dict[str, Any], draw: st.DrawFn) -> dict[str, Any]:
+    """One field replaced by a value of any type, removed, or an unknown field added."""
+    entry = dict(entry)
+    how = draw(st.sampled_from(["replace", "remove", "add", "sampler"]))
+    key = draw(st.sampled_from(sorted(entry)))
+    if how == "replace":
+        entry[key] = draw(anything)
+    elif how == "remove":
+        entry.pop(key)
+    elif how == "add":
+        entry[draw(st.text(min_size=1, max_size=5))] = draw(anything)
+    elif entry.get("samplers"):
+        s = dict(entry["samplers"][0])
+        s[draw(st.sampled_from([*sorted(s), "extra"]))] = draw(anything)
+        entry["samplers"] = [s]
+    return entry
+
+
+@st.composite
+def frame(draw: st.DrawFn) -> bytes | list[bytes]:
+    """One message: bytes, or (rarely) a multi-part message."""
+    kind = draw(st.sampled_from(["bytes", "shape", "envelope", "forward", "forward", "forward", "broken",
+                                 "huge", "duplicates", "fork", "truncate", "release", "control", "multipart"]))
+    request_id = next(_ids)
+    base = {"v": 1, "id": request_id}
+    if kind == "bytes":
+        return draw(st.binary(max_size=48))
+    if kind == "shape":
+        value = draw(st.one_of(anything, st.lists(anything, max_size=3),
+                               st.dictionaries(st.integers(-2, 2), anything, max_size=2)))
+        return msgpack.packb(value)
+    if kind == "envelope":
+        header = {**base, "op": draw(st.sampled_from(["forward", "fork", "health", "stats", "jump"]))}
+        header[draw(st.sampled_from(["v", "id", "op"]))] = draw(anything)
+        return msgpack.packb(header)
+    if kind == "multipart":
+        return [msgpack.packb({**base, "op": "health"}), b"x"]
+    if kind == "control":
+        return msgpack.packb({**base, "op": draw(st.sampled_from(["handshake", "health", "stats"])), "x": 1})
+    if kind == "fork":
+        fields = {"src": draw(contexts), "dst": draw(contexts)}
+        if draw(st.booleans()):
+            fields["length"] = draw(st.one_of(st.none(), st.integers(0, 20), anything))
+        return msgpack.packb({**base, "op": "fork", **fields})
+    if kind == "truncate":
+        return msgpack.packb({**base, "op": "truncate", "context": draw(contexts),
+                              "length": draw(st.one_of(st.integers(0, 20), anything))})
+    if kind == "release":
+        return msgpack.packb({**base, "op": "release", "contexts": draw(st.lists(contexts, max_size=4))})
+    if kind == "huge":  # sizes from the strategy, contents built here: hypothesis need not draw 100k values
+        n = draw(st.sampled_from([MAX_TOKENS + 1, 20_000, 200_000]))
+        field = draw(st.sampled_from(["tokens", "positions", "requests", "contexts", "token_ids"]))
+        if field == "requests":
+            requests = [{"context": 1, "tokens": [1], "positions": [0]}] * min(n, 2000)
+        else:
+            entry = {"context": 1, "tokens": [1] * n, "positions": list(range(n))}
+            if field == "token_ids":
+                entry = {"context": 1, "tokens": [1], "positions": [0],
+                         "samplers": [{"at": 0, "type": "logprobs", "token_ids": [1] * n}]}
+            requests = [entry]
+        if field == "contexts":
+            return msgpack.packb({**base, "op": "release", "contexts": list(range(n))})
+        return msgpack.packb({**base, "op": "forward", "requests": requests})
+    entries = draw(st.lists(forward_entry(), max_size=4))
+    if kind == "broken" and entries:
+        entries[0] = broken(entries[0], draw)
+    if kind == "duplicates" and entries:
+        entries = entries + [dict(entries[0])]
+    return msgpack.packb({**base, "op": "forward", "requests": entries})
+
+
+# ---------------------------------------------------------------- invariants
+
+def expected_reply_id(message: bytes | list[bytes]) -> int | None:
+    """The reply id the protocol promises: a readable u64 id of a well-formed map, else null."""
+    if isinstance(message, list):
+        return None
+    try:
+        value = msgpack.unpackb(message, strict_map_key=False)
+    except Exception:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        return None
+    request_id = value.get("id")
+    if type(request_id) is int and 0 <= request_id < 2**64 and len(message) <= MAX_FRAME:
+        return request_id
+    return None
+
+
+def check_codes(reply: dict[str, Any], codes: Counter[str]) -> None:
+    if not reply.get("ok"):
+        assert reply["error"]["code"] in CODES, reply
+        codes[reply["error"]["code"]] += 1
+        return
+    for result in reply.get("results", ()):
+        if not result["ok"]:
+            assert result["error"]["code"] in CODES, result
+            codes[result["error"]["code"]] += 1
+
+
+def control_tokens(client: DriverClient) -> list[int]:
+    request = {"context": CONTROL, "tokens": CONTROL_PROMPT, "positions": list(range(len(CONTROL_PROMPT))),
+               "samplers": [{"at": i, "type": "greedy"} for i in range(len(CONTROL_PROMPT))]}
+    result = client.forward([request])[0]
+    assert result["ok"], result
+    return [output["token"] for output in result["outputs"]]
+
+
+def test_fuzzed_frames_each_get_one_documented_reply(fuzz_driver):
+    client = fuzz_driver.client(timeout_s=30)
+    before = control_tokens(client)
+    totals = {"frames": 0}
+    codes: Counter[str] = Counter()
+
+    @settings(max_examples=BATCHES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(frame(), min_size=FRAMES_PER_BATCH, max_size=FRAMES_PER_BATCH))
+    def one_batch(messages: list[bytes | list[bytes]]) -> None:
+        for message in messages:
+            if isinstance(message, list):
+                client.socket.send_multipart(message)
+            else:
+                client.send_raw(message)
+        replies = [client.socket.recv() for _ in messages if client.socket.poll(30_000)]
+        assert len(replies) == len(messages), "a frame got no reply"
+        decoded = [parse_reply(r) for r in replies]
+        assert Counter(r.id for r in decoded) == Counter(expected_reply_id(m) for m in messages)
+        for raw in replies:
+            check_codes(msgpack.unpackb(raw, strict_map_key=False), codes)
+        totals["frames"] += len(messages)
+
+    started = time.monotonic()
+    one_batch()
+    elapsed = time.monotonic() - started
+    assert not client.socket.poll(300), "a frame got a second reply"
+    assert totals["frames"] >= 10_000
+    assert fuzz_driver.process.poll() is None
+    stats = client.call("stats")
+    assert "ENGINE_ERROR" not in stats["errors"], stats["errors"]  # nothing fell through to the catch-all
+    assert client.call("health")["status"] == "ok"
+    assert control_tokens(client) == before
+    assert codes["BAD_FRAME"] and codes["BAD_REQUEST"] and codes["OUT_OF_RANGE"], codes
+    print(f"fuzz: {totals['frames']} frames in {elapsed:.1f} s; codes {dict(codes)}")
+
+
+def test_value_rules_give_their_documented_codes(fuzz_driver):
+    """The targeted shapes of the fuzz list, each with the one code the protocol documents."""
+    client = fuzz_driver.client()
+
+    def code(entry: dict[str, Any]) -> str | None:
+        result = client.forward([entry])[0]
+        return None if result["ok"] else result["error"]["code"]
+
+    def one(tokens: list[int], positions: list[int], **s: Any) -> dict[str, Any]:
+        return {"context": 3000, "tokens": tokens, "positions": positions, "samplers": [{"at": 0, **s}]}
+
+    for bad in (math.nan, math.inf, -math.inf, -0.5):
+        assert code(one([1], [0], type="multinomial", temperature=bad)) == "BAD_REQUEST"
+        assert code(one([1], [0], type="greedy", temperature=bad)) == "BAD_REQUEST"
+    assert code(one([VOCAB], [0], type="greedy")) == "OUT_OF_RANGE"
+    assert code(one([1], [MAX_LEN], type="greedy")) == "OUT_OF_RANGE"
+    assert code({"context": 3000, "tokens": [1], "positions": [0], "samplers": [{"at": 1, "type": "greedy"}]}) \
+        == "OUT_OF_RANGE"
+    assert code({"context": 3000, "tokens": [-1], "positions": [0]}) == "BAD_REQUEST"
+    assert code({"context": -1, "tokens": [1], "positions": [0]}) == "BAD_REQUEST"
+    assert code({"context": 3000, "tokens": "abc", "positions": [0]}) == "BAD_REQUEST"
+    assert code(one([1], [0], type="greedy")) is None
