@@ -29,7 +29,8 @@ def slot_bytes(model: Any, max_len: int) -> int:
 def supports(model: Any) -> bool:
     config = model.config
     return (type(model).__name__ in SUPPORTED and not getattr(config, "sliding_window", None)
-            and all(hasattr(layer.self_attn, "q_proj") for layer in model.model.layers))
+            and all(hasattr(layer.self_attn, "q_proj") and hasattr(layer.mlp, "gate_proj")
+                    for layer in model.model.layers))
 
 
 class BatchedLlama:
@@ -54,6 +55,7 @@ class BatchedLlama:
         cos, sin = model.model.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)   # [max_len, head_dim]
         self.columns = torch.arange(self.max_len, device=self.device)
+        self._fused = [_fuse(layer) for layer in model.model.layers]
         self.use_graphs = graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool: Any = None
@@ -122,12 +124,14 @@ class BatchedLlama:
         hidden = self.model.model.embed_tokens(ids)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # [rows, 1, T, D]
         mask = visible[:, None]                                                   # [rows, 1, T, length]
+        linear = torch.nn.functional.linear
         for index, layer in enumerate(self.model.model.layers):
-            attention = layer.self_attn
-            normed = layer.input_layernorm(hidden)
-            q = attention.q_proj(normed).view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(normed).view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(normed).view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            qkv_weight, qkv_bias, gate_up_weight, split = self._fused[index]
+            qkv = linear(_norm(layer.input_layernorm, hidden), qkv_weight, qkv_bias)
+            q, k, v = qkv.split(split, dim=-1)
+            q = q.view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             keys = self.k[index][first:first + rows]      # views of the cache rows: written in place
             values = self.v[index][first:first + rows]
@@ -139,12 +143,37 @@ class BatchedLlama:
                 q, keys[:, :, :length], values[:, :, :length], attn_mask=mask, scale=self.scale,
                 enable_gqa=self.heads != self.kv_heads)
             out = out.transpose(1, 2).reshape(rows, steps, -1)
-            hidden = hidden + attention.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.model.norm(hidden)
+            hidden = hidden + layer.self_attn.o_proj(out)
+            gate, up = linear(_norm(layer.post_attention_layernorm, hidden), gate_up_weight).chunk(2, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return _norm(self.model.model.norm, hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
+
+
+def _fuse(layer: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[int]]:
+    """One GEMM for q, k and v and one for gate and up; the original modules then view the fused weights,
+    so nothing is stored twice."""
+    attention, mlp = layer.self_attn, layer.mlp
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    qkv = torch.cat([p.weight.data for p in projections]).contiguous()
+    bias = torch.cat([p.bias.data for p in projections]) if attention.q_proj.bias is not None else None
+    split = [p.weight.shape[0] for p in projections]
+    offset = 0
+    for projection, rows in zip(projections, split, strict=True):
+        projection.weight.data = qkv[offset:offset + rows]
+        offset += rows
+    gate_up = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data]).contiguous()
+    half = mlp.gate_proj.weight.shape[0]
+    mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up[:half], gate_up[half:]
+    return qkv, bias, gate_up, split
+
+
+def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+    # The Llama RMSNorm in float32, as transformers computes it, but as one fused kernel.
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+    return module.weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

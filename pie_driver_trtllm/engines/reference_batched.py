@@ -123,7 +123,10 @@ class BatchedReferenceEngine:
             greedy = torch.argmax(logits, dim=-1).tolist()
             for i, d in enumerate(fresh):
                 row = rows[d.row]
-                results[d.row] = row_result(logits[i], row.sampler, row.seed, greedy[i])
+                if row.sampler.is_greedy:  # the common case needs no per-row tensor work
+                    results[d.row] = RowResult(tokens=[greedy[i]])
+                else:
+                    results[d.row] = row_result(logits[i], row.sampler, row.seed)
         # Lookahead: every greedy row that wants more tokens continues in one batch per token.
         active = [d for d in decodes if rows[d.row].steps > 1 and results[d.row] and results[d.row].tokens]
         while active:

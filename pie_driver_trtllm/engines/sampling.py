@@ -41,8 +41,8 @@ def token_logprobs(logits: torch.Tensor, sampler: Sampler) -> list[float]:
     return logprobs[torch.tensor(sampler.token_ids, device=logits.device)].tolist()
 
 
-def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None, greedy_token: int | None = None) -> Any:
-    """The RowResult for one sampler from its logits row (a precomputed greedy argmax may be passed)."""
+def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> Any:
+    """The RowResult for one sampler from its logits row."""
     from .base import RowResult
 
     if sampler.type == "dist":
@@ -50,6 +50,4 @@ def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None, greedy_
         return RowResult(dist=(ids, probs))
     if sampler.type == "logprobs":
         return RowResult(logprobs=token_logprobs(logits, sampler))
-    if sampler.is_greedy and greedy_token is not None:
-        return RowResult(tokens=[greedy_token])
     return RowResult(tokens=[sample_token(logits, sampler, seed)])
