@@ -7,7 +7,6 @@ fields are known to be well typed and within the model's limits.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -15,12 +14,10 @@ import msgspec
 
 from . import PROTOCOL_VERSION
 from .errors import DriverError, ErrorCode
+from .samplers import ALL_SAMPLERS, TOKEN_SAMPLERS, U32, U64, Sampler, WireSampler, sampler_from_wire, wire_map
 
-U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
-U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack cannot carry integers above 2**64 - 1
+__all__ = ["ALL_SAMPLERS", "TOKEN_SAMPLERS", "Sampler"]  # re-exported: engines read samplers from here
 
-TOKEN_SAMPLERS = ("greedy", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p")
-ALL_SAMPLERS = (*TOKEN_SAMPLERS, "dist", "logprobs")
 CONTROL_OPS = frozenset({"handshake", "health", "stats"})
 STATE_OPS = frozenset({"forward", "fork", "truncate", "release", "shutdown"})
 
@@ -58,23 +55,11 @@ class _Release(_Op):
     contexts: list[U64]
 
 
-class _WireSampler(msgspec.Struct, forbid_unknown_fields=True, frozen=True):  # hashable: see _normalized
-    at: U32
-    type: str
-    temperature: float | None = None
-    top_k: U32 | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    seed: U64 | None = None
-    k: U32 | None = None
-    token_ids: tuple[U32, ...] | None = None
-
-
 class _WireRequest(msgspec.Struct, forbid_unknown_fields=True):
     context: U64
     tokens: list[U32]
     positions: list[U32]
-    samplers: list[_WireSampler] = []
+    samplers: list[WireSampler] = []
 
 
 _OP_TYPES: dict[str, type[_Op]] = {"forward": _Forward, "fork": _Fork, "truncate": _Truncate,
@@ -86,29 +71,6 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 # ---------------------------------------------------------------- validated objects (what inner code sees)
-
-@dataclass(frozen=True, slots=True)
-class Sampler:
-    """One sampler, normalised: absent parameters hold their neutral value."""
-
-    type: str
-    at: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-    k: int = 0
-    token_ids: tuple[int, ...] = ()
-
-    @property
-    def makes_token(self) -> bool:
-        return self.type in TOKEN_SAMPLERS
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.type == "greedy" or (self.makes_token and self.temperature == 0.0)
-
 
 @dataclass(frozen=True, slots=True)
 class ForwardItem:
@@ -181,6 +143,8 @@ def decode_frame(frame: bytes | memoryview, limits: Limits) -> Request:
         return _fast_forward(frame, limits) or _decode(frame, limits)
     except RecursionError:
         raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, "frame is nested too deeply")) from None
+    except UnicodeDecodeError as exc:  # msgspec reports a bad UTF-8 string this way
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, f"frame holds an invalid string: {exc}")) from None
 
 
 def _fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
@@ -191,7 +155,7 @@ def _fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
     """
     try:
         wire = _fast_decoder(limits.vocab_size, limits.max_model_len).decode(frame)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
         return None
     if (wire.op != "forward" or type(wire.v) is not int or wire.v != PROTOCOL_VERSION or not _is_uint(wire.id, 64)
             or len(wire.requests) > limits.max_forward_requests):
@@ -204,7 +168,7 @@ def _fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
             if n_tokens != len(request.positions):
                 return None
             total_tokens += n_tokens
-            samplers = tuple(_sampler(s, n_tokens, limits) for s in request.samplers)
+            samplers = tuple(sampler_from_wire(s, n_tokens, limits) for s in request.samplers)
             items.append(ForwardItem(request.context, request.tokens, request.positions, samplers))
     except DriverError:
         return None
@@ -218,7 +182,7 @@ def _fast_decoder(vocab_size: int, max_model_len: int) -> msgspec.msgpack.Decode
     position = Annotated[int, msgspec.Meta(ge=0, lt=max_model_len)]
     request = msgspec.defstruct("FastRequest", [("context", U64), ("tokens", list[token]),
                                                 ("positions", list[position]),
-                                                ("samplers", list[_WireSampler], [])], forbid_unknown_fields=True)
+                                                ("samplers", list[WireSampler], [])], forbid_unknown_fields=True)
     frame = msgspec.defstruct("FastForward", [("v", Any), ("id", Any), ("op", Any), ("requests", list[request])],
                               forbid_unknown_fields=True)
     return msgspec.msgpack.Decoder(frame)
@@ -278,7 +242,7 @@ def _forward_body(wire: _Forward, limits: Limits, request_id: int) -> Forward:
     for index, raw in enumerate(wire.requests):
         try:
             wire_request = _request_decoder.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
             items.append(DriverError(ErrorCode.BAD_REQUEST, f"requests[{index}]: {exc}"))
             continue
         total_tokens += len(wire_request.tokens)  # counted even when the request is refused below
@@ -306,68 +270,8 @@ def _forward_item(wire: _WireRequest, limits: Limits) -> ForwardItem:
         bad = next(p for p in positions if p >= limits.max_model_len)
         raise DriverError(ErrorCode.OUT_OF_RANGE,
                           f"position {bad} is not below max_model_len {limits.max_model_len}")
-    samplers = tuple(_sampler(s, len(tokens), limits) for s in wire.samplers)
+    samplers = tuple(sampler_from_wire(s, len(tokens), limits) for s in wire.samplers)
     return ForwardItem(wire.context, tokens, positions, samplers)
-
-
-def _sampler(s: _WireSampler, n_tokens: int, limits: Limits) -> Sampler:
-    if s.at >= n_tokens:
-        raise DriverError(ErrorCode.OUT_OF_RANGE, f"sampler at={s.at} is outside the request's {n_tokens} tokens")
-    key = (s, limits)
-    sampler = _SAMPLERS.get(key)
-    if sampler is None:
-        if len(_SAMPLERS) >= 4096:  # a host rarely uses many distinct samplers; bound the memo anyway
-            _SAMPLERS.clear()
-        sampler = _SAMPLERS[key] = _normalized(s, limits)
-    return sampler
-
-
-_SAMPLERS: dict[tuple[_WireSampler, Limits], Sampler] = {}
-
-
-def _normalized(s: _WireSampler, limits: Limits) -> Sampler:
-    if s.type not in ALL_SAMPLERS:
-        raise DriverError(ErrorCode.BAD_REQUEST,
-                          f"sampler type {s.type!r} is unknown; known: {', '.join(ALL_SAMPLERS)}")
-    if s.type not in limits.samplers:
-        raise DriverError(ErrorCode.UNSUPPORTED, f"sampler type {s.type!r} is not served by this engine")
-    temperature = 1.0 if s.temperature is None else s.temperature
-    if not math.isfinite(temperature) or temperature < 0:
-        raise DriverError(ErrorCode.BAD_REQUEST, f"temperature {s.temperature} must be a finite number >= 0")
-    if s.type == "greedy":
-        temperature = 0.0
-    top_k = _need(s, "top_k", s.type in ("top_k", "top_k_top_p"))
-    top_p = _need(s, "top_p", s.type in ("top_p", "top_k_top_p"))
-    min_p = _need(s, "min_p", s.type == "min_p")
-    k = _need(s, "k", s.type == "dist")
-    token_ids = _need(s, "token_ids", s.type == "logprobs")
-    if top_k is not None and top_k < 1:
-        raise DriverError(ErrorCode.BAD_REQUEST, "top_k must be >= 1")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise DriverError(ErrorCode.BAD_REQUEST, f"top_p {top_p} must be in (0, 1]")
-    if min_p is not None and not 0.0 <= min_p <= 1.0:
-        raise DriverError(ErrorCode.BAD_REQUEST, f"min_p {min_p} must be in [0, 1]")
-    if k is not None and not 1 <= k <= limits.vocab_size:
-        raise DriverError(ErrorCode.OUT_OF_RANGE, f"dist k={k} must be in 1..{limits.vocab_size}")
-    if token_ids is not None:
-        if not 1 <= len(token_ids) <= limits.max_logprob_labels:
-            raise DriverError(ErrorCode.OUT_OF_RANGE,
-                              f"logprobs asks for {len(token_ids)} token_ids; allowed 1..{limits.max_logprob_labels}")
-        if max(token_ids) >= limits.vocab_size:
-            raise DriverError(ErrorCode.OUT_OF_RANGE,
-                              f"logprobs token id {max(token_ids)} is not below vocab_size {limits.vocab_size}")
-    if s.type not in TOKEN_SAMPLERS and s.temperature in (None, 0.0):
-        temperature = 1.0  # dist and logprobs report softmax(logits / T) with T = 1 when T is 0 or absent
-    return Sampler(type=s.type, at=s.at, temperature=temperature, top_k=top_k or 0,
-                   top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0, seed=s.seed, k=k or 0,
-                   token_ids=tuple(token_ids or ()))
-
-
-def _need(s: _WireSampler, name: str, required: bool) -> Any:
-    value = getattr(s, name)
-    if required and value is None:
-        raise DriverError(ErrorCode.BAD_REQUEST, f"sampler type {s.type!r} needs '{name}'")
-    return value if required else None
 
 
 # ---------------------------------------------------------------- encoding
@@ -380,23 +284,8 @@ def encode_error(request_id: int | None, error: DriverError) -> bytes:
     return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error.to_wire()})
 
 
-_SAMPLER_PARAMETERS = {"top_k": ("top_k",), "top_p": ("top_p",), "min_p": ("min_p",),
-                       "top_k_top_p": ("top_k", "top_p"), "dist": ("k",), "logprobs": ("token_ids",)}
-
-
 def encode_forward(request_id: int, items: list[ForwardItem]) -> bytes:
     """A forward frame carrying already-validated requests (the router's hop to a replica)."""
-    requests = []
-    for item in items:
-        samplers = []
-        for s in item.samplers:
-            wire: dict[str, Any] = {"at": s.at, "type": s.type, "temperature": s.temperature}
-            for name in _SAMPLER_PARAMETERS.get(s.type, ()):
-                value = getattr(s, name)
-                wire[name] = list(value) if name == "token_ids" else value
-            if s.seed is not None:
-                wire["seed"] = s.seed
-            samplers.append(wire)
-        requests.append({"context": item.context, "tokens": item.tokens, "positions": item.positions,
-                         "samplers": samplers})
+    requests = [{"context": item.context, "tokens": item.tokens, "positions": item.positions,
+                 "samplers": [wire_map(s) for s in item.samplers]} for item in items]
     return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "op": "forward", "requests": requests})

@@ -600,3 +600,17 @@ def test_arbitrary_msgpack_values_only_raise_frame_rejected(obj: Any) -> None:
 @given(frames)
 def test_arbitrary_request_maps_only_raise_frame_rejected(obj: dict[str, Any]) -> None:
     _decode_only_rejects(pack(obj))
+
+
+def test_invalid_utf8_fails_the_frame_or_only_its_request() -> None:
+    """msgspec reports bad UTF-8 as UnicodeDecodeError; it must still become a protocol error."""
+    with pytest.raises(FrameRejected) as rejected:
+        decode_frame(b"\x83\xa1v\x01\xa2id\x03\xa2op\xa2\xff\xfe", SMALL_LIMITS)  # op: invalid UTF-8
+    assert rejected.value.error.code is ErrorCode.BAD_FRAME
+    good = {"context": 1, "tokens": [1], "positions": [0], "samplers": [{"at": 0, "type": "greedy"}]}
+    bad = {"context": 2, "tokens": [1], "positions": [0], "samplers": [{"at": 0, "type": "ÿþ"}]}
+    frame = pack({"v": 1, "id": 9, "op": "forward", "requests": [good, bad]}).replace(
+        "ÿþ".encode(), b"\xff\xfe\xfd\xfc")
+    items = decode_frame(frame, SMALL_LIMITS).body.items
+    assert isinstance(items[0], ForwardItem)
+    assert isinstance(items[1], DriverError) and items[1].code is ErrorCode.BAD_REQUEST

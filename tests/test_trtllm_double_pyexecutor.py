@@ -8,7 +8,6 @@ upstream-driver-contract.md 4.9): stop the worker thread, then call `_schedule`,
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,29 +15,15 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from trtllm_support import double_imported
 
 from pie_driver_trtllm.modelgen import make_model
-
-DOUBLE_DIR = Path(__file__).resolve().parent / "trtllm_double"
-
-
-def _drop_double_modules() -> None:
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
 def trt() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(DOUBLE_DIR))
-    _drop_double_modules()
-    try:
-        import tensorrt_llm
-
-        assert Path(tensorrt_llm.__file__).is_relative_to(DOUBLE_DIR)
-        yield tensorrt_llm
-    finally:
-        sys.path.remove(str(DOUBLE_DIR))
-        _drop_double_modules()
+    with double_imported() as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import msgpack
@@ -16,6 +19,26 @@ from pie_driver_trtllm.engines.tensorrt_llm import TEST_DOUBLE_ENV, TensorRTLLME
 from pie_driver_trtllm.protocol import Limits, decode_frame
 
 DOUBLE_DIR = Path(__file__).resolve().parent / "trtllm_double"
+
+
+def drop_double_modules() -> None:
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        del sys.modules[name]
+
+
+@contextmanager
+def double_imported() -> Iterator[ModuleType]:
+    """Import the test double as `tensorrt_llm` for a block; afterwards no trace of it is left."""
+    sys.path.insert(0, str(DOUBLE_DIR))
+    drop_double_modules()
+    try:
+        import tensorrt_llm
+
+        assert Path(tensorrt_llm.__file__).is_relative_to(DOUBLE_DIR)
+        yield tensorrt_llm
+    finally:
+        sys.path.remove(str(DOUBLE_DIR))
+        drop_double_modules()
 
 
 def double_env() -> dict[str, str]:
