@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
+import msgspec
 import zmq
+
+_ENCODER = msgspec.msgpack.Encoder()  # msgspec reads and writes the same msgpack, about twice as fast
+_DECODER = msgspec.msgpack.Decoder()
 
 
 @dataclass
@@ -46,7 +49,7 @@ class RequestFailed(RuntimeError):
 
 
 def parse_reply(payload: bytes) -> Reply:
-    data = msgpack.unpackb(payload, strict_map_key=False)
+    data = _DECODER.decode(payload)
     if data.get("ok"):
         result = {k: v for k, v in data.items() if k not in ("v", "id", "ok")}
         return Reply(data.get("id"), True, result)
@@ -59,10 +62,12 @@ class DriverClient:
     """One DEALER connection to a driver. Not thread-safe: use one client per thread."""
 
     def __init__(self, endpoint: str, timeout_s: float = 60.0, *, curve_server_key: bytes | None = None,
-                 curve_keypair: tuple[bytes, bytes] | None = None) -> None:
-        """`curve_server_key` (Z85) turns CURVE on; `curve_keypair` is (public, secret), fresh by default."""
+                 curve_keypair: tuple[bytes, bytes] | None = None, busy_poll_s: float = 0.0) -> None:
+        """`curve_server_key` (Z85) turns CURVE on; `curve_keypair` is (public, secret), fresh by default.
+        `busy_poll_s`: how long `recv` polls without sleeping before it blocks."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.busy_poll_s = busy_poll_s
         self._context = zmq.Context.instance()
         self.socket = self._context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -76,7 +81,7 @@ class DriverClient:
 
     def send(self, op: str, **fields: Any) -> int:
         request_id = next(self._ids)
-        self.send_raw(msgpack.packb({"v": 1, "id": request_id, "op": op, **fields}))
+        self.send_raw(_ENCODER.encode({"v": 1, "id": request_id, "op": op, **fields}))
         return request_id
 
     def send_raw(self, frame: bytes) -> None:
@@ -84,6 +89,10 @@ class DriverClient:
 
     def recv(self, timeout_s: float | None = None) -> Reply:
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        until = time.perf_counter() + self.busy_poll_s  # a latency-sensitive host spins before it sleeps
+        while time.perf_counter() < until:
+            if self.socket.poll(0):
+                return parse_reply(self.socket.recv())
         if not self.socket.poll(int(timeout * 1000)):
             raise TimeoutError(f"no reply from {self.endpoint} within {timeout} s")
         return parse_reply(self.socket.recv())
@@ -113,8 +122,8 @@ class DriverProcess:
     handshake_line: dict[str, Any]
     stderr_path: Path
 
-    def client(self, timeout_s: float = 60.0, **curve: Any) -> DriverClient:
-        return DriverClient(self.endpoint, timeout_s, **curve)
+    def client(self, timeout_s: float = 60.0, **options: Any) -> DriverClient:
+        return DriverClient(self.endpoint, timeout_s, **options)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

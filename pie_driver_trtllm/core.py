@@ -39,6 +39,21 @@ class Counters:
             self.errors[str(code)] += 1
 
 
+@dataclass
+class ForwardPlan:
+    """A forward between planning and its engine call: per request, outputs so far or its failure."""
+
+    outputs: list[list[dict[str, Any] | None]]
+    failures: list[DriverError | None]
+    rows: list[Row] = field(default_factory=list)
+    slots: list[tuple[int, int]] = field(default_factory=list)  # (request, sampler) of each row
+    evicted: list[int] = field(default_factory=list)
+    planned: set[int] = field(default_factory=set)  # contexts with rows already
+
+
+_APPENDED = MergeResult(None, [], {})  # what a plain one-token append merges to (read, never changed)
+
+
 class DriverCore:
     def __init__(self, engine: Engine, *, max_contexts: int, lookahead_tokens: int,
                  random_seed: int | None = None) -> None:
@@ -52,46 +67,62 @@ class DriverCore:
     # ------------------------------------------------------------------ forward
 
     def forward(self, body: Forward) -> dict[str, Any]:
+        """Plan, run and answer a forward on the calling thread."""
+        plan = self.plan_forward(body)
+        return self.finish_forward(plan, self.run_rows(plan.rows) if plan.rows else [])
+
+    def plan_forward(self, body: Forward) -> ForwardPlan:
+        """Merge every request into its history and serve what the lookahead buffer holds; the rest
+        become engine rows. Touches only driver state, never the engine."""
         n = len(body.items)
-        outputs: list[list[dict[str, Any] | None]] = [[] for _ in range(n)]
-        failures: list[DriverError | None] = [None] * n
-        rows: list[Row] = []
-        slots: list[tuple[int, int]] = []
-        evicted: list[int] = []
+        plan = ForwardPlan([[] for _ in range(n)], [None] * n)
         self.counters.requests += n
         for index, item in enumerate(body.items):
             if isinstance(item, DriverError):
-                failures[index] = item
+                plan.failures[index] = item
                 continue
             try:
-                merged = self._merge(item, rows)
+                merged = self._merge(item, plan)
             except DriverError as exc:
-                failures[index] = exc
+                plan.failures[index] = exc
                 continue
-            evicted += merged.evicted
-            outputs[index] = [None] * len(item.samplers)
-            self._plan_samplers(index, item, merged.snapshots, outputs[index], rows, slots)
+            plan.evicted += merged.evicted
+            plan.outputs[index] = [None] * len(item.samplers)
+            self._plan_samplers(index, item, merged.snapshots, plan.outputs[index], plan)
+        return plan
 
-        if rows:
-            self._run_engine(rows, slots, outputs, failures)
-        gone = [c for c in evicted if c not in self.store]
+    def run_rows(self, rows: list[Row]) -> list[RowResult]:
+        """The one engine call of a forward (on the engine thread when served)."""
+        self.counters.engine_calls += 1
+        return self._step_or_fail(rows)
+
+    def fail_rows(self, plan: ForwardPlan, exc: Exception) -> list[RowResult]:
+        """Results for a plan whose engine call was abandoned (its deadline passed)."""
+        self.engine.drop(list({row.context for row in plan.rows}))
+        return [RowResult(error=f"{type(exc).__name__}: {exc}")] * len(plan.rows)
+
+    def finish_forward(self, plan: ForwardPlan, results: list[RowResult]) -> dict[str, Any]:
+        self._apply_results(plan, results)
+        gone = [c for c in plan.evicted if c not in self.store]
         if gone:
             self.engine.drop(gone)
-
-        results = []
-        for index in range(n):
-            failure = failures[index]
+        replies = []
+        for index, failure in enumerate(plan.failures):
             if failure is not None:
                 self.counters.error(failure.code)
-                results.append({"ok": False, "error": failure.to_wire()})
+                replies.append({"ok": False, "error": failure.to_wire()})
             else:
-                self.counters.tokens_out += len(outputs[index])
-                results.append({"ok": True, "outputs": outputs[index]})
-        return {"results": results}
+                self.counters.tokens_out += len(plan.outputs[index])
+                replies.append({"ok": True, "outputs": plan.outputs[index]})
+        return {"results": replies}
 
-    def _merge(self, item: ForwardItem, rows: list[Row]) -> MergeResult:
-        if item.tokens and rows:
-            self._protect_pending_rows(item, rows)
+    def _merge(self, item: ForwardItem, plan: ForwardPlan) -> MergeResult:
+        if item.context in plan.planned:
+            if item.tokens:
+                self._protect_pending_rows(item, plan.rows)
+        elif len(item.tokens) == 1 and self.store.append(item.context, item.tokens[0], item.positions[0]):
+            self.counters.tokens_in += 1
+            return _APPENDED
         snapshot_at = frozenset(s.at for s in item.samplers)
         merged = self.store.merge(item.context, item.tokens, item.positions, snapshot_at)
         self.counters.tokens_in += len(item.tokens)
@@ -114,8 +145,8 @@ class DriverCore:
                 row.steps = 1
 
     def _plan_samplers(self, index: int, item: ForwardItem, snapshots: dict[int, list[int]],
-                       out: list[dict[str, Any] | None],
-                       rows: list[Row], slots: list[tuple[int, int]]) -> None:
+                       out: list[dict[str, Any] | None], plan: ForwardPlan) -> None:
+        rows, slots, planned = plan.rows, plan.slots, plan.planned
         live = self.store.get(item.context) if item.context in self.store else []
         for position, sampler in enumerate(item.samplers):
             tokens = snapshots.get(sampler.at, live)
@@ -137,12 +168,11 @@ class DriverCore:
                 seed = sampler.seed if sampler.seed is not None else self._rng.getrandbits(63)
             rows.append(Row(item.context, tokens, length, sampler, seed, steps))
             slots.append((index, position))
+            planned.add(item.context)
 
-    def _run_engine(self, rows: list[Row], slots: list[tuple[int, int]],
-                    outputs: list[list[dict[str, Any] | None]], failures: list[DriverError | None]) -> None:
-        self.counters.engine_calls += 1
-        results = self._step_or_fail(rows)
-        for (index, position), row, result in zip(slots, rows, results, strict=True):
+    def _apply_results(self, plan: ForwardPlan, results: list[RowResult]) -> None:
+        outputs, failures = plan.outputs, plan.failures
+        for (index, position), row, result in zip(plan.slots, plan.rows, results, strict=True):
             if result.error is not None:
                 failures[index] = DriverError(ErrorCode(result.code), result.error)
             elif result.tokens is not None:

@@ -15,6 +15,7 @@ from . import DRIVER_NAME, PROTOCOL_VERSION, __version__
 from .backend import LocalBackend
 from .config import DriverConfig, load_config
 from .core import DriverCore
+from .endpoint import Endpoint, load_curve, remove_endpoint_files, resolve_endpoint
 from .engine_guard import GuardedEngine
 from .engines import load_engine
 from .engines.base import Engine
@@ -23,7 +24,7 @@ from .engines.tensorrt_llm import ensure_library_path, require_package
 from .errors import StartupError
 from .protocol import Limits
 from .replicas import ReplicaSet
-from .server import DriverServer, Endpoint, load_curve, remove_endpoint_files, resolve_endpoint
+from .server import DriverServer
 
 U32_MAX = 2**32 - 1
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         curve = load_curve(config.options.curve_secret_key_file, config.options.curve_client_keys_file)
         endpoint = resolve_endpoint(args.endpoint, curve=curve is not None)
         backend, handshake, limits, close = _build_backend(config, args.config, endpoint)
-        server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent, curve=curve)
+        server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent, curve=curve,
+                              busy_poll_s=config.options.busy_poll_us / 1e6)
     except StartupError as exc:
         if endpoint is not None:
             remove_endpoint_files(endpoint)
@@ -169,11 +171,11 @@ def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -
 
 
 def _wrap_engine(engine: Engine, config: DriverConfig) -> Engine:
-    """Test-only fault injection when its variable is set, then the step deadline."""
+    """Test-only fault injection when its variable is set, then the engine thread and its deadline."""
     faults = os.environ.get(FAULTS_ENV_VAR)
     if faults:
         from .engines.faults import FaultyEngine, parse_faults
 
         engine = FaultyEngine(engine, parse_faults(faults))
     timeout = config.options.engine_step_timeout_s
-    return GuardedEngine(engine, timeout) if timeout > 0 else engine
+    return GuardedEngine(engine, timeout)

@@ -65,6 +65,16 @@ class ContextStore:
         result.evicted = self._evict_over_bound(keep=context)
         return result
 
+    def append(self, context: int, token: int, position: int) -> bool:
+        """The common decode step, one token right at the history's end: appended, True. Anything else
+        (new context, overwrite, gap): False, and nothing changes; `merge` handles it."""
+        history = self._histories.get(context)
+        if history is None or position != len(history):
+            return False
+        history.append(token)
+        self._histories.move_to_end(context)
+        return True
+
     def _merge_run(self, context: int, history: list[int] | None, tokens: list[int], start: int) -> MergeResult:
         if history is None:
             history = self._histories[context] = []

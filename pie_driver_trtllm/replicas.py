@@ -17,12 +17,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
+from .backend import Pending
 from .client import DriverClient, DriverFailed, DriverProcess, parse_reply, spawn
 from .errors import DriverError, ErrorCode, StartupError
 from .protocol import Fork, Forward, ForwardItem, Release, Request, Truncate, encode_forward
 
+
+class _ForwardReply(msgspec.Struct):
+    """A replica's forward reply, its per-request results left encoded: the router only reorders them."""
+
+    id: int | None = None
+    results: list[msgspec.Raw] | None = None
+    error: dict[str, Any] | None = None
+
+
+_FORWARD_REPLY = msgspec.msgpack.Decoder(_ForwardReply)
 MONITOR_INTERVAL_S = 0.1
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STATS_TIMEOUT_S = 0.5
@@ -33,8 +45,8 @@ class Replica:
     index: int
     device: str
     process: DriverProcess | None = None
-    work: DriverClient | None = None       # used by the worker thread only
-    control: DriverClient | None = None    # used by the socket thread only
+    work: DriverClient | None = None       # used by whichever thread runs state ops (one at a time)
+    control: DriverClient | None = None    # used under the socket lock only
     alive: bool = False
     restarting: bool = False
     restarts: int = 0
@@ -154,6 +166,10 @@ class ReplicaSet:
 
     # ------------------------------------------------------------------ Backend
 
+    def begin(self, request: Request) -> Pending:
+        """Every state op waits on replicas: all of it runs outside the socket lock."""
+        return Pending(run=lambda: self.handle(request), finish=lambda reply: reply, expire=lambda: None)
+
     def handle(self, request: Request) -> dict[str, Any]:
         self._close_retired(kind="work")
         body = request.body
@@ -202,8 +218,8 @@ class ReplicaSet:
 
     # ------------------------------------------------------------------ routing
 
-    def _forward(self, items: list[ForwardItem | DriverError]) -> list[dict[str, Any]]:
-        results: list[dict[str, Any] | None] = [None] * len(items)
+    def _forward(self, items: list[ForwardItem | DriverError]) -> list[dict[str, Any] | msgspec.Raw]:
+        results: list[dict[str, Any] | msgspec.Raw | None] = [None] * len(items)
         batches: dict[int, list[int]] = {}
         for index, item in enumerate(items):
             if isinstance(item, DriverError):
@@ -224,27 +240,28 @@ class ReplicaSet:
                 sent[index] = request_id
             except (AttributeError, zmq.ZMQError):
                 self._mark_dead(replica)
-        for index, reply in self._gather(sent).items():
+        for index, frame in self._gather(sent).items():
             positions = batches[index]
+            reply = None if frame is None else _FORWARD_REPLY.decode(frame)
             if reply is None:
                 lost = DriverError(ErrorCode.REPLICA_LOST, f"replica {index} ({self.replicas[index].device}) died; "
                                    "replay the context from position 0")
                 for i in positions:
                     results[i] = _failed(lost)
-            elif "results" not in reply:  # the replica refused the whole forward
+            elif reply.results is None:  # the replica refused the whole forward
                 for i in positions:
-                    results[i] = {"ok": False, "error": reply["error"]}
-            else:
-                for i, result in zip(positions, reply["results"], strict=True):
+                    results[i] = {"ok": False, "error": reply.error}
+            else:  # each result passes through as the replica encoded it
+                for i, result in zip(positions, reply.results, strict=True):
                     results[i] = result
         for index in set(batches) - set(sent):
             for i in batches[index]:
                 results[i] = _failed(DriverError(ErrorCode.REPLICA_LOST, f"replica {index} is not reachable"))
         return results  # type: ignore[return-value]
 
-    def _gather(self, sent: dict[int, int]) -> dict[int, dict[str, Any] | None]:
-        """Wait for every replica's reply; a replica that dies meanwhile yields None."""
-        replies: dict[int, dict[str, Any] | None] = {}
+    def _gather(self, sent: dict[int, int]) -> dict[int, bytes | None]:
+        """Wait for every replica's reply frame; a replica that dies meanwhile yields None."""
+        replies: dict[int, bytes | None] = {}
         while len(replies) < len(sent):
             poller = zmq.Poller()
             waiting = {}
@@ -260,9 +277,9 @@ class ReplicaSet:
                 waiting[replica.work.socket] = index
             for socket, _ in poller.poll(50) if waiting else ():
                 index = waiting[socket]
-                reply = parse_reply(socket.recv())
-                if reply.id == sent[index]:
-                    replies[index] = reply.result if reply.ok else {"error": _error_map(reply)}
+                frame = socket.recv()
+                if _FORWARD_REPLY.decode(frame).id == sent[index]:  # an older reply (timed out) is skipped
+                    replies[index] = frame
         return replies
 
     def _place(self, item: ForwardItem) -> Replica:
@@ -331,13 +348,13 @@ class ReplicaSet:
         if not replica.alive or client is None:
             raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) is down")
         request_id = client.send(op, **{k: v for k, v in fields.items() if v is not None})
-        reply = self._gather({replica.index: request_id}).get(replica.index)
-        if reply is None:
+        frame = self._gather({replica.index: request_id}).get(replica.index)
+        if frame is None:
             raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) died")
-        if "error" in reply and "results" not in reply:
-            error = reply["error"]
-            raise DriverError(ErrorCode(error["code"]), error["message"])
-        return reply
+        reply = parse_reply(frame)
+        if not reply.ok:
+            raise DriverError(ErrorCode(reply.error.code), reply.error.message)  # type: ignore[union-attr]
+        return reply.result
 
 
 def cpu_partition(parts: int) -> list[set[int]]:
@@ -359,10 +376,6 @@ def cpu_partition(parts: int) -> list[set[int]]:
         return [set() for _ in range(parts)]
     per = len(groups) // parts
     return [{cpu for group in groups[i * per:(i + 1) * per] for cpu in group} for i in range(parts)]
-
-
-def _error_map(reply: Any) -> dict[str, Any]:
-    return {"code": reply.error.code, "message": reply.error.message, **reply.error.details}
 
 
 def _failed(error: DriverError) -> dict[str, Any]:

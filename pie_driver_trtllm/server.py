@@ -1,136 +1,79 @@
-"""ZeroMQ transport: one ROUTER socket, control ops answered inline, state ops run on a worker thread.
+"""ZeroMQ transport: one ROUTER socket, owned by whichever thread holds the socket lock.
 
-The socket loop never waits on the engine: `handshake`, `health` and `stats` are answered from this
-thread while a forward runs on the worker. Replies from the worker come back through an inproc pipe
-so that only this thread touches the ROUTER socket.
+The owner decodes, plans, runs and answers each request itself, so a forward crosses no thread on its
+way. Only while it makes an engine call does it let the lock go: if the call takes longer than
+`TAKEOVER_S`, a standby thread takes the socket, answers `handshake`, `health` and `stats`, queues state
+ops (they run in arrival order) and, at the engine's deadline, answers the forward with errors and stays
+the owner; the late call's thread is then abandoned. A finished call takes the socket back through a
+pipe polled next to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
-import shutil
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 import zmq
 
+from .backend import Pending
+from .endpoint import AllowedClients, CurveKeys, Endpoint, remove_endpoint_files
+from .engine_guard import Abandoned
 from .errors import DriverError, ErrorCode, StartupError
 from .protocol import FrameRejected, Limits, Request, decode_frame, encode_error, encode_ok
 
-IPC_PATH_MAX = 107
+TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
 HARD_CAP_FACTOR = 4  # ZeroMQ drops a peer whose message exceeds this many times the frame limit
-_LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 
 class Backend(Protocol):
-    """What the transport serves: the core of one replica (or, later, a router over several)."""
+    """What the transport serves: the core of one replica, or a router over several."""
 
-    def handle(self, request: Request) -> dict[str, Any]: ...
+    def begin(self, request: Request) -> dict[str, Any] | Pending: ...
     def health(self) -> dict[str, Any]: ...
     def stats(self) -> dict[str, Any]: ...
     def count_error(self, code: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class CurveKeys:
-    """The server's CURVE key pair (Z85 bytes) and, optionally, the client public keys it admits."""
+class Wakeup:
+    """A pipe polled next to the socket; any thread may `set` it to interrupt the poll."""
 
-    secret_key: bytes
-    public_key: bytes
-    client_keys: frozenset[bytes] | None = None
+    def __init__(self) -> None:
+        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full of unread wake-ups: the reader will come
+            os.write(self._write_fd, b"!")
 
-def _read_key_file(path: str, what: str) -> str:
-    try:
-        mode = os.stat(path).st_mode
-        text = Path(path).read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StartupError(f"endpoint: cannot read the CURVE {what} {path}: {exc}") from None
-    if what == "secret key file" and mode & 0o077:
-        raise StartupError(f"endpoint: the CURVE secret key file {path} is readable by others "
-                           f"(mode {oct(mode & 0o777)}); chmod 600 it")
-    return text
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 4096):
+                pass
 
-
-def load_curve(secret_key_file: str | None, client_keys_file: str | None) -> CurveKeys | None:
-    """Read the configured CURVE keys; None when CURVE is off."""
-    if secret_key_file is None:
-        return None
-    if not zmq.has("curve"):
-        raise StartupError("endpoint: CURVE keys are configured but this libzmq was built without CURVE")
-    secret = _read_key_file(secret_key_file, "secret key file").strip().encode()
-    try:
-        public = zmq.curve_public(secret)
-    except (zmq.ZMQError, ValueError):
-        raise StartupError(f"endpoint: {secret_key_file} does not hold a 40-character Z85 CURVE secret key "
-                           "(make one with python -c 'import zmq; print(zmq.curve_keypair()[1].decode())')") from None
-    clients = None
-    if client_keys_file is not None:
-        lines = _read_key_file(client_keys_file, "client keys file").split()
-        bad = [key for key in lines if len(key) != 40]
-        if bad or not lines:
-            raise StartupError(f"endpoint: {client_keys_file} must list 40-character Z85 public keys, one per "
-                               f"line; got {bad[0]!r}" if bad else f"endpoint: {client_keys_file} lists no keys")
-        clients = frozenset(key.encode() for key in lines)
-    return CurveKeys(secret, public, clients)
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._write_fd)
 
 
-class _AllowedClients:
-    """ZAP callback: admit a CURVE client only if its public key is listed."""
+class _Run:
+    """An op whose slow part runs on its thread without the socket lock."""
 
-    def __init__(self, keys: frozenset[bytes]) -> None:
-        self.keys = keys
+    __slots__ = ("done", "identity", "pending", "request", "started")
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
-
-
-@dataclass
-class Endpoint:
-    url: str
-    private_dir: str | None = None  # created by us, removed on exit
-    socket_path: str | None = None
-
-
-def resolve_endpoint(url: str | None, curve: bool = False) -> Endpoint:
-    """The default is an ipc socket in a fresh 0700 directory; tcp stays on loopback unless CURVE is on."""
-    if url is None:
-        import tempfile
-
-        private = tempfile.mkdtemp(prefix="pie-trtllm-", dir="/tmp")
-        os.chmod(private, 0o700)
-        path = os.path.join(private, "d.sock")
-        return Endpoint(f"ipc://{path}", private, path)
-    if url.startswith("ipc://"):
-        path = url[len("ipc://"):]
-        if len(path.encode()) > IPC_PATH_MAX:
-            raise StartupError(f"endpoint: ipc path is {len(path.encode())} bytes, over the {IPC_PATH_MAX}-byte "
-                               "limit of Unix sockets; choose a shorter path (e.g. under /tmp)")
-        return Endpoint(url, None, path)
-    if url.startswith("tcp://"):
-        host = urlparse(url).hostname or ""
-        if host not in _LOOPBACK and not curve:
-            raise StartupError(f"endpoint: {url} binds beyond loopback; only 127.0.0.1 / [::1] are allowed "
-                               "unless driver.options.curve_secret_key_file is set")
-        return Endpoint(url)
-    raise StartupError(f"endpoint: {url!r} is not an ipc:// or tcp:// URL")
-
-
-def remove_endpoint_files(endpoint: Endpoint) -> None:
-    if endpoint.socket_path and os.path.exists(endpoint.socket_path):
-        os.unlink(endpoint.socket_path)
-    if endpoint.private_dir:
-        shutil.rmtree(endpoint.private_dir, ignore_errors=True)
+    def __init__(self, identity: bytes, request: Request, pending: Pending) -> None:
+        self.identity, self.request, self.pending = identity, request, pending
+        self.started = time.monotonic()
+        self.done = False
 
 
 class DriverServer:
     def __init__(self, endpoint: Endpoint, limits: Limits, backend: Backend,
-                 handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None) -> None:
+                 handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None,
+                 busy_poll_s: float = 0.0) -> None:
         self.endpoint = endpoint
         self.limits = limits
         self.backend = backend
@@ -139,17 +82,18 @@ class DriverServer:
         self.started = time.monotonic()
         self.stop_requested = threading.Event()
         self.dropped_replies = 0
-        self._queued = 0      # written by the socket thread only
-        self._finished = 0    # written by the worker thread only
-        self._work: queue.Queue[tuple[bytes, Request] | None] = queue.Queue()
+        self.busy_poll_s = busy_poll_s
+        self._spin_until = 0.0  # busy-poll the socket until then: the host's next request is likely near
+        self._lock = threading.Lock()  # its holder owns the ROUTER socket and the driver state
+        self._run: _Run | None = None
+        self._backlog: deque[tuple[bytes, Request]] = deque()  # state ops waiting behind the run
+        self._wakeup = Wakeup()
+        self._closed = threading.Event()
         self._context = zmq.Context.instance()
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes * HARD_CAP_FACTOR)
         self._router.setsockopt(zmq.LINGER, 1000)
-        self._pipe_url = f"inproc://replies-{id(self)}"
-        self._replies = self._context.socket(zmq.PULL)
-        self._replies.bind(self._pipe_url)
         if endpoint.url.startswith("tcp://["):
             self._router.setsockopt(zmq.IPV6, 1)
         self._auth = self._secure(curve) if curve is not None else None
@@ -157,7 +101,7 @@ class DriverServer:
             self._router.bind(endpoint.url)
         except zmq.ZMQError as exc:
             self._router.close(0)
-            self._replies.close(0)
+            self._wakeup.close()
             if self._auth is not None:
                 self._auth.stop()
             remove_endpoint_files(endpoint)
@@ -165,8 +109,9 @@ class DriverServer:
         endpoint.url = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a tcp wildcard port
         if endpoint.socket_path:
             os.chmod(endpoint.socket_path, 0o600)
-        self._worker = threading.Thread(target=self._work_loop, name="driver-worker", daemon=True)
-        self._worker.start()
+        self._poller = zmq.Poller()
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._wakeup.fd, zmq.POLLIN)
 
     def _secure(self, curve: CurveKeys) -> Any:
         """CURVE on the ROUTER: a peer that does not know the server's public key never completes the
@@ -177,28 +122,86 @@ class DriverServer:
 
             auth = ThreadAuthenticator(self._context)
             auth.start()
-            auth.configure_curve_callback("*", _AllowedClients(curve.client_keys))
+            auth.configure_curve_callback("*", AllowedClients(curve.client_keys))
         self._router.curve_secretkey = curve.secret_key
         self._router.curve_publickey = curve.public_key
         self._router.curve_server = True
         return auth
 
-    # ------------------------------------------------------------------ socket thread
+    # ------------------------------------------------------------------ socket ownership
 
     def serve(self) -> None:
-        """Serve until shutdown (op, signal or parent death), then clean up."""
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._replies, zmq.POLLIN)
-        while not self.stop_requested.is_set():
-            events = dict(poller.poll(50))
-            if self._replies in events:
-                self._flush_replies()
+        """Serve until shutdown (op, signal or parent death) and clean up. The socket is served by other
+        threads: the calling (main) thread only waits, so that signals reach it during an engine call."""
+        threading.Thread(target=self._primary, name="driver-socket", daemon=True).start()
+        self._start_standby()
+        while not self._closed.wait(0.1):
+            pass
+
+    def _primary(self) -> None:
+        self._lock.acquire()
+        try:
+            self._serve_socket()
+        except Abandoned:
+            return  # the lock went with the engine call; the standby owns the socket now
+        self._lock.release()
+
+    def _start_standby(self) -> None:
+        threading.Thread(target=self._standby, name="driver-standby", daemon=True).start()
+
+    def _standby(self) -> None:
+        while not self._closed.wait(TAKEOVER_S):
+            run = self._run
+            if run is None or run.done or time.monotonic() - run.started < TAKEOVER_S:
+                continue
+            self._lock.acquire()
+            try:
+                if self._run is run and not run.done:
+                    self._serve_socket()
+            except Abandoned:
+                return
+            self._lock.release()
+
+    def _serve_socket(self) -> None:
+        """With the lock held: serve until shutdown, or until another thread's run is done (that thread
+        takes the socket back)."""
+        while True:
+            run = self._run
+            if run is not None:
+                if run.done:
+                    return
+                if run.pending.deadline is not None and time.monotonic() >= run.pending.deadline:
+                    self._expire(run)
+                    continue
+            elif self._backlog:
+                self._start(*self._backlog.popleft())
+                continue
+            elif self.stop_requested.is_set():
+                self._receive_frames()  # what already arrived is answered SHUTTING_DOWN
+                self._shutdown()
+                return
+            events = self._wait()
+            if self._wakeup.fd in events:
+                self._wakeup.clear()
             if self._router in events:
                 self._receive_frames()
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 self.stop_requested.set()
-        self._shutdown()
+
+    def _wait(self) -> dict[Any, int]:
+        # A reply usually brings the host's next request within tens of microseconds: polling without
+        # blocking until then saves the thread's sleep and wake-up (100-300 us on virtual machines).
+        while time.perf_counter() < self._spin_until:
+            events = self._poller.poll(0)
+            if events:
+                return dict(events)
+        return dict(self._poller.poll(self._poll_timeout_ms()))
+
+    def _poll_timeout_ms(self) -> int:
+        deadline = self._run.pending.deadline if self._run is not None else None
+        if deadline is None:
+            return 50
+        return max(1, min(50, int((deadline - time.monotonic()) * 1000) + 1))
 
     def _receive_frames(self) -> None:
         for _ in range(256):  # bounded, so replies keep flowing under a flood
@@ -235,14 +238,17 @@ class DriverServer:
         elif request.op == "shutdown":
             self._send(identity, encode_ok(request.id, {}))
             self.stop_requested.set()
+        elif self._run is None and not self._backlog:
+            self._start(identity, request)
         else:
-            self._work.put((identity, request))
-            if request.op == "forward":
-                self._queued += 1
+            self._backlog.append((identity, request))
 
     @property
     def inflight(self) -> int:
-        return self._queued - self._finished
+        """Forwards started or waiting."""
+        waiting = sum(request.op == "forward" for _, request in self._backlog)
+        run = self._run
+        return waiting + (run is not None and run.request.op == "forward")
 
     def health(self) -> dict[str, Any]:
         health = self.backend.health()
@@ -256,58 +262,82 @@ class DriverServer:
         self._send(identity, encode_error(request_id, error))
 
     def _send(self, identity: bytes, payload: bytes) -> None:
+        self._spin_until = time.perf_counter() + self.busy_poll_s
         try:
             self._router.send_multipart([identity, payload], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:  # host gone (ROUTER_MANDATORY) or its queue is full: drop, never block
             self.dropped_replies += 1
 
-    def _flush_replies(self) -> None:
-        while True:
-            try:
-                identity, payload = self._replies.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._send(identity.bytes, payload)
+    # ------------------------------------------------------------------ state ops
+
+    def _start(self, identity: bytes, request: Request) -> None:
+        if self.stop_requested.is_set():
+            self._reject(identity, request.id, DriverError(
+                ErrorCode.SHUTTING_DOWN, "the driver is shutting down; not started"))
+        else:
+            self._reply(identity, request, lambda: self.backend.begin(request))
+
+    def _reply(self, identity: bytes, request: Request,
+               step: Callable[[], dict[str, Any] | Pending | None]) -> bool:
+        """Send the reply that `step` gives, running its slow part first if it has one. False when `step`
+        had no reply (an expiry that found the engine call just returned)."""
+        try:
+            outcome = step()
+            if outcome is None:
+                return False
+            if isinstance(outcome, Pending):
+                self._execute(_Run(identity, request, outcome))
+                return True
+            payload = encode_ok(request.id, outcome)
+        except Abandoned:
+            raise
+        except DriverError as exc:
+            self.backend.count_error(exc.code)
+            payload = encode_error(request.id, exc)
+        except Exception as exc:  # a bug or an engine failure: fail this request, keep serving
+            self.backend.count_error(ErrorCode.ENGINE_ERROR)
+            payload = encode_error(request.id, DriverError(ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"))
+        self._send(identity, payload)
+        return True
+
+    def _execute(self, run: _Run) -> None:
+        """Run the slow part without the lock, take the socket back, answer. Abandoned propagates
+        without the lock: the standby answered this op at its deadline and owns the socket."""
+        self._run = run
+        self._lock.release()
+        try:
+            result = run.pending.run()
+            error: Exception | None = None
+        except Abandoned:
+            raise
+        except Exception as exc:
+            result, error = None, exc
+        run.done = True
+        if not self._lock.acquire(blocking=False):
+            self._wakeup.set()  # the standby holds the socket: have it hand the socket back
+            self._lock.acquire()
+        self._run = None
+        if error is not None:
+            self._reply(run.identity, run.request, lambda: _raise(error))
+        else:
+            self._reply(run.identity, run.request, lambda: run.pending.finish(result))
+
+    def _expire(self, run: _Run) -> None:
+        """The run's deadline passed (we are the standby): answer it now and stay the socket's owner."""
+        self._run = None
+        if not self._reply(run.identity, run.request, run.pending.expire):
+            self._run = run  # its call returned just now; its own thread answers
+            return
+        self._start_standby()  # for this thread's own engine calls from now on
 
     def _shutdown(self) -> None:
-        self._work.put(None)
-        while self._worker.is_alive():  # a running forward finishes; queued frames get SHUTTING_DOWN
-            self._worker.join(0.02)
-            self._flush_replies()
-            self._receive_frames()  # frames arriving meanwhile are answered SHUTTING_DOWN too
-        self._flush_replies()
         self._router.close()
-        self._replies.close(0)
+        self._wakeup.close()
         if self._auth is not None:
             self._auth.stop()
         remove_endpoint_files(self.endpoint)
+        self._closed.set()
 
-    # ------------------------------------------------------------------ worker thread
 
-    def _work_loop(self) -> None:
-        push = self._context.socket(zmq.PUSH)
-        push.connect(self._pipe_url)
-        try:
-            while (item := self._work.get()) is not None:
-                identity, request = item
-                if self.stop_requested.is_set():
-                    error = DriverError(ErrorCode.SHUTTING_DOWN, "the driver is shutting down; not started")
-                    self.backend.count_error(error.code)
-                    reply = encode_error(request.id, error)
-                else:
-                    reply = self._run(request)
-                push.send_multipart([identity, reply], copy=False)
-                if request.op == "forward":
-                    self._finished += 1
-        finally:
-            push.close(linger=1000)
-
-    def _run(self, request: Request) -> bytes:
-        try:
-            return encode_ok(request.id, self.backend.handle(request))
-        except DriverError as exc:
-            self.backend.count_error(exc.code)
-            return encode_error(request.id, exc)
-        except Exception as exc:  # a bug or an engine failure: fail this request, keep serving
-            self.backend.count_error(ErrorCode.ENGINE_ERROR)
-            return encode_error(request.id, DriverError(ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"))
+def _raise(error: Exception) -> Any:
+    raise error

@@ -17,7 +17,7 @@ from pie_driver_trtllm.protocol import ForwardItem, decode_frame
 # Documented keys (pie_driver_trtllm/bench.py) that must hold positive finite numbers, as dotted paths.
 NUMBERS: dict[str, list[str]] = {
     "transport": ["driver.p50_us", "driver.p99_us", "raw_zmq.p50_us", "raw_zmq.p99_us", "p50_ratio", "p99_ratio",
-                  "frame_bytes", "thread.p50_ratio", "without_engine_wrappers.p50_ratio"],
+                  "frame_bytes", "thread.p50_ratio"],
     "lookahead": ["lookahead_16.engine_calls_per_token", "lookahead_16.tokens_per_s", "lookahead_16.step_ms",
                   "lookahead_1.engine_calls_per_token", "lookahead_1.tokens_per_s", "lookahead_1.step_ms",
                   "engine_calls_reduction", "tokens_per_s_ratio"],

@@ -73,8 +73,8 @@ def test_batched_and_per_context_paths_agree(engines, ops):
 def test_decode_steps_of_several_contexts_run_as_one_batch(engines, monkeypatch):
     batched, plain = engines()
     calls = []
-    decode = batched.engine.decoder.decode
-    monkeypatch.setattr(batched.engine.decoder, "decode", lambda *a: calls.append(len(a[0])) or decode(*a))
+    run = batched.engine.decoder.run
+    monkeypatch.setattr(batched.engine.decoder, "run", lambda *a: calls.append(len(a[0])) or run(*a))
     histories = {c: [c + 2, c + 3, c + 4] for c in range(3)}
     requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
                 for c, h in histories.items()]
@@ -87,3 +87,26 @@ def test_decode_steps_of_several_contexts_run_as_one_batch(engines, monkeypatch)
             requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
                              "samplers": [{"at": 0, "type": "multinomial", "temperature": 0.0}]})
     assert calls and calls[0] == 3  # the three contexts' decode rows went through one call
+
+
+def test_prefills_of_several_contexts_run_as_one_forward(engines, monkeypatch):
+    batched, plain = engines()
+    calls = []
+    prefill_many = batched.engine.decoder.prefill_many
+    monkeypatch.setattr(batched.engine.decoder, "prefill_many",
+                        lambda *a: calls.append(len(a[0])) or prefill_many(*a))
+    # New contexts with prompts of different lengths, one asking for lookahead (greedy at the end)...
+    first = [{"context": 1, "tokens": [5, 6, 7, 8, 9], "positions": list(range(5)),
+              "samplers": [{"at": 4, "type": "greedy"}]},
+             {"context": 2, "tokens": [11, 12], "positions": [0, 1], "samplers": [{"at": 1, "type": "greedy"}]},
+             {"context": 3, "tokens": [4, 3, 2], "positions": [0, 1, 2],
+              "samplers": [{"at": 2, "type": "dist", "k": 3}]}]
+    got, want = batched.forward(first), plain.forward(first)
+    assert [r["outputs"][0].get("token") for r in got] == [r["outputs"][0].get("token") for r in want]
+    assert got[2]["outputs"][0]["dist"][0] == want[2]["outputs"][0]["dist"][0]
+    # ...then chunks continuing two of them, and one rolled back into the middle of its history.
+    second = [{"context": 1, "tokens": [20, 21, 22], "positions": [5, 6, 7], "samplers": [{"at": 2, "type": "greedy"}]},
+              {"context": 2, "tokens": [30, 31, 32, 33], "positions": [1, 2, 3, 4],
+               "samplers": [{"at": 3, "type": "greedy"}]}]
+    assert batched.forward(second) == plain.forward(second)
+    assert calls == [3, 2]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pie_driver_trtllm.config import parse_config
+from pie_driver_trtllm.engines import batched_llama
 from pie_driver_trtllm.engines.base import Row
 from pie_driver_trtllm.engines.reference import ReferenceEngine
 from pie_driver_trtllm.protocol import Sampler
@@ -13,25 +14,53 @@ from pie_driver_trtllm.protocol import Sampler
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")]
 
+GREEDY = Sampler(type="greedy", at=0, temperature=0.0)
 
+
+def engine(tiny_model, device: str, activation_dtype: str, compiled: bool = True) -> ReferenceEngine:
+    config = parse_config({"model": {"snapshot_dir": str(tiny_model)},
+                           "driver": {"device": [device], "activation_dtype": activation_dtype,
+                                      "options": {"engine": "reference", "reference_compile": compiled}}})
+    return ReferenceEngine.load(config, device)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_on_cuda_matches_cpu_float32(tiny_model, dtype):
-    def engine(device: str, activation_dtype: str) -> ReferenceEngine:
-        config = parse_config({"model": {"snapshot_dir": str(tiny_model)},
-                               "driver": {"device": [device], "activation_dtype": activation_dtype,
-                                          "options": {"engine": "reference"}}})
-        return ReferenceEngine.load(config, device)
-
-    gpu, cpu = engine("cuda:0", dtype), engine("cpu", "float32")
-    greedy = Sampler(type="greedy", at=0, temperature=0.0)
+def test_greedy_on_cuda_matches_cpu_float32(tiny_model, dtype, compiled):
+    gpu, cpu = engine(tiny_model, "cuda:0", dtype, compiled), engine(tiny_model, "cpu", "float32")
     history = [5, 6, 7, 8]
     for _ in range(24):
-        token_gpu = gpu.step([Row(1, history, len(history), greedy)])[0].tokens[0]
-        token_cpu = cpu.step([Row(1, history, len(history), greedy)])[0].tokens[0]
+        token_gpu = gpu.step([Row(1, history, len(history), GREEDY)])[0].tokens[0]
+        token_cpu = cpu.step([Row(1, history, len(history), GREEDY)])[0].tokens[0]
         if dtype == "float32":
             assert token_gpu == token_cpu
         history.append(token_cpu)  # both continue from the same history, so a bf16 flip cannot compound
-    burst = gpu.step([Row(2, history[:4], 4, greedy, steps=16)])[0].tokens
+    burst = gpu.step([Row(2, history[:4], 4, GREEDY, steps=16)])[0].tokens
     if dtype == "float32":
         assert burst == history[4:20]
     assert len(burst) == 16
+    # several contexts in one batch, rows in a scattered order of slots
+    rows = [Row(c, history[:6 + c], 6 + c, GREEDY) for c in (7, 3, 5)]
+    for row in rows:
+        gpu.step([row])
+        cpu.step([row])
+    rows = [Row(r.context, history[:r.length + 1], r.length + 1, GREEDY) for r in rows]
+    got, want = gpu.step(rows), cpu.step(rows)
+    if dtype == "float32":
+        assert [r.tokens for r in got] == [r.tokens for r in want]
+
+
+def test_a_failing_compile_falls_back_to_the_plain_step(tiny_model, capfd):
+    gpu, cpu = engine(tiny_model, "cuda:0", "float32"), engine(tiny_model, "cpu", "float32")
+
+    def broken(*args):
+        raise RuntimeError("compile failed (planted by the test)")
+
+    gpu.decoder._step_fns = (broken, batched_llama._mlp, True)
+    history = [5, 6, 7, 8, 9]
+    gpu.step([Row(1, history[:4], 4, GREEDY)])
+    cpu.step([Row(1, history[:4], 4, GREEDY)])
+    got = gpu.step([Row(1, history, 5, GREEDY)])[0]  # one new token: the decode graph, captured now
+    assert got.error is None and got.tokens == cpu.step([Row(1, history, 5, GREEDY)])[0].tokens
+    assert gpu.decoder._step_fns is gpu.decoder._plain
+    assert "running it uncompiled" in capfd.readouterr().err

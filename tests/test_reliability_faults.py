@@ -141,7 +141,10 @@ def test_host_disconnect_mid_forward_drops_the_reply_without_leaks(faulty):
     while observer.call("health")["status"] != "ok":  # the hang outlives the deadline; wait it out
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    # Many hosts coming and going mid-request leave no file descriptors or threads behind.
+    # Many hosts coming and going mid-request leave no file descriptors or threads behind. (One engine
+    # call first: after a deadline the standby thread owns the socket and runs engine calls, and torch
+    # starts its intra-op threads for a thread on its first call.)
+    greedy_run(observer, 31, PROMPT)
     fds, threads = _fds(pid), _threads(pid)
     for i in range(40):
         client = faulty.client()

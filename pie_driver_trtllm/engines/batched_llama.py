@@ -1,21 +1,37 @@
 """A batched decoder for Llama-family checkpoints over a static, slot-based KV cache.
 
-It reuses the Hugging Face model's own modules (projections, norms, MLP, rotary tables) and replaces
+It reuses the Hugging Face model's own weights (projections, norms, MLP, rotary tables) and replaces
 only the per-sequence cache and the attention, so that one decode step runs every active context in one
-batch and, on CUDA, as one captured graph per batch-size bucket. Each context owns a slot: row `s` of
-every layer's cache. Rows of a bucket that are idle this step write into a reserved scratch column, so
-the captured graph never depends on which contexts happen to be active.
+batch and, on CUDA, as one captured graph per (batch-size bucket, attention window). Each context owns a
+slot: row `s` of every layer's cache. Rows of a bucket that are idle this step write into a reserved
+scratch column, so the captured graph never depends on which contexts happen to be active.
+
+A decode step launches few kernels per layer: q, k and v come from one GEMM and gate and up from
+another, the rotary embedding turns q and k together in place, keys and values go into the cache with
+one scatter, grouped query heads attend as extra query rows of their key head (so the fused attention
+kernels apply, with no repeated keys), and the residual adds ride on the output GEMMs (`addmm_`). The
+greedy token of every row is taken inside the graph, so a greedy step moves only token ids to the host.
+
+On CUDA the per-layer elementwise work (norms, rotary embedding, SiLU) also goes through `torch.compile`
+before a graph is captured, which fuses it into fewer kernels (a second or a few per batch bucket, once per
+process); the option `reference_compile = false` turns that off, and a failure to compile falls back to the plain path
+with a one-line warning. Prefill and CPU runs always take the plain path.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, NamedTuple
 
 import torch
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MIN_WINDOW = 128
+PREFILL_BATCH_TOKENS = 8192  # the most (rows x chunk tokens) one batched prefill runs
+# A decode step of few (row, key head) pairs over a long window: attention as GEMMs (_split_attention).
+SPLIT_ATTENTION_HEADS = 32
+SPLIT_ATTENTION_WINDOW = 1024
 
 
 def slot_bytes(model: Any, max_len: int) -> int:
@@ -33,8 +49,43 @@ def supports(model: Any) -> bool:
                     for layer in model.model.layers))
 
 
+class _Layer(NamedTuple):
+    input_norm: torch.Tensor
+    input_eps: float
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    post_eps: float
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: Any
+
+
+class DecodeOutput:
+    """One decode step's results for its rows; valid until the decoder's next call."""
+
+    __slots__ = ("_logits", "_slots", "_tokens")
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, slots: list[int]) -> None:
+        self._logits, self._tokens, self._slots = logits, tokens, slots
+
+    def tokens(self) -> list[int]:
+        """The greedy (argmax) token of each row: one small device-to-host copy."""
+        values = self._tokens.tolist()
+        return [values[s] for s in self._slots]
+
+    def logits(self) -> torch.Tensor:
+        """Float32 logits [rows, vocab]."""
+        return self._logits[self._slots].float()
+
+
 class BatchedLlama:
-    def __init__(self, model: Any, slots: int, max_len: int, device: str, graphs: bool) -> None:
+    def __init__(self, model: Any, slots: int, max_len: int, device: str, graphs: bool,
+                 compile: bool = True) -> None:
         config = model.config
         self.model = model
         self.slots = slots
@@ -43,22 +94,37 @@ class BatchedLlama:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden_size = config.hidden_size
         self.scale = self.head_dim ** -0.5
         self.device = torch.device(device)
         dtype = next(model.parameters()).dtype
-        shape = (slots, self.kv_heads, self.max_len, self.head_dim)
+        self.dtype = dtype
         layers = len(model.model.layers)
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        # One buffer per layer holds keys and values ([slot, k|v, head, column, dim]), so a step writes
+        # both with one scatter; `k` and `v` are views of it.
+        shape = (slots, 2, self.kv_heads, self.max_len, self.head_dim)
+        self.cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        self.k = [cache[:, 0] for cache in self.cache]
+        self.v = [cache[:, 1] for cache in self.cache]
         positions = torch.arange(self.max_len, device=self.device)[None]
         probe = torch.zeros(1, 1, config.hidden_size, dtype=dtype, device=self.device)
         cos, sin = model.model.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)   # [max_len, head_dim]
+        half = self.head_dim // 2
+        self.cos = cos[0].to(dtype)                                               # [max_len, head_dim]
+        # rotate_half(x) * sin == swap_halves(x) * (sin with its first half negated)
+        self.sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).to(dtype)
         self.columns = torch.arange(self.max_len, device=self.device)
-        self._fused = [_fuse(layer) for layer in model.model.layers]
+        self._mask_values = (torch.zeros((), dtype=dtype, device=self.device),
+                             torch.full((), float("-inf"), dtype=dtype, device=self.device))
+        self._layers_w = [_weights(layer) for layer in model.model.layers]
+        self._final = (model.model.norm.weight, _eps(model.model.norm))
         self.use_graphs = graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None
+        self._plain = (_pre, _mlp, False)
+        self._step_fns = self._plain
+        if compile and self.use_graphs and getattr(config, "hidden_act", "silu") == "silu":
+            self._step_fns = _compiled()
 
     # ------------------------------------------------------------------ public
 
@@ -67,116 +133,238 @@ class BatchedLlama:
         """Run `tokens` at positions start.. for one slot; float32 logits at the `wanted` offsets."""
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(tokens), device=self.device)
-        end = start + len(tokens)
-        visible = (self.columns[None, :end] <= positions[:, None])  # causal over the slot's history
-        hidden = self._layers(ids, positions[None], slot, visible[None], end)
-        return self._logits(hidden[0, wanted])
+        length = self._window(start + len(tokens))
+        visible = (self.columns[None, :length] <= positions[:, None])  # causal over the slot's history
+        hidden = self._layers(ids, positions[None], slot, visible[None], length, self._plain)
+        return self.model.lm_head(hidden[0, wanted]).float()
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each (slot, token, position); float32 logits [len(slots), vocab]."""
+    def prefill_many(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor | None:
+        """Several slots' chunks (chunk i at positions starts[i]..) in one forward over the slot range they
+        span; float32 logits of each chunk's last token. None when that range would waste over half its
+        rows or exceed PREFILL_BATCH_TOKENS (the caller prefills one slot at a time then)."""
+        first = min(slots)
+        rows, steps = max(slots) - first + 1, max(len(chunk) for chunk in chunks)
+        if 2 * len(slots) < rows or rows * steps > PREFILL_BATCH_TOKENS:
+            return None
+        ids = torch.zeros((rows, steps), dtype=torch.long)
+        positions = torch.full((rows, steps), self.scratch, dtype=torch.long)  # padding writes the scratch column
+        for slot, chunk, start in zip(slots, chunks, starts, strict=True):
+            ids[slot - first, :len(chunk)] = torch.tensor(chunk)
+            positions[slot - first, :len(chunk)] = torch.arange(start, start + len(chunk))
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        length = self._window(max(start + len(chunk) for chunk, start in zip(chunks, starts, strict=True)))
+        visible = self.columns[None, None, :length] <= positions[:, :, None]
+        hidden = self._layers(ids, positions, first, visible, length, self._plain)
+        rows_index = torch.tensor([slot - first for slot in slots], device=self.device)
+        last = torch.tensor([len(chunk) - 1 for chunk in chunks], device=self.device)
+        return self.model.lm_head(hidden[rows_index, last]).float()
+
+    @torch.inference_mode()
+    def run(self, slots: list[int], tokens: list[int], positions: list[int]) -> DecodeOutput:
+        """One token for each (slot, token, position); the greedy tokens and the logits of the rows."""
         rows = max(slots) + 1
         bucket = min(next((b for b in BUCKETS if b >= rows), rows), self.slots)
+        length = self._window(max(positions) + 1)
+        if self.use_graphs:
+            graph = self._graphs.get((bucket, length)) or self._graph(bucket, length)
+            graph.feed(slots, tokens, positions)
+            graph.graph.replay()
+            return DecodeOutput(graph.logits, graph.greedy, slots)
         token_buf = torch.zeros(bucket, dtype=torch.long)
         position_buf = torch.full((bucket,), self.scratch, dtype=torch.long)
         token_buf[slots] = torch.tensor(tokens)
         position_buf[slots] = torch.tensor(positions)
-        # Attend over a power-of-two window that covers every active row, not the whole cache.
-        length = min(self.max_len, max(MIN_WINDOW, 1 << (max(positions)).bit_length()))
-        if self.use_graphs:
-            graph, token_in, position_in, logits_out = self._graph(bucket, length)
-            token_in.copy_(token_buf, non_blocking=True)
-            position_in.copy_(position_buf, non_blocking=True)
-            graph.replay()
-            return logits_out[slots]
-        logits = self._decode_rows(token_buf.to(self.device), position_buf.to(self.device), length)
-        return logits[slots]
+        logits, greedy = self._decode_rows(token_buf.to(self.device), position_buf.to(self.device), length)
+        return DecodeOutput(logits, greedy, slots)
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each (slot, token, position); float32 logits [len(slots), vocab]."""
+        return self.run(slots, tokens, positions).logits()
 
     # ------------------------------------------------------------------ internals
 
-    def _decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
-        visible = self.columns[None, :length] <= positions[:, None]   # [bucket, length]
-        hidden = self._layers(tokens[:, None], positions[:, None], 0, visible[:, None], length)
-        return self._logits(hidden[:, 0])
+    def _window(self, end: int) -> int:
+        """The attention window for columns [0, end): a power of two, not the whole cache. Few distinct
+        windows mean few shapes: a decode graph per window, and the fused attention kernels' per-shape
+        set-up (tens of ms for cuDNN's) paid once, not at every prefill length."""
+        return min(self.max_len, max(MIN_WINDOW, 1 << (end - 1).bit_length()))
 
-    def _graph(self, bucket: int, length: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (bucket, length)
-        if key not in self._graphs:
-            token_in = torch.zeros(bucket, dtype=torch.long, device=self.device)
-            position_in = torch.full((bucket,), self.scratch, dtype=torch.long, device=self.device)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up kernels and allocator outside the capture
-                    self._decode_rows(token_in, position_in, length)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits_out = self._decode_rows(token_in, position_in, length)
-            self._pool = graph.pool()  # graphs share one memory pool: only one runs at a time
-            self._graphs[key] = (graph, token_in, position_in, logits_out)
-        return self._graphs[key]
+    def _decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, length: int,
+                     fns: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        visible = self.columns[None, None, :length] <= positions[:, None, None]   # [bucket, 1, length]
+        hidden = self._layers(tokens[:, None], positions[:, None], 0, visible, length, fns or self._plain)
+        logits = self.model.lm_head(hidden[:, 0])
+        return logits, logits.argmax(dim=-1)
+
+    def _graph(self, bucket: int, length: int) -> _Graph:
+        try:
+            return self._capture(bucket, length)
+        except Exception as exc:
+            if self._step_fns is self._plain:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"pie-driver-trtllm: torch.compile of the decode step failed ({type(exc).__name__}: "
+                  f"{first[:200]}); running it uncompiled", file=sys.stderr, flush=True)
+            self._step_fns = self._plain
+            return self._capture(bucket, length)
+
+    def _capture(self, bucket: int, length: int) -> _Graph:
+        inputs = torch.zeros((2, bucket), dtype=torch.long, device=self.device)
+        inputs[1] = self.scratch
+        fns = self._step_fns
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels (and compile) and the allocator outside the capture
+                self._decode_rows(inputs[0], inputs[1], length, fns)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, greedy = self._decode_rows(inputs[0], inputs[1], length, fns)
+        self._pool = graph.pool()  # graphs share one memory pool: only one runs at a time
+        entry = self._graphs[(bucket, length)] = _Graph(graph, inputs, logits, greedy, self.scratch)
+        return entry
 
     def _layers(self, ids: torch.Tensor, positions: torch.Tensor, first: int, visible: torch.Tensor,
-                length: int) -> torch.Tensor:
+                length: int, fns: tuple[Any, Any, bool]) -> torch.Tensor:
         """ids/positions [rows, T] for slots first..first+rows; visible [rows, T, length] (True = may attend)."""
+        pre, mlp, functional = fns
         rows, steps = ids.shape
-        hidden = self.model.model.embed_tokens(ids)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # [rows, 1, T, D]
-        mask = visible[:, None]                                                   # [rows, 1, T, length]
-        linear = torch.nn.functional.linear
-        for index, layer in enumerate(self.model.model.layers):
-            qkv_weight, qkv_bias, gate_up_weight, split = self._fused[index]
-            qkv = linear(_norm(layer.input_layernorm, hidden), qkv_weight, qkv_bias)
-            q, k, v = qkv.split(split, dim=-1)
-            q = q.view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            keys = self.k[index][first:first + rows]      # views of the cache rows: written in place
-            values = self.v[index][first:first + rows]
-            write = positions[:, None, :, None].expand(rows, self.kv_heads, steps, self.head_dim)
-            keys.scatter_(2, write, k)
-            values.scatter_(2, write, v)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        group = heads // kv_heads
+        hidden = self.model.model.embed_tokens(ids).view(rows * steps, self.hidden_size)
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [rows, T, 1, D]
+        # An additive mask, made once for all layers; the query heads of one key head are extra query rows.
+        bias = torch.where(visible, *self._mask_values)[:, None, None]
+        bias = bias.expand(rows, 1, group, steps, length).reshape(rows, 1, group * steps, length)
+        write = positions[:, None, None, :, None].expand(rows, 2, kv_heads, steps, dim)
+        split = steps == 1 and rows * kv_heads <= SPLIT_ATTENTION_HEADS and length >= SPLIT_ATTENTION_WINDOW
+        attention = _split_attention if split else torch.nn.functional.scaled_dot_product_attention
+        for index, weights in enumerate(self._layers_w):
+            qkv = pre(hidden, weights.input_norm, weights.input_eps, weights.qkv, weights.qkv_bias,
+                      cos, sin, rows, steps, heads + kv_heads, dim, functional)     # [rows, T, H+2KV, D]
+            cache = self.cache[index][first:first + rows]      # the rows' cache slots: written in place
+            cache.scatter_(3, write, qkv[:, :, heads:].unflatten(2, (2, kv_heads)).permute(0, 2, 3, 1, 4))
+            q = qkv[:, :, :heads].unflatten(2, (kv_heads, group)).permute(0, 2, 3, 1, 4)
             # Strided views of the cache go straight into the fused attention kernel: no copies.
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, keys[:, :, :length], values[:, :, :length], attn_mask=mask, scale=self.scale,
-                enable_gqa=self.heads != self.kv_heads)
-            out = out.transpose(1, 2).reshape(rows, steps, -1)
-            hidden = hidden + layer.self_attn.o_proj(out)
-            gate, up = linear(_norm(layer.post_attention_layernorm, hidden), gate_up_weight).chunk(2, dim=-1)
-            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        return _norm(self.model.model.norm, hidden)
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+            out = attention(q.reshape(rows, kv_heads, group * steps, dim), cache[:, 0, :, :length],
+                            cache[:, 1, :, :length], attn_mask=bias, scale=self.scale)
+            out = out.unflatten(2, (group, steps)).permute(0, 3, 1, 2, 4).reshape(rows * steps, heads * dim)
+            hidden = _residual(hidden, out, weights.o, weights.o_bias)
+            x = mlp(hidden, weights.post_norm, weights.post_eps, weights.gate_up, weights.gate_up_bias,
+                    None if functional else weights.act)
+            hidden = _residual(hidden, x, weights.down, weights.down_bias)
+        weight, eps = self._final
+        return torch.nn.functional.rms_norm(hidden, (self.hidden_size,), weight, eps).view(rows, steps, -1)
 
 
-def _fuse(layer: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[int]]:
+def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Decode attention with one query row per head (`enable_gqa`): over a long window the grouped form
+    gives each (row, key head) one thread block that walks the whole window, and its GEMM fallback picks
+    a slow small-N kernel (3 ms a step at 8k); this form measured flat with history."""
+    rows, kv_heads, group, dim = q.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(rows, kv_heads * group, 1, dim), k, v, attn_mask=attn_mask[:, :, :1], scale=scale,
+        enable_gqa=True)
+    return out.view(rows, kv_heads, group, dim)
+
+
+class _Graph:
+    """A captured decode step with its device inputs and a pinned host staging buffer."""
+
+    def __init__(self, graph: Any, inputs: torch.Tensor, logits: torch.Tensor, greedy: torch.Tensor,
+                 scratch: int) -> None:
+        self.graph, self.inputs, self.logits, self.greedy = graph, inputs, logits, greedy
+        self.scratch = scratch
+        self.host = torch.empty(inputs.shape, dtype=torch.long, pin_memory=True)
+        self.staged = self.host.numpy()
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+    def feed(self, slots: list[int], tokens: list[int], positions: list[int]) -> None:
+        """Tokens and positions of this step's rows into the graph's inputs, as one host-to-device copy."""
+        self.copied.synchronize()  # the last copy out of the staging buffer has finished
+        staged = self.staged
+        staged[0] = 0
+        staged[1] = self.scratch
+        staged[0, slots] = tokens
+        staged[1, slots] = positions
+        self.inputs.copy_(self.host, non_blocking=True)
+        self.copied.record()
+
+
+def _pre(hidden: torch.Tensor, norm: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
+         qkv_bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, rows: int, steps: int,
+         rotated: int, dim: int, functional: bool) -> torch.Tensor:
+    """Norm, the q/k/v projection and the rotary embedding of q and k: [rows, T, H + 2 KV heads, D]."""
+    x = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), norm, eps)
+    qkv = torch.nn.functional.linear(x, qkv_weight, qkv_bias).view(rows, steps, -1, dim)
+    qk = qkv[:, :, :rotated]
+    swapped = qk.unflatten(-1, (2, dim // 2)).flip(-2).flatten(-2)
+    if functional:  # for torch.compile: one fused kernel writes the whole result
+        return torch.cat((qk * cos + swapped * sin, qkv[:, :, rotated:]), dim=2)
+    torch.addcmul(qk * cos, swapped, sin, out=qk)  # q and k turned together, in place
+    return qkv
+
+
+def _mlp(hidden: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: torch.Tensor,
+         gate_up_bias: torch.Tensor | None, act: Any) -> torch.Tensor:
+    """Norm, the gate/up projection and the gated activation: the input of the down projection."""
+    x = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), norm, eps)
+    gate, up = torch.nn.functional.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) if act is None else act(gate)) * up
+
+
+def _residual(hidden: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden + linear(x): without a bias the add rides on the GEMM, in place (one kernel)."""
+    if bias is not None:
+        return hidden + torch.nn.functional.linear(x, weight, bias)
+    return hidden.addmm_(x, weight.t())
+
+
+_COMPILED: tuple[Any, Any, bool] | None = None
+
+
+def _compiled() -> tuple[Any, Any, bool]:
+    """The per-layer elementwise work through torch.compile (compiled lazily, at a graph's warm-up); the
+    attention, the cache write and the GEMMs that carry the residual adds stay as they are."""
+    global _COMPILED
+    if _COMPILED is None:
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # one entry per batch bucket and dtype
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 64))
+        _COMPILED = (torch.compile(_pre, fullgraph=True, dynamic=False),
+                     torch.compile(_mlp, fullgraph=True, dynamic=False), True)
+    return _COMPILED
+
+
+def _weights(layer: Any) -> _Layer:
     """One GEMM for q, k and v and one for gate and up; the original modules then view the fused weights,
     so nothing is stored twice."""
     attention, mlp = layer.self_attn, layer.mlp
     projections = (attention.q_proj, attention.k_proj, attention.v_proj)
     qkv = torch.cat([p.weight.data for p in projections]).contiguous()
-    bias = torch.cat([p.bias.data for p in projections]) if attention.q_proj.bias is not None else None
-    split = [p.weight.shape[0] for p in projections]
+    qkv_bias = torch.cat([p.bias.data for p in projections]) if attention.q_proj.bias is not None else None
     offset = 0
-    for projection, rows in zip(projections, split, strict=True):
+    for projection in projections:
+        rows = projection.weight.shape[0]
         projection.weight.data = qkv[offset:offset + rows]
         offset += rows
     gate_up = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data]).contiguous()
+    gate_up_bias = torch.cat([mlp.gate_proj.bias.data, mlp.up_proj.bias.data]) \
+        if mlp.gate_proj.bias is not None else None
     half = mlp.gate_proj.weight.shape[0]
     mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up[:half], gate_up[half:]
-    return qkv, bias, gate_up, split
+    o, down = attention.o_proj, mlp.down_proj
+    return _Layer(layer.input_layernorm.weight, _eps(layer.input_layernorm), qkv, qkv_bias,
+                  o.weight, o.bias, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
+                  gate_up, gate_up_bias, down.weight, down.bias, mlp.act_fn)
 
 
-def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
-    # The Llama RMSNorm in float32, as transformers computes it, but as one fused kernel.
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-    return module.weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _eps(module: Any) -> float:
+    return getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)

@@ -73,7 +73,8 @@ class ReferenceEngine:
         if slots:
             from .reference_batched import BatchedReferenceEngine
 
-            return BatchedReferenceEngine(model, device, info, slots, _version())  # type: ignore[return-value]
+            return BatchedReferenceEngine(model, device, info, slots, _version(),
+                                          compile=config.options.reference_compile)  # type: ignore[return-value]
         return cls(model, device, info)
 
     # ------------------------------------------------------------------ the interface

@@ -2,8 +2,9 @@
 
 Used for Llama-family checkpoints (see `batched_llama.supports`). A context owns a cache slot while it
 is resident; the least recently used one gives its slot up when all are taken. Rows that need more
-than one new token (first prefill, rollback, a fork's suffix) are prefilled one context at a time;
-all rows that need exactly one new token run together, and greedy lookahead continues them together.
+than one new token (first prefill, rollback, a fork's suffix) are prefilled together in one forward
+over the slots they span (one at a time when that would waste most of the forward); all rows that
+need exactly one new token run together, and greedy lookahead continues them together.
 """
 
 from __future__ import annotations
@@ -27,10 +28,28 @@ class _Slot:
 
 @dataclass
 class _Decode:
+    """A step's rows that need one new token each: parallel lists, in row order."""
+
+    rows: list[int] = field(default_factory=list)      # index into the step's rows
+    slots: list[_Slot] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)    # the new token, or -1: continues as lookahead only
+    positions: list[int] = field(default_factory=list)
+
+    def add(self, row: int, slot: _Slot, token: int, position: int) -> None:
+        self.rows.append(row)
+        self.slots.append(slot)
+        self.tokens.append(token)
+        self.positions.append(position)
+
+
+@dataclass
+class _Prefill:
+    """A row whose context needs several new tokens: prefilled with the step's other such rows."""
+
     row: int
     slot: _Slot
-    token: int
-    position: int
+    chunk: list[int]
+    start: int
 
 
 class BatchedReferenceEngine:
@@ -38,36 +57,44 @@ class BatchedReferenceEngine:
     execution_mode = "batched"
     samplers = frozenset(ALL_SAMPLERS)
 
-    def __init__(self, model: Any, device: str, info: ModelInfo, slots: int, version: str) -> None:
+    def __init__(self, model: Any, device: str, info: ModelInfo, slots: int, version: str,
+                 compile: bool = True) -> None:
         import torch
 
         self._torch = torch
         self.model = info
         self.version = version
-        self.decoder = BatchedLlama(model, slots, info.max_model_len, device, graphs=True)
+        self.decoder = BatchedLlama(model, slots, info.max_model_len, device, graphs=True, compile=compile)
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._free = list(range(slots))
 
     def step(self, rows: list[Row]) -> list[RowResult]:
         results: list[RowResult | None] = [None] * len(rows)
-        decodes: list[_Decode] = []
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, row in enumerate(rows):
-            groups.setdefault((row.context, id(row.tokens)), []).append(index)
-        for (context, _), indexes in groups.items():
-            try:
-                decodes += self._prepare(context, [rows[i] for i in indexes], indexes, results)
-            except Exception as exc:  # one context's failure must not cost the others
-                self.drop([context])
-                for index in indexes:
-                    results[index] = RowResult(error=f"{type(exc).__name__}: {exc}")
-        if decodes:
+        decodes = _Decode()
+        contexts = len({row.context for row in rows})
+        # Prefills wait for one batched call only while no context of this step can lose its slot to
+        # another, and each context has one group of rows (a context's groups share its slot).
+        prefills: list[_Prefill] | None = [] if contexts <= self.decoder.slots else None
+        if contexts == len(rows):
+            self._prepare_single(rows, decodes, prefills, results)
+        else:
+            groups: dict[tuple[int, int], list[int]] = {}
+            for index, row in enumerate(rows):
+                groups.setdefault((row.context, id(row.tokens)), []).append(index)
+            if len(groups) != contexts:
+                prefills = None
+            for (context, _), indexes in groups.items():
+                try:
+                    self._prepare(context, [rows[i] for i in indexes], indexes, decodes, prefills, results)
+                except Exception as exc:  # one context's failure must not cost the others
+                    self._fail([context], indexes, exc, results)
+        if prefills:
+            self._prefill(rows, prefills, decodes, results)
+        if decodes.rows:
             try:
                 self._decode(rows, decodes, results)
             except Exception as exc:
-                self.drop(list({rows[d.row].context for d in decodes}))
-                for d in decodes:
-                    results[d.row] = RowResult(error=f"{type(exc).__name__}: {exc}")
+                self._fail(list({rows[i].context for i in decodes.rows}), decodes.rows, exc, results)
         return results  # type: ignore[return-value]
 
     def fork(self, src: int, dst: int, length: int) -> None:
@@ -92,8 +119,38 @@ class BatchedReferenceEngine:
 
     # ------------------------------------------------------------------ internals
 
-    def _prepare(self, context: int, rows: list[Row], indexes: list[int],
-                 results: list[RowResult | None]) -> list[_Decode]:
+    def _fail(self, contexts: list[int], indexes: list[int], exc: Exception,
+              results: list[RowResult | None]) -> None:
+        self.drop(contexts)
+        for index in indexes:
+            results[index] = RowResult(error=f"{type(exc).__name__}: {exc}")
+
+    def _prepare_single(self, rows: list[Row], decodes: _Decode, prefills: list[_Prefill] | None,
+                        results: list[RowResult | None]) -> None:
+        """Every row has a context of its own. The common case, a context whose slot holds exactly its
+        history but the last token, joins the batch with a few list operations; others take `_prepare`."""
+        resident = self._slots
+        add_row, add_slot = decodes.rows.append, decodes.slots.append
+        add_token, add_position = decodes.tokens.append, decodes.positions.append
+        for index, row in enumerate(rows):
+            try:
+                slot = resident.get(row.context)
+                end = row.length
+                if slot is not None and len(slot.tokens) == end - 1 and slot.tokens == row.tokens[:end - 1]:
+                    resident.move_to_end(row.context)
+                    token = row.tokens[end - 1]
+                    slot.tokens.append(token)
+                    add_row(index)
+                    add_slot(slot)
+                    add_token(token)
+                    add_position(end - 1)
+                else:
+                    self._prepare(row.context, [row], [index], decodes, prefills, results)
+            except Exception as exc:  # one context's failure must not cost the others
+                self._fail([row.context], [index], exc, results)
+
+    def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
+                 prefills: list[_Prefill] | None, results: list[RowResult | None]) -> None:
         tokens = rows[0].tokens
         end = max(row.length for row in rows)
         first_needed = min(row.length for row in rows) - 1
@@ -102,43 +159,86 @@ class BatchedReferenceEngine:
         del slot.tokens[keep:]
         if len(rows) == 1 and keep == end - 1:  # one new token: joins the step's batch
             slot.tokens.append(tokens[end - 1])
-            return [_Decode(indexes[0], slot, tokens[end - 1], end - 1)]
+            decodes.add(indexes[0], slot, tokens[end - 1], end - 1)
+            return
+        if len(rows) == 1 and prefills is not None:  # several new tokens, one sampler: batched with others
+            prefills.append(_Prefill(indexes[0], slot, tokens[keep:end], keep))
+            return
         wanted = sorted({row.length - 1 - keep for row in rows})
         logits = self.decoder.prefill(slot.index, tokens[keep:end], keep, wanted)
         slot.tokens.extend(tokens[keep:end])
         by_length = {offset + keep + 1: logits[i] for i, offset in enumerate(wanted)}
-        decodes = []
         for index, row in zip(indexes, rows, strict=True):
-            results[index] = row_result(by_length[row.length], row.sampler, row.seed)
-            if row.steps > 1 and row.length == end and results[index].tokens:
-                decodes.append(_Decode(index, slot, -1, end - 1))  # continues as lookahead only
-        return decodes
+            results[index] = result = row_result(by_length[row.length], row.sampler, row.seed)
+            if row.steps > 1 and row.length == end and result.tokens:
+                decodes.add(index, slot, -1, end - 1)  # continues as lookahead only
 
-    def _decode(self, rows: list[Row], decodes: list[_Decode], results: list[RowResult | None]) -> None:
-        torch = self._torch
-        fresh = [d for d in decodes if d.token >= 0]
+    def _prefill(self, rows: list[Row], prefills: list[_Prefill], decodes: _Decode,
+                 results: list[RowResult | None]) -> None:
+        logits = None
+        if len(prefills) > 1:
+            try:
+                logits = self.decoder.prefill_many([p.slot.index for p in prefills], [p.chunk for p in prefills],
+                                                   [p.start for p in prefills])
+            except Exception as exc:
+                self._fail([rows[p.row].context for p in prefills], [p.row for p in prefills], exc, results)
+                return
+        for i, p in enumerate(prefills):
+            row = rows[p.row]
+            try:
+                last = logits[i] if logits is not None else \
+                    self.decoder.prefill(p.slot.index, p.chunk, p.start, [len(p.chunk) - 1])[0]
+            except Exception as exc:  # one context's failure must not cost the others
+                self._fail([row.context], [p.row], exc, results)
+                continue
+            p.slot.tokens.extend(p.chunk)
+            results[p.row] = result = row_result(last, row.sampler, row.seed)
+            if row.steps > 1 and result.tokens:
+                decodes.add(p.row, p.slot, -1, p.start + len(p.chunk) - 1)  # continues as lookahead only
+
+    def _decode(self, rows: list[Row], decodes: _Decode, results: list[RowResult | None]) -> None:
+        fresh = [i for i, token in enumerate(decodes.tokens) if token >= 0]
         if fresh:
-            logits = self.decoder.decode([d.slot.index for d in fresh], [d.token for d in fresh],
-                                         [d.position for d in fresh])
-            greedy = torch.argmax(logits, dim=-1).tolist()
-            for i, d in enumerate(fresh):
-                row = rows[d.row]
+            if len(fresh) == len(decodes.tokens):
+                indexes, slots, tokens, positions = decodes.rows, decodes.slots, decodes.tokens, decodes.positions
+            else:
+                indexes = [decodes.rows[i] for i in fresh]
+                slots = [decodes.slots[i] for i in fresh]
+                tokens = [decodes.tokens[i] for i in fresh]
+                positions = [decodes.positions[i] for i in fresh]
+            out = self.decoder.run([slot.index for slot in slots], tokens, positions)
+            greedy = out.tokens()
+            logits = None
+            for i, index in enumerate(indexes):
+                row = rows[index]
                 if row.sampler.is_greedy:  # the common case needs no per-row tensor work
-                    results[d.row] = RowResult(tokens=[greedy[i]])
+                    results[index] = RowResult(tokens=[greedy[i]])
                 else:
-                    results[d.row] = row_result(logits[i], row.sampler, row.seed)
+                    if logits is None:
+                        logits = out.logits()
+                    results[index] = row_result(logits[i], row.sampler, row.seed)
         # Lookahead: every greedy row that wants more tokens continues in one batch per token.
-        active = [d for d in decodes if rows[d.row].steps > 1 and results[d.row] and results[d.row].tokens]
-        while active:
-            for d in active:
-                d.token = results[d.row].tokens[-1]  # type: ignore[union-attr]
-                d.position += 1
-                d.slot.tokens.append(d.token)
-            logits = self.decoder.decode([d.slot.index for d in active], [d.token for d in active],
-                                         [d.position for d in active])
-            for d, token in zip(active, torch.argmax(logits, dim=-1).tolist(), strict=True):
-                results[d.row].tokens.append(token)  # type: ignore[union-attr]
-            active = [d for d in active if len(results[d.row].tokens) < rows[d.row].steps]  # type: ignore
+        active = [i for i, index in enumerate(decodes.rows)
+                  if rows[index].steps > 1 and results[index] and results[index].tokens]  # type: ignore[union-attr]
+        if not active:
+            return
+        made = [results[decodes.rows[i]].tokens for i in active]  # type: ignore[union-attr]
+        wants = [rows[decodes.rows[i]].steps for i in active]
+        slots = [decodes.slots[i] for i in active]
+        positions = [decodes.positions[i] for i in active]
+        while made:
+            tokens = [tokens_made[-1] for tokens_made in made]  # type: ignore[index]
+            positions = [position + 1 for position in positions]
+            for slot, token in zip(slots, tokens, strict=True):
+                slot.tokens.append(token)
+            greedy = self.decoder.run([slot.index for slot in slots], tokens, positions).tokens()
+            for tokens_made, token in zip(made, greedy, strict=True):
+                tokens_made.append(token)  # type: ignore[union-attr]
+            going = [i for i, (tokens_made, want) in enumerate(zip(made, wants, strict=True))
+                     if len(tokens_made) < want]  # type: ignore[arg-type]
+            if len(going) < len(made):
+                made, wants = [made[i] for i in going], [wants[i] for i in going]
+                slots, positions = [slots[i] for i in going], [positions[i] for i in going]
 
     def _slot(self, context: int, protect: int | None = None) -> _Slot:
         slot = self._slots.get(context)
