@@ -71,6 +71,8 @@ class DriverClient:
         self._context = zmq.Context.instance()
         self.socket = self._context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # A DEALER without a connected peer (a refused CURVE handshake, say) blocks on send: bound it.
+        self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
         if curve_server_key is not None:
             public, secret = curve_keypair or zmq.curve_keypair()
             self.socket.curve_serverkey = curve_server_key
@@ -85,7 +87,11 @@ class DriverClient:
         return request_id
 
     def send_raw(self, frame: bytes) -> None:
-        self.socket.send(frame)
+        try:
+            self.socket.send(frame)
+        except zmq.Again:
+            raise TimeoutError(f"could not send to {self.endpoint} within {self.timeout_s} s: "
+                               "no connected driver") from None
 
     def recv(self, timeout_s: float | None = None) -> Reply:
         timeout = self.timeout_s if timeout_s is None else timeout_s

@@ -238,7 +238,7 @@ class ReplicaSet:
             try:
                 replica.work.send_raw(encode_forward(request_id, [items[i] for i in positions]))  # type: ignore
                 sent[index] = request_id
-            except (AttributeError, zmq.ZMQError):
+            except (AttributeError, TimeoutError, zmq.ZMQError):
                 self._mark_dead(replica)
         for index, frame in self._gather(sent).items():
             positions = batches[index]
