@@ -1,6 +1,6 @@
 """The one-pass forward path of the codec against the general path: same frames accepted, equal objects built.
 
-`protocol._fast_forward` may decline any frame (it returns None and `decode_frame` takes the general path),
+`fast_forward.fast_forward` may decline any frame (it returns None and `decode_frame` takes the general path),
 but whatever it accepts must be exactly what `protocol._decode` builds, and the general path must find no
 fault in it. The common shapes (canonical positions that count up by one, repeated sampler lists) must be
 taken by the fast path, or the codec benchmark silently loses its speed.
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pie_driver_trtllm import protocol
+from pie_driver_trtllm import fast_forward, messages, protocol
 from pie_driver_trtllm.errors import DriverError, ErrorCode
 from pie_driver_trtllm.protocol import Forward, ForwardItem, FrameRejected, Limits, Request, decode_frame
 
@@ -56,7 +56,7 @@ def decoded(frame: bytes, limits: Limits) -> Any:
 
 def check_paths_agree(frame: bytes, limits: Limits) -> Request | None:
     """The fast path's answer (None when it declines), after checking it against the general path."""
-    fast = protocol._fast_forward(frame, limits)
+    fast = fast_forward.fast_forward(frame, limits)
     slow = general(frame, limits)
     if fast is None:
         return None
@@ -91,7 +91,7 @@ GREEDY = [{"at": 0, "type": "greedy"}]
 
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 127, 128, 129, 255, 256, 257, 65535, 65536, 65537, 70000])
 def test_position_table_is_the_canonical_encoding(size: int) -> None:
-    ints, blob, offsets = protocol._position_table(size)
+    ints, blob, offsets = fast_forward._position_table(size)
     assert ints == list(range(size))
     assert len(offsets) == size + 1 and offsets[size] == len(blob)
     cuts = sorted({0, size, *(c for c in (1, 15, 16, 127, 128, 129, 255, 256, 257, 65535, 65536, 65537)
@@ -105,7 +105,7 @@ def test_position_table_is_the_canonical_encoding(size: int) -> None:
 
 
 def test_item_maker_builds_an_equal_frozen_item() -> None:
-    made = protocol._forward_item_unchecked(3, [1], [0], ())
+    made = messages.forward_item_unchecked(3, [1], [0], ())
     assert made == ForwardItem(3, [1], [0], ())
     assert type(made) is ForwardItem
     with pytest.raises(AttributeError):
@@ -130,7 +130,7 @@ def test_canonical_runs_take_the_fast_path(start: int, n: int) -> None:
 def test_benchmark_frame_takes_the_fast_path() -> None:
     from pie_driver_trtllm.benchmarks import codec
     frame = msgpack.packb(codec.build_forward())
-    fast = protocol._fast_forward(frame, codec.LIMITS)
+    fast = fast_forward.fast_forward(frame, codec.LIMITS)
     assert fast is not None
     assert fast == protocol._decode(frame, codec.LIMITS)
 
@@ -183,7 +183,7 @@ def test_non_canonical_encodings_decode_the_same(raw: bytes, expected: list[int]
 ])
 def test_faulty_requests_are_declined(request_map: dict[str, Any]) -> None:
     frame = frame_of(req(9), request_map)
-    assert protocol._fast_forward(frame, LIMITS) is None
+    assert fast_forward.fast_forward(frame, LIMITS) is None
     items = decode_frame(frame, LIMITS).body.items
     assert isinstance(items[0], ForwardItem)
     assert isinstance(items[1], DriverError)
@@ -193,33 +193,33 @@ def test_sampler_memo_is_per_limits() -> None:
     """The same sampler bytes are valid under one Limits and unsupported under another."""
     frame = frame_of(req(1, [1, 2], samplers=[{"at": 1, "type": "multinomial", "temperature": 0.5}]))
     assert check_paths_agree(frame, LIMITS) is not None
-    assert protocol._fast_forward(frame, TINY) is None
+    assert fast_forward.fast_forward(frame, TINY) is None
     item = decode_frame(frame, TINY).body.items[0]
     assert isinstance(item, DriverError) and item.code is ErrorCode.UNSUPPORTED
     # `at` is checked against each request's own length, not remembered with the list
     short = frame_of(req(1, [1], [0], samplers=[{"at": 1, "type": "multinomial", "temperature": 0.5}]))
-    assert protocol._fast_forward(short, LIMITS) is None
+    assert fast_forward.fast_forward(short, LIMITS) is None
     item = decode_frame(short, LIMITS).body.items[0]
     assert isinstance(item, DriverError) and item.code is ErrorCode.OUT_OF_RANGE
 
 
 def test_sampler_memo_is_bounded() -> None:
-    fast = protocol._fast_path(TINY)
-    for seed in range(protocol._MAX_MEMO_SAMPLERS + 10):
+    fast = fast_forward._fast_path(TINY)
+    for seed in range(fast_forward._MAX_MEMO_SAMPLERS + 10):
         frame = frame_of(req(1, [1], [0], samplers=[{"at": 0, "type": "greedy", "seed": seed}]))
-        assert protocol._fast_forward(frame, TINY) is not None
-        assert len(fast.samplers) <= protocol._MAX_MEMO_SAMPLERS
+        assert fast_forward.fast_forward(frame, TINY) is not None
+        assert len(fast.samplers) <= fast_forward._MAX_MEMO_SAMPLERS
 
 
 def test_frame_level_faults_are_declined() -> None:
     good = frame_of(req())
-    assert protocol._fast_forward(good, LIMITS) is not None
+    assert fast_forward.fast_forward(good, LIMITS) is not None
     for frame in (good + b"\x00", good[:-1], msgspec.msgpack.encode({"v": 2, "id": 1, "op": "forward", "requests": []}),
                   msgspec.msgpack.encode({"v": 1, "id": -1, "op": "forward", "requests": []}),
                   msgspec.msgpack.encode({"v": 1, "id": 1, "op": "fork", "requests": []}),
                   frame_of(*[req(c) for c in range(7)]),  # more than max_forward_requests
                   frame_of(*[req(c, [1] * 100, list(range(100))) for c in range(5)])):  # 500 > 400 tokens
-        assert protocol._fast_forward(frame, LIMITS) is None
+        assert fast_forward.fast_forward(frame, LIMITS) is None
 
 
 # ---------------------------------------------------------------- property: the two paths agree
@@ -286,7 +286,7 @@ def test_memoryview_and_bytearray_frames_take_the_fast_path() -> None:
     frame = frame_of(req(1, [1, 2, 3], [10, 11, 12], samplers=GREEDY), req(2, [4], [7]))
     want = protocol._decode(frame, LIMITS)
     for view in (memoryview(frame), bytearray(frame)):
-        assert protocol._fast_forward(view, LIMITS) == want  # type: ignore[arg-type]
+        assert fast_forward.fast_forward(view, LIMITS) == want  # type: ignore[arg-type]
         assert decode_frame(view, LIMITS) == want  # type: ignore[arg-type]
 
 
