@@ -240,9 +240,9 @@ class ReplicaSet:
                 sent[index] = request_id
             except (AttributeError, TimeoutError, zmq.ZMQError):
                 self._mark_dead(replica)
-        for index, frame in self._gather(sent).items():
+        for index, received in self._gather(sent).items():
             positions = batches[index]
-            reply = None if frame is None else _FORWARD_REPLY.decode(frame)
+            reply = None if received is None else received[1]
             if reply is None:
                 lost = DriverError(ErrorCode.REPLICA_LOST, f"replica {index} ({self.replicas[index].device}) died; "
                                    "replay the context from position 0")
@@ -259,9 +259,10 @@ class ReplicaSet:
                 results[i] = _failed(DriverError(ErrorCode.REPLICA_LOST, f"replica {index} is not reachable"))
         return results  # type: ignore[return-value]
 
-    def _gather(self, sent: dict[int, int]) -> dict[int, bytes | None]:
-        """Wait for every replica's reply frame; a replica that dies meanwhile yields None."""
-        replies: dict[int, bytes | None] = {}
+    def _gather(self, sent: dict[int, int]) -> dict[int, tuple[bytes, _ForwardReply] | None]:
+        """Wait for every replica's reply (its frame, decoded as a forward reply); a replica that dies
+        meanwhile yields None."""
+        replies: dict[int, tuple[bytes, _ForwardReply] | None] = {}
         while len(replies) < len(sent):
             poller = zmq.Poller()
             waiting = {}
@@ -278,8 +279,9 @@ class ReplicaSet:
             for socket, _ in poller.poll(50) if waiting else ():
                 index = waiting[socket]
                 frame = socket.recv()
-                if _FORWARD_REPLY.decode(frame).id == sent[index]:  # an older reply (timed out) is skipped
-                    replies[index] = frame
+                reply = _FORWARD_REPLY.decode(frame)
+                if reply.id == sent[index]:  # an older reply (timed out) is skipped
+                    replies[index] = (frame, reply)
         return replies
 
     def _place(self, item: ForwardItem) -> Replica:
@@ -348,10 +350,10 @@ class ReplicaSet:
         if not replica.alive or client is None:
             raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) is down")
         request_id = client.send(op, **{k: v for k, v in fields.items() if v is not None})
-        frame = self._gather({replica.index: request_id}).get(replica.index)
-        if frame is None:
+        received = self._gather({replica.index: request_id}).get(replica.index)
+        if received is None:
             raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) died")
-        reply = parse_reply(frame)
+        reply = parse_reply(received[0])
         if not reply.ok:
             raise DriverError(ErrorCode(reply.error.code), reply.error.message)  # type: ignore[union-attr]
         return reply.result
