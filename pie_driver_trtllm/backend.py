@@ -55,7 +55,7 @@ class LocalBackend:
             return core.finish_forward(plan, [])
         refused = engine.refusal()
         if refused is not None:
-            return core.finish_forward(plan, core.fail_rows(plan, refused))
+            return core.finish_forward(plan, core.fail_rows(plan.rows, refused))
         contexts = {row.context for row in plan.rows}
         return Pending(run=lambda: engine.call(lambda: core.run_rows(plan.rows), contexts),
                        finish=lambda results: core.finish_forward(plan, results),
@@ -65,7 +65,7 @@ class LocalBackend:
         error = self.engine.expire()
         if error is None:
             return None
-        return self.core.finish_forward(plan, self.core.fail_rows(plan, error))
+        return self.core.finish_forward(plan, self.core.fail_rows(plan.rows, error))
 
     def health(self) -> dict[str, Any]:
         replica: dict[str, Any] = {"device": self.device, "alive": True, "contexts": len(self.core.store),

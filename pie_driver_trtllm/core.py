@@ -96,10 +96,11 @@ class DriverCore:
         self.counters.engine_calls += 1
         return self._step_or_fail(rows)
 
-    def fail_rows(self, plan: ForwardPlan, exc: Exception) -> list[RowResult]:
-        """Results for a plan whose engine call was abandoned (its deadline passed)."""
-        self.engine.drop(list({row.context for row in plan.rows}))
-        return [RowResult(error=f"{type(exc).__name__}: {exc}")] * len(plan.rows)
+    def fail_rows(self, rows: list[Row], exc: Exception) -> list[RowResult]:
+        """Every row fails with `exc` (the engine call raised, or was abandoned at its deadline), and its
+        contexts' engine state goes."""
+        self.engine.drop(list({row.context for row in rows}))
+        return [RowResult(error=f"{type(exc).__name__}: {exc}")] * len(rows)
 
     def finish_forward(self, plan: ForwardPlan, results: list[RowResult]) -> dict[str, Any]:
         self._apply_results(plan, results)
@@ -189,8 +190,7 @@ class DriverCore:
         try:
             return self._step(rows)
         except Exception as exc:
-            self.engine.drop(list({row.context for row in rows}))
-            return [RowResult(error=f"{type(exc).__name__}: {exc}")] * len(rows)
+            return self.fail_rows(rows, exc)
 
     def _step(self, rows: list[Row]) -> list[RowResult]:
         try:
