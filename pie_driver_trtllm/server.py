@@ -289,8 +289,6 @@ class DriverServer:
                 self._execute(_Run(identity, request, outcome))
                 return True
             payload = encode_ok(request.id, outcome)
-        except Abandoned:
-            raise
         except DriverError as exc:
             self.backend.count_error(exc.code)
             payload = encode_error(request.id, exc)
@@ -308,9 +306,7 @@ class DriverServer:
         try:
             result = run.pending.run()
             error: Exception | None = None
-        except Abandoned:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # Abandoned is a BaseException: it passes, and leaves the lock alone
             result, error = None, exc
         run.done = True
         if not self._lock.acquire(blocking=False):
