@@ -69,6 +69,10 @@ class DriverOptions:
     reference_compile: bool = opt(True, "Reference engine on CUDA: `torch.compile` the per-layer elementwise "
                                   "work of the captured decode step (about 10% faster; the first step of each "
                                   "batch size compiles for a second or two).", (bool,))
+    reference_overlap: bool = opt(True, "Reference engine on CUDA: when a step repeats the decode step the "
+                                  "previous one predicted (each context fed the token it was given), launch the "
+                                  "next predicted step before replying, so the GPU works while the reply travels; "
+                                  "a step that differs discards it.", (bool,))
     max_concurrent_requests: int = opt(128, "Advertised `max_forward_requests`.", (int,), minimum=1)
     max_batched_tokens: int = opt(8192, "Advertised `max_forward_tokens`, `max_logit_rows`, `max_prob_rows`.",
                                   (int,), minimum=1)

@@ -13,7 +13,7 @@ from pie_driver_trtllm.config import parse_config
 from pie_driver_trtllm.engines.model_facts import read_model_info
 from pie_driver_trtllm.engines.reference import ReferenceEngine
 from pie_driver_trtllm.engines.reference_batched import BatchedReferenceEngine
-from pie_driver_trtllm.protocol import Fork
+from pie_driver_trtllm.protocol import Fork, Release
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,130 @@ def test_prefills_of_several_contexts_run_as_one_forward(engines, monkeypatch):
                "samplers": [{"at": 3, "type": "greedy"}]}]
     assert batched.forward(second) == plain.forward(second)
     assert calls == [3, 2]
+
+
+@pytest.fixture(scope="module")
+def overlap_engines(tiny_model):
+    """A batched engine that runs the predicted next decode step ahead (forced on, on CPU), and the plain
+    per-context engine; lookahead off, so every greedy token is an engine step."""
+    config = parse_config({"model": {"snapshot_dir": str(tiny_model)},
+                           "driver": {"device": ["cpu"], "activation_dtype": "float32",
+                                      "options": {"engine": "reference", "lookahead_tokens": 1}}})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    info = read_model_info(config)
+
+    def make():
+        batched = BatchedReferenceEngine(model, "cpu", info, slots=4, version="test", overlap=True)
+        return CoreHarness(config, batched), CoreHarness(config, ReferenceEngine(model, "cpu", info))
+
+    return make
+
+
+LOOP_MOVES = st.lists(st.lists(st.sampled_from(["follow", "follow", "follow", "other", "rollback", "skip",
+                                                "sample", "release", "fork"]),
+                               min_size=3, max_size=3), min_size=6, max_size=16)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(moves=LOOP_MOVES)
+def test_running_ahead_never_changes_a_result(overlap_engines, moves):
+    """A decode loop of three contexts, perturbed at random: every reply equals the plain engine's, and
+    the steps the loop predicted were served from the step run ahead."""
+    batched, plain = overlap_engines()
+    histories = {c: [c + 3, c + 4, c + 5] for c in range(3)}
+    last = {}
+    requests = [{"context": c, "tokens": list(h), "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
+                for c, h in histories.items()]
+    for step_moves in [["follow"] * 3] * 3 + moves:
+        got, want = batched.forward(requests), plain.forward(requests)
+        assert got == want
+        for request, result in zip(requests, got, strict=True):
+            histories[request["context"]][request["positions"][0]:] = request["tokens"]
+            last[request["context"]] = result["outputs"][0]["token"]
+        requests = []
+        for context, move in zip(list(histories), step_moves, strict=False):
+            history = histories[context]
+            if move == "skip":
+                continue
+            if move == "release":
+                for harness in (batched, plain):
+                    harness.core.release(Release((context,)))
+                del histories[context]
+                context = max(histories, default=0) + 10
+                histories[context] = history = []
+                tokens, start = [context % 50 + 1, 7], 0
+            elif move == "fork":
+                dst = max(histories) + 10
+                for harness in (batched, plain):
+                    harness.core.fork(Fork(context, dst, len(history)))
+                histories[dst] = list(history)
+                tokens, start, context = [last[context]], len(history), dst
+            elif move == "rollback" and len(history) > 3:
+                start = len(history) - 2
+                tokens = [9, last[context]]
+            else:
+                start = len(history)
+                tokens = [last[context] if move in ("follow", "sample") else (last[context] + 1) % 60]
+            sampler = {"at": len(tokens) - 1, "type": "greedy"} if move != "sample" else \
+                {"at": len(tokens) - 1, "type": "multinomial", "temperature": 0.7, "seed": 5}
+            requests.append({"context": context, "tokens": tokens, "positions": list(range(start, start + len(tokens))),
+                             "samplers": [sampler]})
+        if not requests:
+            requests = [{"context": c, "tokens": [last[c]], "positions": [len(h)],
+                         "samplers": [{"at": 0, "type": "greedy"}]} for c, h in histories.items() if c in last]
+    engine = batched.engine
+    assert engine.ahead_hits <= engine.ahead_launches
+    assert engine.ahead_launches >= 1  # the three unperturbed steps at the start launch one at least
+
+
+def test_a_steady_decode_loop_is_served_from_the_step_run_ahead(overlap_engines, monkeypatch):
+    batched, plain = overlap_engines()
+    calls = []
+    run = batched.engine.decoder.run
+    monkeypatch.setattr(batched.engine.decoder, "run", lambda *a: calls.append(list(a[2])) or run(*a))
+    histories = {c: [c + 2, c + 3, c + 4] for c in range(3)}
+    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
+                for c, h in histories.items()]
+    for _ in range(8):
+        got = batched.forward(requests)
+        assert got == plain.forward(requests)
+        requests = []
+        for (c, h), result in zip(histories.items(), got, strict=True):
+            h.append(result["outputs"][0]["token"])
+            requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
+                             "samplers": [{"at": 0, "type": "greedy"}]})
+    engine = batched.engine
+    # Decode steps 1 and 2 run when asked (the second confirms the loop); steps 3..7 were run ahead, each
+    # launched by the step before it, and step 7 launched one more.
+    assert (engine.ahead_hits, engine.ahead_launches) == (5, 6)
+    assert len(calls) == 2 + 6
+    assert calls[-1] == [len(h) - 1 for h in histories.values()]  # the last launch: each context's next position
+    # A host that breaks the loop (another token for context 0) gets the right answer, computed afresh.
+    requests[0]["tokens"] = [(requests[0]["tokens"][0] + 1) % 60]
+    assert batched.forward(requests) == plain.forward(requests)
+    assert engine.ahead_hits == 5
+
+
+def test_a_step_without_decode_rows_still_voids_the_prediction(overlap_engines):
+    """Context 0 is rolled back in a step of its own, then sent the token predicted before the rollback
+    at the predicted position: its cache changed under the prediction, so the result is computed afresh."""
+    batched, plain = overlap_engines()
+    histories = {c: [c + 2, c + 3, c + 4] for c in range(2)}
+    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
+                for c, h in histories.items()]
+    for _ in range(4):
+        got = batched.forward(requests)
+        assert got == plain.forward(requests)
+        requests = []
+        for (c, h), result in zip(histories.items(), got, strict=True):
+            h.append(result["outputs"][0]["token"])
+            requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
+                             "samplers": [{"at": 0, "type": "greedy"}]})
+    launched = batched.engine.ahead_launches
+    assert launched >= 1
+    history = histories[0]
+    rollback = [{"context": 0, "tokens": [9, 9], "positions": [len(history) - 2, len(history) - 1],
+                 "samplers": [{"at": 1, "type": "greedy"}]}]
+    assert batched.forward(rollback) == plain.forward(rollback)
+    assert batched.forward(requests) == plain.forward(requests)  # context 0 sends the old predicted token
+    assert batched.engine.ahead_launches == launched

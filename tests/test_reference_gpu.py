@@ -17,10 +17,12 @@ pytestmark = [pytest.mark.gpu,
 GREEDY = Sampler(type="greedy", at=0, temperature=0.0)
 
 
-def engine(tiny_model, device: str, activation_dtype: str, compiled: bool = True) -> ReferenceEngine:
+def engine(tiny_model, device: str, activation_dtype: str, compiled: bool = True,
+           overlap: bool = True) -> ReferenceEngine:
     config = parse_config({"model": {"snapshot_dir": str(tiny_model)},
                            "driver": {"device": [device], "activation_dtype": activation_dtype,
-                                      "options": {"engine": "reference", "reference_compile": compiled}}})
+                                      "options": {"engine": "reference", "reference_compile": compiled,
+                                                  "reference_overlap": overlap}}})
     return ReferenceEngine.load(config, device)
 
 
@@ -64,3 +66,28 @@ def test_a_failing_compile_falls_back_to_the_plain_step(tiny_model, capfd):
     assert got.error is None and got.tokens == cpu.step([Row(1, history, 5, GREEDY)])[0].tokens
     assert gpu.decoder._step_fns is gpu.decoder._plain
     assert "running it uncompiled" in capfd.readouterr().err
+
+
+def test_running_ahead_on_cuda_gives_the_tokens_of_the_plain_step(tiny_model):
+    ahead, plain = engine(tiny_model, "cuda:0", "float32"), engine(tiny_model, "cuda:0", "float32", overlap=False)
+    histories = {c: [c + 5, c + 6, c + 7] for c in range(4)}
+    for step in range(20):
+        rows = [Row(c, h, len(h), GREEDY) for c, h in histories.items()]
+        if step == 12:  # the host breaks the loop once: context 0 gets another token
+            histories[0][-1] = (histories[0][-1] + 1) % 50
+        got, want = ahead.step(rows), plain.step(rows)
+        assert [r.tokens for r in got] == [r.tokens for r in want]
+        for h, result in zip(histories.values(), got, strict=True):
+            h.append(result.tokens[0])
+    # Step 1 predicts, step 2 confirms and launches; 3-11 are served from launches; 12 discards one;
+    # 13 confirms again; 14-19 are served; the launch after 19 is pending.
+    assert (ahead.ahead_hits, ahead.ahead_launches, plain.ahead_launches) == (15, 17, 0)
+
+
+def test_a_bucket_is_captured_for_every_window_at_its_first_step(tiny_model):
+    gpu = engine(tiny_model, "cuda:0", "float32")
+    gpu.step([Row(1, [5, 6, 7], 3, GREEDY)])
+    gpu.step([Row(1, [5, 6, 7, 8], 4, GREEDY)])
+    # The tiny model holds 2,048 positions: windows of 128 columns and up, doubling, cover them.
+    assert sorted(w for b, w in gpu.decoder._graphs if b == 1) == [128, 256, 512, 1024, 2048]
+    assert {b for b, _ in gpu.decoder._graphs} == {1}

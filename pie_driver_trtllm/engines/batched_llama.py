@@ -82,6 +82,10 @@ class DecodeOutput:
         """Float32 logits [rows, vocab]."""
         return self._logits[self._slots].float()
 
+    def for_slots(self, slots: list[int]) -> DecodeOutput:
+        """The same step's results for these slots, in this order."""
+        return DecodeOutput(self._logits, self._tokens, slots)
+
 
 class BatchedLlama:
     def __init__(self, model: Any, slots: int, max_len: int, device: str, graphs: bool,
@@ -198,8 +202,10 @@ class BatchedLlama:
         return logits, logits.argmax(dim=-1)
 
     def _graph(self, bucket: int, length: int) -> _Graph:
+        """The graph of (bucket, window). A bucket's first step captures it for every window, so that a
+        context growing into the next window later does not stall a step of the whole batch."""
         try:
-            return self._capture(bucket, length)
+            self._capture_windows(bucket)
         except Exception as exc:
             if self._step_fns is self._plain:
                 raise
@@ -207,7 +213,18 @@ class BatchedLlama:
             print(f"pie-driver-trtllm: torch.compile of the decode step failed ({type(exc).__name__}: "
                   f"{first[:200]}); running it uncompiled", file=sys.stderr, flush=True)
             self._step_fns = self._plain
-            return self._capture(bucket, length)
+            self._capture_windows(bucket)
+        return self._graphs[(bucket, length)]
+
+    def _capture_windows(self, bucket: int) -> None:
+        end = MIN_WINDOW
+        while True:
+            window = self._window(end)
+            if (bucket, window) not in self._graphs:
+                self._capture(bucket, window)
+            if window >= self.max_len - 1:
+                return
+            end = window + 1
 
     def _capture(self, bucket: int, length: int) -> _Graph:
         inputs = torch.zeros((2, bucket), dtype=torch.long, device=self.device)

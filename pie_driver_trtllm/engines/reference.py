@@ -74,7 +74,8 @@ class ReferenceEngine:
             from .reference_batched import BatchedReferenceEngine
 
             return BatchedReferenceEngine(model, device, info, slots, _version(),
-                                          compile=config.options.reference_compile)  # type: ignore[return-value]
+                                          compile=config.options.reference_compile,
+                                          overlap=None if config.options.reference_overlap else False)  # type: ignore[return-value]
         return cls(model, device, info)
 
     # ------------------------------------------------------------------ the interface

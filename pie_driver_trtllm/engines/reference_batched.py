@@ -5,6 +5,13 @@ is resident; the least recently used one gives its slot up when all are taken. R
 than one new token (first prefill, rollback, a fork's suffix) are prefilled together in one forward
 over the slots they span (one at a time when that would waste most of the forward); all rows that
 need exactly one new token run together, and greedy lookahead continues them together.
+
+Overlap: in a steady decode loop the host feeds every context the token it was just given, so when a
+step's rows repeat the previous step's prediction, the engine launches the predicted next step before
+returning (on CUDA the GPU runs it while the reply travels and the host prepares its next forward).
+The next step uses that result only if each of its decode rows is exactly a predicted (slot, token,
+position); anything else discards it. A discarded step wrote keys and values only past what the slot is
+known to hold, so nothing reads them.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any
 
 from ..protocol import ALL_SAMPLERS
 from .base import ModelInfo, Row, RowResult, common_prefix
-from .batched_llama import BatchedLlama
+from .batched_llama import BatchedLlama, DecodeOutput
 from .sampling import row_result
 
 
@@ -52,13 +59,21 @@ class _Prefill:
     start: int
 
 
+@dataclass(slots=True)
+class _Ahead:
+    """The decode step predicted to come next: each row fed its own result at the next position."""
+
+    expect: dict[int, tuple[_Slot, int, int]]  # slot index -> (slot, token, position)
+    output: DecodeOutput | None = None         # launched already; None: only predicted
+
+
 class BatchedReferenceEngine:
     kind = "reference"
     execution_mode = "batched"
     samplers = frozenset(ALL_SAMPLERS)
 
     def __init__(self, model: Any, device: str, info: ModelInfo, slots: int, version: str,
-                 compile: bool = True) -> None:
+                 compile: bool = True, overlap: bool | None = None) -> None:
         import torch
 
         self._torch = torch
@@ -67,6 +82,11 @@ class BatchedReferenceEngine:
         self.decoder = BatchedLlama(model, slots, info.max_model_len, device, graphs=True, compile=compile)
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._free = list(range(slots))
+        # Running ahead pays only where the step is asynchronous (CUDA); on CPU it would run inline.
+        self.overlap = self.decoder.use_graphs if overlap is None else overlap
+        self._ahead: _Ahead | None = None
+        self.ahead_hits = 0
+        self.ahead_launches = 0
 
     def step(self, rows: list[Row]) -> list[RowResult]:
         results: list[RowResult | None] = [None] * len(rows)
@@ -113,6 +133,8 @@ class BatchedReferenceEngine:
             slot = self._slots.pop(context, None)
             if slot is not None:
                 heapq.heappush(self._free, slot.index)
+                if self._ahead is not None:
+                    self._ahead.expect.pop(slot.index, None)
 
     def close(self) -> None:
         self.drop(list(self._slots))
@@ -151,6 +173,7 @@ class BatchedReferenceEngine:
 
     def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
                  prefills: list[_Prefill] | None, results: list[RowResult | None]) -> None:
+        self._ahead = None  # this step is not the steady decode loop that was predicted
         tokens = rows[0].tokens
         end = max(row.length for row in rows)
         first_needed = min(row.length for row in rows) - 1
@@ -206,7 +229,9 @@ class BatchedReferenceEngine:
                 slots = [decodes.slots[i] for i in fresh]
                 tokens = [decodes.tokens[i] for i in fresh]
                 positions = [decodes.positions[i] for i in fresh]
-            out = self.decoder.run([slot.index for slot in slots], tokens, positions)
+            ahead = self._take_ahead(slots, tokens, positions)
+            out = ahead.output if ahead is not None and ahead.output is not None else \
+                self.decoder.run([slot.index for slot in slots], tokens, positions)
             greedy = out.tokens()
             logits = None
             for i, index in enumerate(indexes):
@@ -221,6 +246,8 @@ class BatchedReferenceEngine:
         active = [i for i, index in enumerate(decodes.rows)
                   if rows[index].steps > 1 and results[index] and results[index].tokens]  # type: ignore[union-attr]
         if not active:
+            if fresh and len(fresh) == len(decodes.rows):
+                self._predict(slots, positions, [results[i] for i in indexes], launch=ahead is not None)
             return
         made = [results[decodes.rows[i]].tokens for i in active]  # type: ignore[union-attr]
         wants = [rows[decodes.rows[i]].steps for i in active]
@@ -239,6 +266,37 @@ class BatchedReferenceEngine:
             if len(going) < len(made):
                 made, wants = [made[i] for i in going], [wants[i] for i in going]
                 slots, positions = [slots[i] for i in going], [positions[i] for i in going]
+
+    def _take_ahead(self, slots: list[_Slot], tokens: list[int], positions: list[int]) -> _Ahead | None:
+        """The last prediction, if every row of this step is one of its (slot, token, position), else None."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        expect = ahead.expect
+        for slot, token, position in zip(slots, tokens, positions, strict=True):
+            predicted = expect.get(slot.index)
+            if predicted is None or predicted[0] is not slot or predicted[1] != token or predicted[2] != position:
+                return None
+        if ahead.output is not None:
+            self.ahead_hits += 1
+            ahead.output = ahead.output.for_slots([slot.index for slot in slots])
+        return ahead
+
+    def _predict(self, slots: list[_Slot], positions: list[int], results: list[RowResult | None],
+                 launch: bool) -> None:
+        """Record the step that follows if the host feeds each row its result; launch it when this step
+        itself was predicted (the host is in a decode loop)."""
+        last = self.model.max_model_len - 1
+        expect = {slot.index: (slot, result.tokens[0], position + 1)  # type: ignore[union-attr,index]
+                  for slot, position, result in zip(slots, positions, results, strict=True)
+                  if result is not None and result.tokens and position < last}
+        if not expect:
+            return
+        ahead = self._ahead = _Ahead(expect)
+        if launch and self.overlap:
+            indexes, fed = list(expect), list(expect.values())
+            ahead.output = self.decoder.run(indexes, [f[1] for f in fed], [f[2] for f in fed])
+            self.ahead_launches += 1
 
     def _slot(self, context: int, protect: int | None = None) -> _Slot:
         slot = self._slots.get(context)
