@@ -135,16 +135,24 @@ def run_workload(client: DriverClient, limits: Limits, work: Workload) -> dict[s
     step(set(histories), work.prompt_len)
     for index in range(work.warmup):
         step(work.prefilling(index), work.prefill_tokens)
-    tokens_in = client.call("stats")["tokens_in"]
+    before = client.call("stats").result
     started = time.perf_counter()
     prompt_tokens = sum(step(work.prefilling(work.warmup + i), work.prefill_tokens) for i in range(work.steps))
     seconds = time.perf_counter() - started
-    tokens_in = client.call("stats")["tokens_in"] - tokens_in
+    after = client.call("stats").result
+    tokens_in = after["tokens_in"] - before["tokens_in"]
+    # Engine calls per step on each replica (one driver: itself): more than the forwards a step needs
+    # means a share was cut into several sub-forwards.
+    replicas = list(zip(after.get("replicas", [after]), before.get("replicas", [before]), strict=True))
+    calls = [a.get("engine_calls", 0) - b.get("engine_calls", 0) for a, b in replicas]
+    engine_s = [a.get("engine_s", 0.0) - b.get("engine_s", 0.0) for a, b in replicas]
     client.call("release", contexts=list(histories))
     tokens = prompt_tokens + work.contexts * work.steps
     return {"seconds": seconds, "tokens": tokens, "prompt_tokens": prompt_tokens,
             "sampled_tokens": work.contexts * work.steps, "driver_tokens_in": tokens_in,
-            "tokens_per_s": tokens / seconds, "step_ms": seconds / work.steps * 1000}
+            "tokens_per_s": tokens / seconds, "step_ms": seconds / work.steps * 1000,
+            "engine_calls_per_step": [c / work.steps for c in calls],
+            "engine_ms_per_step": [t / work.steps * 1000 for t in engine_s]}
 
 
 def run(config: Path, workloads: list[Workload]) -> dict[str, dict[str, float]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ class Counters:
     tokens_in: int = 0
     tokens_out: int = 0
     engine_calls: int = 0
+    engine_s: float = 0.0  # wall time inside engine calls
     oom_splits: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -94,7 +96,11 @@ class DriverCore:
     def run_rows(self, rows: list[Row]) -> list[RowResult]:
         """The one engine call of a forward (on the engine thread when served)."""
         self.counters.engine_calls += 1
-        return self._step_or_fail(rows)
+        started = time.perf_counter()
+        try:
+            return self._step_or_fail(rows)
+        finally:
+            self.counters.engine_s += time.perf_counter() - started
 
     def fail_rows(self, rows: list[Row], exc: Exception) -> list[RowResult]:
         """Every row fails with `exc` (the engine call raised, or was abandoned at its deadline), and its
@@ -229,5 +235,6 @@ class DriverCore:
     def stats(self) -> dict[str, Any]:
         c = self.counters
         return {"requests": c.requests, "tokens_in": c.tokens_in, "tokens_out": c.tokens_out,
-                "engine_calls": c.engine_calls, "oom_splits": c.oom_splits, "lookahead_hits": self.lookahead.hits,
+                "engine_calls": c.engine_calls, "engine_s": round(c.engine_s, 6), "oom_splits": c.oom_splits,
+                "lookahead_hits": self.lookahead.hits,
                 "contexts": len(self.store), "evictions": self.store.evictions, "errors": dict(c.errors)}

@@ -155,7 +155,7 @@ def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -
         private_dir = endpoint.private_dir or tempfile.mkdtemp(prefix="pie-trtllm-r-", dir="/tmp")
         replicas = ReplicaSet(config_path, config.driver.device, private_dir)
         handshake = replicas.handshake
-        caps, model = handshake["caps"], handshake["model"]
+        caps, model = handshake["caps"], handshake["model"]  # forward caps: N replicas' worth (replica_batches)
         limits = Limits(vocab_size=model["vocab_size"], max_model_len=model["max_model_len"],
                         max_forward_requests=caps["max_forward_requests"],
                         max_forward_tokens=caps["max_forward_tokens"],

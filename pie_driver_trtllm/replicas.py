@@ -1,7 +1,8 @@
 """Data-parallel replicas: one driver subprocess per device behind the one socket the host talks to.
 
 Each replica is this same driver started with `--replica N` on its own device and a private ipc socket;
-the parent routes with context affinity, splits a forward by replica and joins the results in order.
+the parent routes with context affinity, splits a forward by replica (and a replica's share into
+sub-forwards within that replica's caps, see `replica_batches`) and joins the results in order.
 A monitor thread notices a dead replica within a poll interval, fails its contexts with REPLICA_LOST
 and restarts it with backoff while the other replicas keep serving.
 """
@@ -13,6 +14,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +26,18 @@ from .backend import Pending
 from .client import DriverClient, DriverFailed, DriverProcess, parse_reply, spawn
 from .errors import DriverError, ErrorCode, StartupError
 from .protocol import Fork, Forward, ForwardItem, Release, Request, Truncate, encode_forward
+from .replica_batches import (
+    ForwardReply,
+    Piece,
+    SubForward,
+    join_parts,
+    pieces,
+    round_robin,
+    router_caps,
+    sub_forwards,
+    take_replies,
+)
 
-
-class _ForwardReply(msgspec.Struct):
-    """A replica's forward reply, its per-request results left encoded: the router only reorders them."""
-
-    id: int | None = None
-    results: list[msgspec.Raw] | None = None
-    error: dict[str, Any] | None = None
-
-
-_FORWARD_REPLY = msgspec.msgpack.Decoder(_ForwardReply)
 MONITOR_INTERVAL_S = 0.1
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STATS_TIMEOUT_S = 0.5
@@ -82,7 +85,9 @@ class ReplicaSet:
             self.close()
             raise StartupError(f"replica {dead[0].index} on {dead[0].device} did not start; see its error above")
         handshake = self.replicas[0].control.call("handshake").result  # type: ignore[union-attr]
-        handshake["caps"].update(replicas=len(devices), devices=list(devices))
+        caps = handshake["caps"]  # every replica runs the same config, so replica 0's caps are each one's
+        self._replica_caps = (caps["max_forward_requests"], caps["max_forward_tokens"])
+        handshake["caps"] = {**router_caps(caps, len(devices)), "replicas": len(devices), "devices": list(devices)}
         self.handshake = handshake
         self._monitor = threading.Thread(target=self._watch, name="replica-monitor", daemon=True)
         self._monitor.start()
@@ -193,7 +198,7 @@ class ReplicaSet:
 
     def stats(self) -> dict[str, Any]:
         total: dict[str, Any] = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "engine_calls": 0,
-                                 "lookahead_hits": 0, "contexts": 0, "evictions": 0}
+                                 "engine_s": 0.0, "lookahead_hits": 0, "contexts": 0, "evictions": 0}
         self._close_retired(kind="control")
         errors = Counter(self._errors)
         per_replica = []
@@ -219,69 +224,83 @@ class ReplicaSet:
     # ------------------------------------------------------------------ routing
 
     def _forward(self, items: list[ForwardItem | DriverError]) -> list[dict[str, Any] | msgspec.Raw]:
+        """Place every request, send each replica its share in sub-forwards within its caps (all of them
+        before waiting for any), then join the replies in request order."""
         results: list[dict[str, Any] | msgspec.Raw | None] = [None] * len(items)
-        batches: dict[int, list[int]] = {}
+        shares: dict[int, list[Piece]] = {}
         for index, item in enumerate(items):
             if isinstance(item, DriverError):
                 results[index] = _failed(item)
                 continue
             try:
-                replica = self._place(item)
+                share = shares.setdefault(self._place(item).index, [])
             except DriverError as exc:
                 results[index] = _failed(exc)
                 continue
-            batches.setdefault(replica.index, []).append(index)
-        sent = {}
-        for index, positions in batches.items():
-            replica = self.replicas[index]
-            request_id = next(self._ids)
-            try:
-                replica.work.send_raw(encode_forward(request_id, [items[i] for i in positions]))  # type: ignore
-                sent[index] = request_id
-            except (AttributeError, TimeoutError, zmq.ZMQError):
-                self._mark_dead(replica)
-        for index, received in self._gather(sent).items():
-            positions = batches[index]
-            reply = None if received is None else received[1]
-            if reply is None:
-                lost = DriverError(ErrorCode.REPLICA_LOST, f"replica {index} ({self.replicas[index].device}) died; "
-                                   "replay the context from position 0")
-                for i in positions:
-                    results[i] = _failed(lost)
-            elif reply.results is None:  # the replica refused the whole forward
-                for i in positions:
-                    results[i] = {"ok": False, "error": reply.error}
-            else:  # each result passes through as the replica encoded it
-                for i, result in zip(positions, reply.results, strict=True):
-                    results[i] = result
-        for index in set(batches) - set(sent):
-            for i in batches[index]:
-                results[i] = _failed(DriverError(ErrorCode.REPLICA_LOST, f"replica {index} is not reachable"))
+            share += pieces(index, item, self._replica_caps[1])
+        subs = round_robin([[SubForward(replica, cut) for cut in sub_forwards(share, *self._replica_caps)]
+                            for replica, share in shares.items()])
+        for sub in subs:
+            self._send(sub)
+        replies = self._gather([(sub.replica, sub.request_id) for sub in subs if sub.request_id is not None])
+        parts: dict[int, list[tuple[Piece, Any]]] = {}
+        for sub in subs:
+            for piece, result in zip(sub.pieces, self._outcome(sub, replies), strict=True):
+                if piece.samplers is None:
+                    results[piece.request] = result
+                else:
+                    decoded = msgspec.msgpack.decode(result) if isinstance(result, msgspec.Raw) else result
+                    parts.setdefault(piece.request, []).append((piece, decoded))
+        for index, received in parts.items():
+            results[index] = join_parts(items[index], received)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
-    def _gather(self, sent: dict[int, int]) -> dict[int, tuple[bytes, _ForwardReply] | None]:
-        """Wait for every replica's reply (its frame, decoded as a forward reply); a replica that dies
-        meanwhile yields None."""
-        replies: dict[int, tuple[bytes, _ForwardReply] | None] = {}
-        while len(replies) < len(sent):
+    def _send(self, sub: SubForward) -> None:
+        """Queue one sub-forward on its replica's socket; a replica already down leaves it unsent."""
+        replica = self.replicas[sub.replica]
+        request_id = next(self._ids)
+        try:
+            replica.work.send_raw(encode_forward(request_id, [piece.item for piece in sub.pieces]))  # type: ignore
+            sub.request_id = request_id
+        except (AttributeError, TimeoutError, zmq.ZMQError):  # AttributeError: no client, marked dead
+            self._mark_dead(replica)
+
+    def _outcome(self, sub: SubForward, replies: dict[int, tuple[bytes, ForwardReply] | None]
+                 ) -> list[dict[str, Any] | msgspec.Raw]:
+        """The result of each piece of one sub-forward, as its replica encoded it or as a failure."""
+        device = self.replicas[sub.replica].device
+        received = None if sub.request_id is None else replies.get(sub.request_id)
+        if received is None:
+            what = "is not reachable" if sub.request_id is None else "died"
+            lost = _failed(DriverError(ErrorCode.REPLICA_LOST, f"replica {sub.replica} ({device}) {what}; "
+                                       "replay the context from position 0"))
+            return [lost] * len(sub.pieces)
+        if received[1].results is None:  # the replica refused this sub-forward whole
+            return [{"ok": False, "error": received[1].error}] * len(sub.pieces)
+        return list(received[1].results)  # each result passes through as the replica encoded it
+
+    def _gather(self, sent: list[tuple[int, int]]) -> dict[int, tuple[bytes, ForwardReply] | None]:
+        """Wait for the reply to every (replica index, request id) sent, keyed by id (its frame, decoded
+        as a forward reply); each id still waiting on a replica that dies yields None."""
+        waiting: dict[int, set[int]] = {}
+        for index, request_id in sent:
+            waiting.setdefault(index, set()).add(request_id)
+        replies: dict[int, tuple[bytes, ForwardReply] | None] = {}
+        while waiting:
             poller = zmq.Poller()
-            waiting = {}
-            for index in sent:
+            sockets = {}
+            for index in list(waiting):
                 replica = self.replicas[index]
-                if index in replies:
-                    continue
                 if not replica.alive or replica.work is None or replica.process.process.poll() is not None:  # type: ignore
                     self._mark_dead(replica)
-                    replies[index] = None
+                    replies.update(dict.fromkeys(waiting.pop(index)))
                     continue
                 poller.register(replica.work.socket, zmq.POLLIN)
-                waiting[replica.work.socket] = index
-            for socket, _ in poller.poll(50) if waiting else ():
-                index = waiting[socket]
-                frame = socket.recv()
-                reply = _FORWARD_REPLY.decode(frame)
-                if reply.id == sent[index]:  # an older reply (timed out) is skipped
-                    replies[index] = (frame, reply)
+                sockets[replica.work.socket] = index
+            for socket, _ in poller.poll(50) if sockets else ():
+                take_replies(_queued(socket), waiting[sockets[socket]], replies)
+                if not waiting[sockets[socket]]:
+                    del waiting[sockets[socket]]
         return replies
 
     def _place(self, item: ForwardItem) -> Replica:
@@ -350,7 +369,7 @@ class ReplicaSet:
         if not replica.alive or client is None:
             raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) is down")
         request_id = client.send(op, **{k: v for k, v in fields.items() if v is not None})
-        received = self._gather({replica.index: request_id}).get(replica.index)
+        received = self._gather([(replica.index, request_id)]).get(request_id)
         if received is None:
             raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) died")
         reply = parse_reply(received[0])
@@ -378,6 +397,15 @@ def cpu_partition(parts: int) -> list[set[int]]:
         return [set() for _ in range(parts)]
     per = len(groups) // parts
     return [{cpu for group in groups[i * per:(i + 1) * per] for cpu in group} for i in range(parts)]
+
+
+def _queued(socket: zmq.Socket) -> Iterator[bytes]:
+    """Every frame already waiting on a socket, taken without blocking."""
+    while True:
+        try:
+            yield socket.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def _failed(error: DriverError) -> dict[str, Any]:
