@@ -237,3 +237,29 @@ def test_a_step_without_decode_rows_still_voids_the_prediction(overlap_engines):
     assert batched.forward(rollback) == plain.forward(rollback)
     assert batched.forward(requests) == plain.forward(requests)  # context 0 sends the old predicted token
     assert batched.engine.ahead_launches == launched
+
+
+def test_a_failing_launch_ahead_costs_nothing_but_the_guess(overlap_engines, monkeypatch):
+    batched, plain = overlap_engines()
+    run = batched.engine.decoder.run
+    calls = []
+
+    def failing_third(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the launch at the end of the second decode step
+            raise RuntimeError("CUDA out of memory (planted by the test)")
+        return run(*args)
+
+    monkeypatch.setattr(batched.engine.decoder, "run", failing_third)
+    histories = {c: [c + 2, c + 3, c + 4] for c in range(2)}
+    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
+                for c, h in histories.items()]
+    for _ in range(5):
+        got = batched.forward(requests)
+        assert got == plain.forward(requests) and all(r["ok"] for r in got)
+        requests = []
+        for (c, h), result in zip(histories.items(), got, strict=True):
+            h.append(result["outputs"][0]["token"])
+            requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
+                             "samplers": [{"at": 0, "type": "greedy"}]})
+    assert len(calls) >= 3 and batched.engine.ahead_launches >= 1  # it launched again once the loop held

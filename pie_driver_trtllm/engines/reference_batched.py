@@ -295,7 +295,11 @@ class BatchedReferenceEngine:
         ahead = self._ahead = _Ahead(expect)
         if launch and self.overlap:
             indexes, fed = list(expect), list(expect.values())
-            ahead.output = self.decoder.run(indexes, [f[1] for f in fed], [f[2] for f in fed])
+            try:
+                ahead.output = self.decoder.run(indexes, [f[1] for f in fed], [f[2] for f in fed])
+            except Exception:  # only a guess failed (out of memory, say): this step's results stand
+                self._ahead = None
+                return
             self.ahead_launches += 1
 
     def _slot(self, context: int, protect: int | None = None) -> _Slot:
