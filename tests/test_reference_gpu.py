@@ -91,3 +91,17 @@ def test_a_bucket_is_captured_for_every_window_at_its_first_step(tiny_model):
     # The tiny model holds 2,048 positions: windows of 128 columns and up, doubling, cover them.
     assert sorted(w for b, w in gpu.decoder._graphs if b == 1) == [128, 256, 512, 1024, 2048]
     assert {b for b, _ in gpu.decoder._graphs} == {1}
+
+
+def test_bursts_of_several_contexts_match_cpu_float32(tiny_model):
+    """Lookahead bursts run as one queued chain of passes per burst length; tokens and the cache they
+    leave behind (checked by the step after) equal the CPU's."""
+    gpu, cpu = engine(tiny_model, "cuda:0", "float32"), engine(tiny_model, "cpu", "float32")
+    prompts = {1: [6, 7, 8], 2: [9, 10, 11, 12], 3: [13, 14]}
+    rows = [Row(c, p, len(p), GREEDY, steps=5 if c == 3 else 9) for c, p in prompts.items()]
+    got, want = gpu.step(rows), cpu.step(rows)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert [len(r.tokens) for r in got] == [9, 9, 5]
+    histories = {c: p + r.tokens for (c, p), r in zip(prompts.items(), got, strict=True)}
+    rows = [Row(c, h, len(h), GREEDY) for c, h in histories.items()]
+    assert [r.tokens for r in gpu.step(rows)] == [r.tokens for r in cpu.step(rows)]

@@ -167,8 +167,7 @@ class BatchedLlama:
     @torch.inference_mode()
     def run(self, slots: list[int], tokens: list[int], positions: list[int]) -> DecodeOutput:
         """One token for each (slot, token, position); the greedy tokens and the logits of the rows."""
-        rows = max(slots) + 1
-        bucket = min(next((b for b in BUCKETS if b >= rows), rows), self.slots)
+        bucket = self._bucket(slots)
         length = self._window(max(positions) + 1)
         if self.use_graphs:
             graph = self._graphs.get((bucket, length)) or self._graph(bucket, length)
@@ -182,11 +181,40 @@ class BatchedLlama:
         logits, greedy = self._decode_rows(token_buf.to(self.device), position_buf.to(self.device), length)
         return DecodeOutput(logits, greedy, slots)
 
+    @torch.inference_mode()
+    def run_chain(self, slots: list[int], tokens: list[int], positions: list[int], passes: int) -> list[list[int]]:
+        """Greedy decoding of several tokens per slot: pass j runs each slot at its position + j, fed the
+        greedy token of pass j - 1 (pass 0: `tokens`). The greedy tokens of every pass, [passes][slots]. On
+        CUDA the passes are queued back to back with the tokens kept on the device, and read once at the end."""
+        if not self.use_graphs:
+            out = []
+            for j in range(passes):
+                tokens = self.run(slots, tokens, [p + j for p in positions]).tokens()
+                out.append(tokens)
+            return out
+        bucket = self._bucket(slots)
+        made = torch.empty((passes, bucket), dtype=torch.long, device=self.device)
+        for j in range(passes):
+            at = [p + j for p in positions]
+            length = self._window(max(at) + 1)
+            graph = self._graphs.get((bucket, length)) or self._graph(bucket, length)
+            graph.feed(slots, tokens, at)
+            if j:  # the tokens staged above are pass 0's: overwritten, on the device, by pass j - 1's
+                graph.inputs[0].copy_(made[j - 1])
+            graph.graph.replay()
+            made[j].copy_(graph.greedy)
+        return made[:, slots].tolist()
+
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each (slot, token, position); float32 logits [len(slots), vocab]."""
         return self.run(slots, tokens, positions).logits()
 
     # ------------------------------------------------------------------ internals
+
+    def _bucket(self, slots: list[int]) -> int:
+        """The captured batch size that holds rows 0..max(slots)."""
+        rows = max(slots) + 1
+        return min(next((b for b in BUCKETS if b >= rows), rows), self.slots)
 
     def _window(self, end: int) -> int:
         """The attention window for columns [0, end): a power of two, not the whole cache. Few distinct

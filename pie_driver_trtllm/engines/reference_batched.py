@@ -242,7 +242,7 @@ class BatchedReferenceEngine:
                     if logits is None:
                         logits = out.logits()
                     results[index] = row_result(logits[i], row.sampler, row.seed)
-        # Lookahead: every greedy row that wants more tokens continues in one batch per token.
+        # Lookahead: greedy rows that want more tokens continue together (on CUDA one queued chain of passes).
         active = [i for i, index in enumerate(decodes.rows)
                   if rows[index].steps > 1 and results[index] and results[index].tokens]  # type: ignore[union-attr]
         if not active:
@@ -250,22 +250,17 @@ class BatchedReferenceEngine:
                 self._predict(slots, positions, [results[i] for i in indexes], launch=ahead is not None)
             return
         made = [results[decodes.rows[i]].tokens for i in active]  # type: ignore[union-attr]
-        wants = [rows[decodes.rows[i]].steps for i in active]
-        slots = [decodes.slots[i] for i in active]
-        positions = [decodes.positions[i] for i in active]
-        while made:
-            tokens = [tokens_made[-1] for tokens_made in made]  # type: ignore[index]
-            positions = [position + 1 for position in positions]
-            for slot, token in zip(slots, tokens, strict=True):
-                slot.tokens.append(token)
-            greedy = self.decoder.run([slot.index for slot in slots], tokens, positions).tokens()
-            for tokens_made, token in zip(made, greedy, strict=True):
-                tokens_made.append(token)  # type: ignore[union-attr]
-            going = [i for i, (tokens_made, want) in enumerate(zip(made, wants, strict=True))
-                     if len(tokens_made) < want]  # type: ignore[arg-type]
-            if len(going) < len(made):
-                made, wants = [made[i] for i in going], [wants[i] for i in going]
-                slots, positions = [slots[i] for i in going], [positions[i] for i in going]
+        groups: dict[int, list[int]] = {}  # rows wanting the same number of tokens continue together
+        for k, i in enumerate(active):
+            groups.setdefault(rows[decodes.rows[i]].steps, []).append(k)
+        for want, members in groups.items():
+            slots = [decodes.slots[active[k]] for k in members]
+            chain = self.decoder.run_chain([slot.index for slot in slots], [made[k][-1] for k in members],
+                                           [decodes.positions[active[k]] + 1 for k in members], want - 1)
+            for column, (k, slot) in enumerate(zip(members, slots, strict=True)):
+                tokens_made = made[k]
+                tokens_made.extend(step[column] for step in chain)  # type: ignore[union-attr]
+                slot.tokens.extend(tokens_made[:-1])  # type: ignore[index]  # every token fed to the cache
 
     def _take_ahead(self, slots: list[_Slot], tokens: list[int], positions: list[int]) -> _Ahead | None:
         """The last prediction, if every row of this step is one of its (slot, token, position), else None."""
