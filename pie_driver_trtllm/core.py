@@ -234,7 +234,9 @@ class DriverCore:
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
+        engine_stats = getattr(self.engine, "stats", None)
         return {"requests": c.requests, "tokens_in": c.tokens_in, "tokens_out": c.tokens_out,
                 "engine_calls": c.engine_calls, "engine_s": round(c.engine_s, 6), "oom_splits": c.oom_splits,
                 "lookahead_hits": self.lookahead.hits,
-                "contexts": len(self.store), "evictions": self.store.evictions, "errors": dict(c.errors)}
+                "contexts": len(self.store), "evictions": self.store.evictions, "errors": dict(c.errors),
+                "engine": engine_stats() if engine_stats is not None else {}}

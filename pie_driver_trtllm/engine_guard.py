@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .engines.base import Engine, Row, RowResult
 
@@ -108,6 +108,10 @@ class GuardedEngine:
 
     def step(self, rows: list[Row]) -> list[RowResult]:
         return self.inner.step(rows)
+
+    def stats(self) -> dict[str, Any]:
+        inner = getattr(self.inner, "stats", None)
+        return inner() if inner is not None else {}
 
     def fork(self, src: int, dst: int, length: int) -> None:
         with self._lock:

@@ -142,7 +142,11 @@ def test_fork_and_release(driver, tiny_model):
     assert client.call("fork", check=False, src=42, dst=4).error.code == "UNKNOWN_CONTEXT"
     assert client.call("fork", check=False, src=1, dst=1).error.code == "BAD_REQUEST"
     assert client.call("release", contexts=[1, 2, 3, 77])["released"] == 3
-    assert client.call("stats")["contexts"] == 0
+    stats = client.call("stats")
+    assert stats["contexts"] == 0
+    batched = client.call("handshake")["engine"]["execution_mode"] == "batched"  # the reference engine's batched path
+    # Its counters come through the guard and the socket; it runs ahead on CUDA only. The others have none.
+    assert stats["engine"] == ({"overlap_launches": 0, "overlap_hits": 0} if batched else {})
     after = client.forward([{"context": 1, "tokens": [1], "positions": [4]}])[0]
     assert after["error"]["code"] == "HISTORY_GAP" and after["error"]["known_length"] == 0
 

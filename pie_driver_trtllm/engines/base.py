@@ -44,6 +44,9 @@ class RowResult:
 
 
 class Engine(Protocol):
+    """What the core drives. An engine may also offer `stats() -> dict`: counters that the driver's
+    `stats` op reports under `engine`."""
+
     kind: str
     version: str
     execution_mode: str

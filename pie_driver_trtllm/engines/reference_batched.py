@@ -117,6 +117,10 @@ class BatchedReferenceEngine:
                 self._fail(list({rows[i].context for i in decodes.rows}), decodes.rows, exc, results)
         return results  # type: ignore[return-value]
 
+    def stats(self) -> dict[str, int]:
+        """Counters the driver's `stats` op reports under `engine`."""
+        return {"overlap_launches": self.ahead_launches, "overlap_hits": self.ahead_hits}
+
     def fork(self, src: int, dst: int, length: int) -> None:
         self.drop([dst])
         source = self._slots.get(src)
@@ -254,10 +258,10 @@ class BatchedReferenceEngine:
         for k, i in enumerate(active):
             groups.setdefault(rows[decodes.rows[i]].steps, []).append(k)
         for want, members in groups.items():
-            slots = [decodes.slots[active[k]] for k in members]
-            chain = self.decoder.run_chain([slot.index for slot in slots], [made[k][-1] for k in members],
+            continuing = [decodes.slots[active[k]] for k in members]
+            chain = self.decoder.run_chain([slot.index for slot in continuing], [made[k][-1] for k in members],
                                            [decodes.positions[active[k]] + 1 for k in members], want - 1)
-            for column, (k, slot) in enumerate(zip(members, slots, strict=True)):
+            for column, (k, slot) in enumerate(zip(members, continuing, strict=True)):
                 tokens_made = made[k]
                 tokens_made.extend(step[column] for step in chain)  # type: ignore[union-attr]
                 slot.tokens.extend(tokens_made[:-1])  # type: ignore[index]  # every token fed to the cache
