@@ -264,3 +264,34 @@ def test_a_failing_launch_ahead_costs_nothing_but_the_guess(overlap_engines, mon
             requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
                              "samplers": [{"at": 0, "type": "greedy"}]})
     assert len(calls) >= 3 and batched.engine.ahead_launches >= 1  # it launched again once the loop held
+
+
+def test_a_context_joining_the_loop_keeps_it_served_ahead(overlap_engines):
+    """A new context's prefill in the middle of a decode loop: the loop's rows still take the step run
+    ahead, and the newcomer's first decode step is predicted with theirs."""
+    batched, plain = overlap_engines()
+    histories = {c: [c + 2, c + 3, c + 4] for c in range(2)}
+    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
+                for c, h in histories.items()]
+
+    def step(requests):
+        got = batched.forward(requests)
+        assert got == plain.forward(requests)
+        following = []
+        for request, result in zip(requests, got, strict=True):
+            history = histories.setdefault(request["context"], [])
+            history[request["positions"][0]:] = request["tokens"]
+            history.append(result["outputs"][0]["token"])
+            following.append({"context": request["context"], "tokens": [history[-1]],
+                              "positions": [len(history) - 1], "samplers": [{"at": 0, "type": "greedy"}]})
+        return following
+
+    for _ in range(4):
+        requests = step(requests)
+    engine = batched.engine
+    hits = engine.ahead_hits
+    joining = {"context": 7, "tokens": [9, 8, 7], "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
+    requests = step([*requests, joining])
+    assert engine.ahead_hits == hits + 1  # the loop's two rows came from the step run ahead
+    requests = step(requests)
+    assert engine.ahead_hits == hits + 2  # all three, the newcomer included

@@ -105,3 +105,22 @@ def test_bursts_of_several_contexts_match_cpu_float32(tiny_model):
     histories = {c: p + r.tokens for (c, p), r in zip(prompts.items(), got, strict=True)}
     rows = [Row(c, h, len(h), GREEDY) for c, h in histories.items()]
     assert [r.tokens for r in gpu.step(rows)] == [r.tokens for r in cpu.step(rows)]
+
+
+def test_a_burst_between_loop_steps_does_not_leak_into_the_step_run_ahead(tiny_model):
+    """Three contexts in a decode loop (slots 0-2, the batch-4 graph); a fourth context's first step is a
+    lookahead burst, whose passes run that same graph; the loop's next step must not read the launched
+    step's results from the graph's buffers, which the burst overwrote."""
+    ahead, plain = engine(tiny_model, "cuda:0", "float32"), engine(tiny_model, "cuda:0", "float32", overlap=False)
+    histories = {c: [c + 5, c + 6, c + 7] for c in range(3)}
+    for _ in range(5):
+        rows = [Row(c, h, len(h), GREEDY) for c, h in histories.items()]
+        got, want = ahead.step(rows), plain.step(rows)
+        assert [r.tokens for r in got] == [r.tokens for r in want]
+        for h, result in zip(histories.values(), got, strict=True):
+            h.append(result.tokens[0])
+    assert ahead.ahead_launches >= 2
+    burst = [Row(9, [40, 41, 42], 3, GREEDY, steps=6)]
+    assert [r.tokens for r in ahead.step(burst)] == [r.tokens for r in plain.step(burst)]
+    rows = [Row(c, h, len(h), GREEDY) for c, h in histories.items()]
+    assert [r.tokens for r in ahead.step(rows)] == [r.tokens for r in plain.step(rows)]

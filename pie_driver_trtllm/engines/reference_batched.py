@@ -41,6 +41,7 @@ class _Decode:
     slots: list[_Slot] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)    # the new token, or -1: continues as lookahead only
     positions: list[int] = field(default_factory=list)
+    prefilled: list[tuple[_Slot, int, int]] = field(default_factory=list)  # (slot, its token, next position)
 
     def add(self, row: int, slot: _Slot, token: int, position: int) -> None:
         self.rows.append(row)
@@ -177,11 +178,12 @@ class BatchedReferenceEngine:
 
     def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
                  prefills: list[_Prefill] | None, results: list[RowResult | None]) -> None:
-        self._ahead = None  # this step is not the steady decode loop that was predicted
         tokens = rows[0].tokens
         end = max(row.length for row in rows)
         first_needed = min(row.length for row in rows) - 1
         slot = self._slot(context)
+        if self._ahead is not None:  # this context leaves the predicted loop: its cache may change below
+            self._ahead.expect.pop(slot.index, None)
         keep = min(common_prefix(slot.tokens, tokens, end), first_needed)
         del slot.tokens[keep:]
         if len(rows) == 1 and keep == end - 1:  # one new token: joins the step's batch
@@ -220,8 +222,11 @@ class BatchedReferenceEngine:
                 continue
             p.slot.tokens.extend(p.chunk)
             results[p.row] = result = row_result(last, row.sampler, row.seed)
+            end = p.start + len(p.chunk)
             if row.steps > 1 and result.tokens:
-                decodes.add(p.row, p.slot, -1, p.start + len(p.chunk) - 1)  # continues as lookahead only
+                decodes.add(p.row, p.slot, -1, end - 1)  # continues as lookahead only
+            elif result.tokens:
+                decodes.prefilled.append((p.slot, result.tokens[0], end))  # its first decode step can be predicted
 
     def _decode(self, rows: list[Row], decodes: _Decode, results: list[RowResult | None]) -> None:
         fresh = [i for i, token in enumerate(decodes.tokens) if token >= 0]
@@ -251,8 +256,10 @@ class BatchedReferenceEngine:
                   if rows[index].steps > 1 and results[index] and results[index].tokens]  # type: ignore[union-attr]
         if not active:
             if fresh and len(fresh) == len(decodes.rows):
-                self._predict(slots, positions, [results[i] for i in indexes], launch=ahead is not None)
+                self._predict(slots, positions, [results[i] for i in indexes], decodes.prefilled,
+                              launch=ahead is not None)
             return
+        self._ahead = None  # the passes below reuse the graphs whose buffers hold a step launched ahead
         made = [results[decodes.rows[i]].tokens for i in active]  # type: ignore[union-attr]
         groups: dict[int, list[int]] = {}  # rows wanting the same number of tokens continue together
         for k, i in enumerate(active):
@@ -282,13 +289,15 @@ class BatchedReferenceEngine:
         return ahead
 
     def _predict(self, slots: list[_Slot], positions: list[int], results: list[RowResult | None],
-                 launch: bool) -> None:
-        """Record the step that follows if the host feeds each row its result; launch it when this step
-        itself was predicted (the host is in a decode loop)."""
+                 prefilled: list[tuple[_Slot, int, int]], launch: bool) -> None:
+        """Record the step that follows if the host feeds each row its result (the contexts prefilled in
+        this step included); launch it when this step's decode rows were predicted (a decode loop)."""
         last = self.model.max_model_len - 1
         expect = {slot.index: (slot, result.tokens[0], position + 1)  # type: ignore[union-attr,index]
                   for slot, position, result in zip(slots, positions, results, strict=True)
                   if result is not None and result.tokens and position < last}
+        expect.update((slot.index, (slot, token, position)) for slot, token, position in prefilled
+                      if position <= last)
         if not expect:
             return
         ahead = self._ahead = _Ahead(expect)
