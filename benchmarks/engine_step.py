@@ -91,7 +91,7 @@ def profile(engine, histories: dict[int, list[int]], device: str, steps: int = 5
             engine.step([Row(c, h, len(h), GREEDY) for c, h in histories.items()])
         sync(device)
     report = [kernel_report(f"engine steps, batch {len(histories)}", kernels(prof), steps)]
-    slots = [engine._slots[c].index for c in histories]
+    slots = [engine.slot_index(c) for c in histories]
     bucket = max(slots) + 1
     bucket = next(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, bucket) if b >= bucket)
     tokens = torch.full((bucket,), 3, dtype=torch.long, device=device)
@@ -136,7 +136,7 @@ def step_time(engine, batch: int, prompt: int, steps: int, device: str,
     kernel = greedy = float("nan")
     decoder = getattr(engine, "decoder", None)
     if decoder is not None:  # the batched decode alone, without the engine's per-row bookkeeping
-        slots = [engine._slots[c].index for c in histories]
+        slots = [engine.slot_index(c) for c in histories]
         positions = [len(h) for h in histories.values()]
         decoder.decode(slots, [3] * batch, positions)
         sync(device)

@@ -93,7 +93,7 @@ def _decode_pass_s(bench: Bench, model: Any, contexts: int, prompt_len: int) -> 
         decoder = getattr(engine, "decoder", None)
         if decoder is None:
             return None
-        slots = [engine._slots[c].index for c in decode.histories]
+        slots = [engine.slot_index(c) for c in decode.histories]
         positions = [len(h) - 1 for h in decode.histories.values()]
         tokens = [h[-1] for h in decode.histories.values()]
         passes = 16 if bench.quick else 256

@@ -118,6 +118,11 @@ class BatchedReferenceEngine:
                 self._fail(list({rows[i].context for i in decodes.rows}), decodes.rows, exc, results)
         return results  # type: ignore[return-value]
 
+    def slot_index(self, context: int) -> int | None:
+        """The cache slot holding `context` (None when it holds none); for benchmarks and tests."""
+        slot = self._slots.get(context)
+        return None if slot is None else slot.index
+
     def stats(self) -> dict[str, int]:
         """Counters the driver's `stats` op reports under `engine`."""
         return {"overlap_launches": self.ahead_launches, "overlap_hits": self.ahead_hits}
