@@ -1,21 +1,16 @@
-"""Data-parallel replicas: one driver subprocess per device behind the one socket the host talks to.
+"""Data-parallel replicas: the router in front of one driver subprocess per device (`replica_pool`).
 
-Each replica is this same driver started with `--replica N` on its own device and a private ipc socket;
-the parent routes with context affinity, splits a forward by replica (and a replica's share into
-sub-forwards within that replica's caps, see `replica_batches`) and joins the results in order.
-A monitor thread notices a dead replica within a poll interval, fails its contexts with REPLICA_LOST
-and restarts it with backoff while the other replicas keep serving.
+It serves the one socket the host talks to: it routes with context affinity, splits a forward by replica
+(and a replica's share into sub-forwards within that replica's caps, see `replica_batches`) and joins the
+results in order. Contexts of a replica that dies fail with REPLICA_LOST until replayed from position 0,
+while the other replicas keep serving.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +18,8 @@ import msgspec
 import zmq
 
 from .backend import Pending
-from .client import DriverClient, DriverFailed, DriverProcess, parse_reply, spawn
-from .errors import DriverError, ErrorCode, StartupError
+from .client import parse_reply
+from .errors import DriverError, ErrorCode
 from .protocol import Fork, Forward, ForwardItem, Release, Request, Truncate, encode_forward
 from .replica_batches import (
     ForwardReply,
@@ -37,137 +32,34 @@ from .replica_batches import (
     sub_forwards,
     take_replies,
 )
-
-MONITOR_INTERVAL_S = 0.1
-BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-STATS_TIMEOUT_S = 0.5
-
-
-@dataclass
-class Replica:
-    index: int
-    device: str
-    process: DriverProcess | None = None
-    work: DriverClient | None = None       # used by whichever thread runs state ops (one at a time)
-    control: DriverClient | None = None    # used under the socket lock only
-    alive: bool = False
-    restarting: bool = False
-    restarts: int = 0
-    failures: int = 0
-    next_start: float = 0.0
-    contexts: set[int] = field(default_factory=set)
-    # A socket belongs to one thread: a dead replica's clients wait here for their owner to close them.
-    retired_work: list[DriverClient] = field(default_factory=list)
-    retired_control: list[DriverClient] = field(default_factory=list)
+from .replica_pool import Replica, ReplicaPool
 
 
 class ReplicaSet:
     """A Backend over several replica subprocesses."""
 
     def __init__(self, config_path: str | Path, devices: list[str], private_dir: str) -> None:
-        self.config_path = str(Path(config_path).resolve())
-        self.private_dir = private_dir
-        self.replicas = [Replica(i, d) for i, d in enumerate(devices)]
         self._owner: dict[int, int] = {}
         self._lost: set[int] = set()
-        self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._errors: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._cpus = cpu_partition(len(devices))
-        starters = [threading.Thread(target=self._start, args=(r,)) for r in self.replicas]
-        for thread in starters:
-            thread.start()
-        for thread in starters:
-            thread.join()
-        dead = [r for r in self.replicas if not r.alive]
-        if dead:
-            self.close()
-            raise StartupError(f"replica {dead[0].index} on {dead[0].device} did not start; see its error above")
+        self._pool = ReplicaPool(config_path, devices, private_dir, on_death=self._lose_contexts)
+        self._lock = self._pool.lock
+        self.replicas = self._pool.replicas
         handshake = self.replicas[0].control.call("handshake").result  # type: ignore[union-attr]
         caps = handshake["caps"]  # every replica runs the same config, so replica 0's caps are each one's
         self._replica_caps = (caps["max_forward_requests"], caps["max_forward_tokens"])
         handshake["caps"] = {**router_caps(caps, len(devices)), "replicas": len(devices), "devices": list(devices)}
         self.handshake = handshake
-        self._monitor = threading.Thread(target=self._watch, name="replica-monitor", daemon=True)
-        self._monitor.start()
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def _start(self, replica: Replica) -> None:
-        env = {}
-        if replica.device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = replica.device.split(":", 1)[1]  # before any CUDA import there
-        cpus = self._cpus[replica.index]
-        if cpus and "OMP_NUM_THREADS" not in os.environ:
-            env["OMP_NUM_THREADS"] = str(len(cpus))
-        endpoint = f"ipc://{self.private_dir}/r{replica.index}.sock"
-        try:
-            process = spawn(self.config_path, endpoint=endpoint, env=env, stderr_path="/dev/stderr",
-                            extra_args=["--replica", str(replica.index)], cpus=cpus)
-        except (DriverFailed, OSError) as exc:
-            with self._lock:
-                replica.failures += 1
-                replica.next_start = time.monotonic() + BACKOFF_S[min(replica.failures, len(BACKOFF_S)) - 1]
-                replica.restarting = False
-            print(f"pie-driver-trtllm: replica {replica.index} ({replica.device}) failed to start: {exc}",
-                  file=os.sys.stderr)
-            return
-        with self._lock:
-            replica.process = process
-            replica.work = process.client()
-            replica.control = process.client(timeout_s=STATS_TIMEOUT_S)
-            replica.alive, replica.restarting, replica.failures = True, False, 0
-
-    def _watch(self) -> None:
-        while not self._stop.wait(MONITOR_INTERVAL_S):
-            for replica in self.replicas:
-                if replica.alive and replica.process and replica.process.process.poll() is not None:
-                    self._mark_dead(replica)
-                with self._lock:
-                    due = not replica.alive and not replica.restarting and time.monotonic() >= replica.next_start
-                    if due:
-                        replica.restarting = True
-                        replica.restarts += 1
-                if due and not self._stop.is_set():
-                    threading.Thread(target=self._start, args=(replica,), daemon=True).start()
-
-    def _mark_dead(self, replica: Replica) -> None:
-        with self._lock:
-            if not replica.alive:
-                return
-            replica.alive = False
-            replica.failures += 1
-            replica.next_start = time.monotonic() + BACKOFF_S[min(replica.failures, len(BACKOFF_S)) - 1]
-            for context in replica.contexts:
-                self._owner.pop(context, None)
-                self._lost.add(context)
-            replica.contexts.clear()
-            replica.retired_work += [replica.work] if replica.work else []
-            replica.retired_control += [replica.control] if replica.control else []
-            replica.work = replica.control = None
-        print(f"pie-driver-trtllm: replica {replica.index} ({replica.device}) died; restarting",
-              file=os.sys.stderr)
 
     def close(self) -> None:
-        self._stop.set()
-        for replica in self.replicas:
-            if replica.process is not None:
-                replica.process.process.terminate()
-        for replica in self.replicas:
-            if replica.process is not None:
-                replica.process.stop(timeout_s=10)
-            for client in (replica.work, replica.control, *replica.retired_work, *replica.retired_control):
-                if client is not None:
-                    client.close()
+        self._pool.close()
 
-    def _close_retired(self, kind: str) -> None:
-        with self._lock:
-            for replica in self.replicas:
-                retired = replica.retired_control if kind == "control" else replica.retired_work
-                for client in retired:
-                    client.close()
-                retired.clear()
+    def _lose_contexts(self, replica: Replica) -> None:
+        """A replica died (under the pool's lock): its contexts must be replayed from position 0."""
+        for context in replica.contexts:
+            self._owner.pop(context, None)
+            self._lost.add(context)
 
     # ------------------------------------------------------------------ Backend
 
@@ -176,7 +68,7 @@ class ReplicaSet:
         return Pending(run=lambda: self.handle(request), finish=lambda reply: reply, expire=lambda: None)
 
     def handle(self, request: Request) -> dict[str, Any]:
-        self._close_retired(kind="work")
+        self._pool.close_retired(kind="work")
         body = request.body
         if isinstance(body, Forward):
             return {"results": self._forward(body.items)}
@@ -199,7 +91,7 @@ class ReplicaSet:
     def stats(self) -> dict[str, Any]:
         total: dict[str, Any] = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "engine_calls": 0,
                                  "engine_s": 0.0, "lookahead_hits": 0, "contexts": 0, "evictions": 0}
-        self._close_retired(kind="control")
+        self._pool.close_retired(kind="control")
         errors = Counter(self._errors)
         per_replica = []
         for replica in self.replicas:
@@ -263,7 +155,7 @@ class ReplicaSet:
             replica.work.send_raw(encode_forward(request_id, [piece.item for piece in sub.pieces]))  # type: ignore
             sub.request_id = request_id
         except (AttributeError, TimeoutError, zmq.ZMQError):  # AttributeError: no client, marked dead
-            self._mark_dead(replica)
+            self._pool.mark_dead(replica)
 
     def _outcome(self, sub: SubForward, replies: dict[int, tuple[bytes, ForwardReply] | None]
                  ) -> list[dict[str, Any] | msgspec.Raw]:
@@ -292,7 +184,7 @@ class ReplicaSet:
             for index in list(waiting):
                 replica = self.replicas[index]
                 if not replica.alive or replica.work is None or replica.process.process.poll() is not None:  # type: ignore
-                    self._mark_dead(replica)
+                    self._pool.mark_dead(replica)
                     replies.update(dict.fromkeys(waiting.pop(index)))
                     continue
                 poller.register(replica.work.socket, zmq.POLLIN)
@@ -376,27 +268,6 @@ class ReplicaSet:
         if not reply.ok:
             raise DriverError(ErrorCode(reply.error.code), reply.error.message)  # type: ignore[union-attr]
         return reply.result
-
-
-def cpu_partition(parts: int) -> list[set[int]]:
-    """Split this process's CPUs into `parts` sets of whole physical cores (hyperthread siblings together).
-
-    Replicas spend much of a step in single-threaded Python and kernel launches; two of them on sibling
-    hyperthreads slow each other down. An empty set means "do not pin" (too few cores to split).
-    """
-    allowed = sorted(os.sched_getaffinity(0))
-    cores: dict[str, list[int]] = {}
-    for cpu in allowed:
-        try:
-            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
-        except OSError:
-            siblings = str(cpu)
-        cores.setdefault(siblings, []).append(cpu)
-    groups = list(cores.values())
-    if len(groups) < parts:
-        return [set() for _ in range(parts)]
-    per = len(groups) // parts
-    return [{cpu for group in groups[i * per:(i + 1) * per] for cpu in group} for i in range(parts)]
 
 
 def _queued(socket: zmq.Socket) -> Iterator[bytes]:

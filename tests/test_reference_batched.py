@@ -70,22 +70,42 @@ def test_batched_and_per_context_paths_agree(engines, ops):
                 harness.forward([{"context": context, "tokens": [history[-1]], "positions": [len(history) - 1]}])
 
 
+class DecodeLoop:
+    """Two harnesses fed the same forwards, every reply compared; then each context is fed the token it
+    was given (with `sampler`), as a host's decode loop does. Contexts start with a 3-token prompt."""
+
+    def __init__(self, batched, plain, contexts, sampler=None) -> None:
+        self.batched, self.plain = batched, plain
+        self.sampler = sampler or {"at": 0, "type": "greedy"}
+        self.histories: dict[int, list[int]] = {}
+        self.requests = [{"context": c, "tokens": [c + 2, c + 3, c + 4], "positions": [0, 1, 2],
+                          "samplers": [{"at": 2, "type": "greedy"}]} for c in contexts]
+
+    def step(self, requests=None) -> list[dict]:
+        """One forward (`requests`, or the loop's next one); the replies, equal on both sides."""
+        requests = self.requests if requests is None else requests
+        got = self.batched.forward(requests)
+        assert got == self.plain.forward(requests)
+        self.requests = []
+        for request, result in zip(requests, got, strict=True):
+            history = self.histories.setdefault(request["context"], [])
+            history[request["positions"][0]:] = request["tokens"]
+            history.append(result["outputs"][0]["token"])
+            self.requests.append({"context": request["context"], "tokens": [history[-1]],
+                                  "positions": [len(history) - 1], "samplers": [dict(self.sampler)]})
+        return got
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            assert all(result["ok"] for result in self.step())
+
+
 def test_decode_steps_of_several_contexts_run_as_one_batch(engines, monkeypatch):
     batched, plain = engines()
     calls = []
     run = batched.engine.decoder.run
     monkeypatch.setattr(batched.engine.decoder, "run", lambda *a: calls.append(len(a[0])) or run(*a))
-    histories = {c: [c + 2, c + 3, c + 4] for c in range(3)}
-    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
-                for c, h in histories.items()]
-    for _ in range(4):
-        got = batched.forward(requests)
-        assert got == plain.forward(requests)
-        requests = []
-        for (c, h), result in zip(histories.items(), got, strict=True):
-            h.append(result["outputs"][0]["token"])
-            requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
-                             "samplers": [{"at": 0, "type": "multinomial", "temperature": 0.0}]})
+    DecodeLoop(batched, plain, range(3), {"at": 0, "type": "multinomial", "temperature": 0.0}).run(4)
     assert calls and calls[0] == 3  # the three contexts' decode rows went through one call
 
 
@@ -191,17 +211,9 @@ def test_a_steady_decode_loop_is_served_from_the_step_run_ahead(overlap_engines,
     calls = []
     run = batched.engine.decoder.run
     monkeypatch.setattr(batched.engine.decoder, "run", lambda *a: calls.append(list(a[2])) or run(*a))
-    histories = {c: [c + 2, c + 3, c + 4] for c in range(3)}
-    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
-                for c, h in histories.items()]
-    for _ in range(8):
-        got = batched.forward(requests)
-        assert got == plain.forward(requests)
-        requests = []
-        for (c, h), result in zip(histories.items(), got, strict=True):
-            h.append(result["outputs"][0]["token"])
-            requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
-                             "samplers": [{"at": 0, "type": "greedy"}]})
+    loop = DecodeLoop(batched, plain, range(3))
+    loop.run(8)
+    histories, requests = loop.histories, loop.requests
     engine = batched.engine
     # Decode steps 1 and 2 run when asked (the second confirms the loop); steps 3..7 were run ahead, each
     # launched by the step before it, and step 7 launched one more.
@@ -220,20 +232,12 @@ def test_a_step_without_decode_rows_still_voids_the_prediction(overlap_engines):
     """Context 0 is rolled back in a step of its own, then sent the token predicted before the rollback
     at the predicted position: its cache changed under the prediction, so the result is computed afresh."""
     batched, plain = overlap_engines()
-    histories = {c: [c + 2, c + 3, c + 4] for c in range(2)}
-    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
-                for c, h in histories.items()]
-    for _ in range(4):
-        got = batched.forward(requests)
-        assert got == plain.forward(requests)
-        requests = []
-        for (c, h), result in zip(histories.items(), got, strict=True):
-            h.append(result["outputs"][0]["token"])
-            requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
-                             "samplers": [{"at": 0, "type": "greedy"}]})
+    loop = DecodeLoop(batched, plain, range(2))
+    loop.run(4)
+    requests = loop.requests
     launched = batched.engine.ahead_launches
     assert launched >= 1
-    history = histories[0]
+    history = loop.histories[0]
     rollback = [{"context": 0, "tokens": [9, 9], "positions": [len(history) - 2, len(history) - 1],
                  "samplers": [{"at": 1, "type": "greedy"}]}]
     assert batched.forward(rollback) == plain.forward(rollback)
@@ -253,17 +257,7 @@ def test_a_failing_launch_ahead_costs_nothing_but_the_guess(overlap_engines, mon
         return run(*args)
 
     monkeypatch.setattr(batched.engine.decoder, "run", failing_third)
-    histories = {c: [c + 2, c + 3, c + 4] for c in range(2)}
-    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
-                for c, h in histories.items()]
-    for _ in range(5):
-        got = batched.forward(requests)
-        assert got == plain.forward(requests) and all(r["ok"] for r in got)
-        requests = []
-        for (c, h), result in zip(histories.items(), got, strict=True):
-            h.append(result["outputs"][0]["token"])
-            requests.append({"context": c, "tokens": [h[-1]], "positions": [len(h) - 1],
-                             "samplers": [{"at": 0, "type": "greedy"}]})
+    DecodeLoop(batched, plain, range(2)).run(5)
     assert len(calls) >= 3 and batched.engine.ahead_launches >= 1  # it launched again once the loop held
 
 
@@ -271,28 +265,12 @@ def test_a_context_joining_the_loop_keeps_it_served_ahead(overlap_engines):
     """A new context's prefill in the middle of a decode loop: the loop's rows still take the step run
     ahead, and the newcomer's first decode step is predicted with theirs."""
     batched, plain = overlap_engines()
-    histories = {c: [c + 2, c + 3, c + 4] for c in range(2)}
-    requests = [{"context": c, "tokens": h, "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
-                for c, h in histories.items()]
-
-    def step(requests):
-        got = batched.forward(requests)
-        assert got == plain.forward(requests)
-        following = []
-        for request, result in zip(requests, got, strict=True):
-            history = histories.setdefault(request["context"], [])
-            history[request["positions"][0]:] = request["tokens"]
-            history.append(result["outputs"][0]["token"])
-            following.append({"context": request["context"], "tokens": [history[-1]],
-                              "positions": [len(history) - 1], "samplers": [{"at": 0, "type": "greedy"}]})
-        return following
-
-    for _ in range(4):
-        requests = step(requests)
+    loop = DecodeLoop(batched, plain, range(2))
+    loop.run(4)
     engine = batched.engine
     hits = engine.ahead_hits
     joining = {"context": 7, "tokens": [9, 8, 7], "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}
-    requests = step([*requests, joining])
+    loop.step([*loop.requests, joining])
     assert engine.ahead_hits == hits + 1  # the loop's two rows came from the step run ahead
-    requests = step(requests)
+    loop.step()
     assert engine.ahead_hits == hits + 2  # all three, the newcomer included

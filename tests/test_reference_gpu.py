@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pie_driver_trtllm.config import parse_config
-from pie_driver_trtllm.engines import batched_llama
+from pie_driver_trtllm.engines import llama_layers
 from pie_driver_trtllm.engines.base import Row
 from pie_driver_trtllm.engines.reference import ReferenceEngine
 from pie_driver_trtllm.protocol import Sampler
@@ -58,7 +58,7 @@ def test_a_failing_compile_falls_back_to_the_plain_step(tiny_model, capfd):
     def broken(*args):
         raise RuntimeError("compile failed (planted by the test)")
 
-    gpu.decoder._step_fns = (broken, batched_llama._mlp, True)
+    gpu.decoder._step_fns = (broken, llama_layers.gated_mlp, True)
     history = [5, 6, 7, 8, 9]
     gpu.step([Row(1, history[:4], 4, GREEDY)])
     cpu.step([Row(1, history[:4], 4, GREEDY)])

@@ -6,30 +6,31 @@ batch and, on CUDA, as one captured graph per (batch-size bucket, attention wind
 slot: row `s` of every layer's cache. Rows of a bucket that are idle this step write into a reserved
 scratch column, so the captured graph never depends on which contexts happen to be active.
 
-A decode step launches few kernels per layer: q, k and v come from one GEMM and gate and up from
-another, the rotary embedding turns q and k together in place, keys and values go into the cache with
-one scatter, grouped query heads attend as extra query rows of their key head (so the fused attention
-kernels apply, with no repeated keys), and the residual adds ride on the output GEMMs (`addmm_`). The
-greedy token of every row is taken inside the graph, so a greedy step moves only token ids to the host.
+A decode step launches few kernels per layer (the layer math is in `llama_layers`): keys and values
+go into the cache with one scatter, and grouped query heads attend as extra query rows of their key head
+(so the fused attention kernels apply, with no repeated keys). The greedy token of every row is taken
+inside the graph, so a greedy step moves only token ids to the host.
 
 On CUDA the per-layer elementwise work (norms, rotary embedding, SiLU) also goes through `torch.compile`
-before a graph is captured, which fuses it into fewer kernels (a second or a few per batch bucket, once per
-process); the option `reference_compile = false` turns that off, and a failure to compile falls back to the plain path
-with a one-line warning. Prefill and CPU runs always take the plain path.
+before a graph is captured, which fuses it into fewer kernels (a second or a few per batch bucket, once
+per process); the option `reference_compile = false` turns that off, and a failure to compile falls back
+to the plain path with a one-line warning. Prefill and CPU runs always take the plain path.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
+
+from .llama_layers import PLAIN_LAYER_FNS, add_linear, compiled_layer_fns, fuse_layer_weights, norm_eps, split_attention
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MIN_WINDOW = 128
 PREFILL_BATCH_TOKENS = 8192  # the most (rows x chunk tokens) one batched prefill runs
-# A decode step of few (row, key head) pairs over a long window: attention as GEMMs (_split_attention).
+# A decode step of few (row, key head) pairs over a long window: attention as GEMMs (split_attention).
 SPLIT_ATTENTION_HEADS = 32
 SPLIT_ATTENTION_WINDOW = 1024
 
@@ -47,22 +48,6 @@ def supports(model: Any) -> bool:
     return (type(model).__name__ in SUPPORTED and not getattr(config, "sliding_window", None)
             and all(hasattr(layer.self_attn, "q_proj") and hasattr(layer.mlp, "gate_proj")
                     for layer in model.model.layers))
-
-
-class _Layer(NamedTuple):
-    input_norm: torch.Tensor
-    input_eps: float
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
-    post_norm: torch.Tensor
-    post_eps: float
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
-    act: Any
 
 
 class DecodeOutput:
@@ -120,15 +105,15 @@ class BatchedLlama:
         self.columns = torch.arange(self.max_len, device=self.device)
         self._mask_values = (torch.zeros((), dtype=dtype, device=self.device),
                              torch.full((), float("-inf"), dtype=dtype, device=self.device))
-        self._layers_w = [_weights(layer) for layer in model.model.layers]
-        self._final = (model.model.norm.weight, _eps(model.model.norm))
+        self._layers_w = [fuse_layer_weights(layer) for layer in model.model.layers]
+        self._final = (model.model.norm.weight, norm_eps(model.model.norm))
         self.use_graphs = graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None
-        self._plain = (_pre, _mlp, False)
+        self._plain = PLAIN_LAYER_FNS
         self._step_fns = self._plain
         if compile and self.use_graphs and getattr(config, "hidden_act", "silu") == "silu":
-            self._step_fns = _compiled()
+            self._step_fns = compiled_layer_fns()
 
     # ------------------------------------------------------------------ public
 
@@ -285,7 +270,7 @@ class BatchedLlama:
         bias = bias.expand(rows, 1, group, steps, length).reshape(rows, 1, group * steps, length)
         write = positions[:, None, None, :, None].expand(rows, 2, kv_heads, steps, dim)
         split = steps == 1 and rows * kv_heads <= SPLIT_ATTENTION_HEADS and length >= SPLIT_ATTENTION_WINDOW
-        attention = _split_attention if split else torch.nn.functional.scaled_dot_product_attention
+        attention = split_attention if split else torch.nn.functional.scaled_dot_product_attention
         for index, weights in enumerate(self._layers_w):
             qkv = pre(hidden, weights.input_norm, weights.input_eps, weights.qkv, weights.qkv_bias,
                       cos, sin, rows, steps, heads + kv_heads, dim, functional)     # [rows, T, H+2KV, D]
@@ -296,24 +281,12 @@ class BatchedLlama:
             out = attention(q.reshape(rows, kv_heads, group * steps, dim), cache[:, 0, :, :length],
                             cache[:, 1, :, :length], attn_mask=bias, scale=self.scale)
             out = out.unflatten(2, (group, steps)).permute(0, 3, 1, 2, 4).reshape(rows * steps, heads * dim)
-            hidden = _residual(hidden, out, weights.o, weights.o_bias)
+            hidden = add_linear(hidden, out, weights.o, weights.o_bias)
             x = mlp(hidden, weights.post_norm, weights.post_eps, weights.gate_up, weights.gate_up_bias,
                     None if functional else weights.act)
-            hidden = _residual(hidden, x, weights.down, weights.down_bias)
+            hidden = add_linear(hidden, x, weights.down, weights.down_bias)
         weight, eps = self._final
         return torch.nn.functional.rms_norm(hidden, (self.hidden_size,), weight, eps).view(rows, steps, -1)
-
-
-def _split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Decode attention with one query row per head (`enable_gqa`): over a long window the grouped form
-    gives each (row, key head) one thread block that walks the whole window, and its GEMM fallback picks
-    a slow small-N kernel (3 ms a step at 8k); this form measured flat with history."""
-    rows, kv_heads, group, dim = q.shape
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(rows, kv_heads * group, 1, dim), k, v, attn_mask=attn_mask[:, :, :1], scale=scale,
-        enable_gqa=True)
-    return out.view(rows, kv_heads, group, dim)
 
 
 class _Graph:
@@ -338,78 +311,3 @@ class _Graph:
         staged[1, slots] = positions
         self.inputs.copy_(self.host, non_blocking=True)
         self.copied.record()
-
-
-def _pre(hidden: torch.Tensor, norm: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
-         qkv_bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, rows: int, steps: int,
-         rotated: int, dim: int, functional: bool) -> torch.Tensor:
-    """Norm, the q/k/v projection and the rotary embedding of q and k: [rows, T, H + 2 KV heads, D]."""
-    x = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), norm, eps)
-    qkv = torch.nn.functional.linear(x, qkv_weight, qkv_bias).view(rows, steps, -1, dim)
-    qk = qkv[:, :, :rotated]
-    swapped = qk.unflatten(-1, (2, dim // 2)).flip(-2).flatten(-2)
-    if functional:  # for torch.compile: one fused kernel writes the whole result
-        return torch.cat((qk * cos + swapped * sin, qkv[:, :, rotated:]), dim=2)
-    torch.addcmul(qk * cos, swapped, sin, out=qk)  # q and k turned together, in place
-    return qkv
-
-
-def _mlp(hidden: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: torch.Tensor,
-         gate_up_bias: torch.Tensor | None, act: Any) -> torch.Tensor:
-    """Norm, the gate/up projection and the gated activation: the input of the down projection."""
-    x = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), norm, eps)
-    gate, up = torch.nn.functional.linear(x, gate_up, gate_up_bias).chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) if act is None else act(gate)) * up
-
-
-def _residual(hidden: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """hidden + linear(x): without a bias the add rides on the GEMM, in place (one kernel)."""
-    if bias is not None:
-        return hidden + torch.nn.functional.linear(x, weight, bias)
-    return hidden.addmm_(x, weight.t())
-
-
-_COMPILED: tuple[Any, Any, bool] | None = None
-
-
-def _compiled() -> tuple[Any, Any, bool]:
-    """The per-layer elementwise work through torch.compile (compiled lazily, at a graph's warm-up); the
-    attention, the cache write and the GEMMs that carry the residual adds stay as they are."""
-    global _COMPILED
-    if _COMPILED is None:
-        import torch._dynamo
-
-        config = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # one entry per batch bucket and dtype
-            if hasattr(config, name):
-                setattr(config, name, max(getattr(config, name), 64))
-        _COMPILED = (torch.compile(_pre, fullgraph=True, dynamic=False),
-                     torch.compile(_mlp, fullgraph=True, dynamic=False), True)
-    return _COMPILED
-
-
-def _weights(layer: Any) -> _Layer:
-    """One GEMM for q, k and v and one for gate and up; the original modules then view the fused weights,
-    so nothing is stored twice."""
-    attention, mlp = layer.self_attn, layer.mlp
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-    qkv = torch.cat([p.weight.data for p in projections]).contiguous()
-    qkv_bias = torch.cat([p.bias.data for p in projections]) if attention.q_proj.bias is not None else None
-    offset = 0
-    for projection in projections:
-        rows = projection.weight.shape[0]
-        projection.weight.data = qkv[offset:offset + rows]
-        offset += rows
-    gate_up = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data]).contiguous()
-    gate_up_bias = torch.cat([mlp.gate_proj.bias.data, mlp.up_proj.bias.data]) \
-        if mlp.gate_proj.bias is not None else None
-    half = mlp.gate_proj.weight.shape[0]
-    mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gate_up[:half], gate_up[half:]
-    o, down = attention.o_proj, mlp.down_proj
-    return _Layer(layer.input_layernorm.weight, _eps(layer.input_layernorm), qkv, qkv_bias,
-                  o.weight, o.bias, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
-                  gate_up, gate_up_bias, down.weight, down.bias, mlp.act_fn)
-
-
-def _eps(module: Any) -> float:
-    return getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
