@@ -92,12 +92,11 @@ def profile(engine, histories: dict[int, list[int]], device: str, steps: int = 5
         sync(device)
     report = [kernel_report(f"engine steps, batch {len(histories)}", kernels(prof), steps)]
     slots = [engine.slot_index(c) for c in histories]
-    bucket = max(slots) + 1
-    bucket = next(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, bucket) if b >= bucket)
+    bucket = decoder._bucket(slots)  # the batch and window a captured step of these contexts uses
     tokens = torch.full((bucket,), 3, dtype=torch.long, device=device)
     positions = torch.full((bucket,), decoder.scratch, dtype=torch.long, device=device)
     positions[slots] = torch.tensor([len(h) for h in histories.values()], device=device)
-    length = min(decoder.max_len, max(128, 1 << int(positions.max()).bit_length()))
+    length = decoder._window(max(len(h) for h in histories.values()) + 1)
     with torch.inference_mode():
         decoder._decode_rows(tokens, positions, length)
         sync(device)
