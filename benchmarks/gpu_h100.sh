@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 7 in one go (one lent H100): the engine step, the driver benchmarks and
+# Every single-GPU measurement in one go (one lent H100): the engine step, the driver benchmarks and
 # the GPU tests of the reference engine. Results land in $OUT (default ./gpu-results).
 set -uo pipefail
 OUT=${OUT:-gpu-results}
@@ -7,9 +7,9 @@ RESULTS=$(mktemp -d)/bench
 mkdir -p "$OUT" "$RESULTS" /tmp/pie-models
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python benchmarks/engine_step.py --size 1b --dtype bfloat16 --device cuda:0 --batches 1 16 64 \
+python -m pie_driver_trtllm.benchmarks.engine_step --size 1b --dtype bfloat16 --device cuda:0 --batches 1 16 64 \
     --model-dir /tmp/pie-models/1b --out "$RESULTS/engine_step.json"
-python -m pie_driver_trtllm.bench --workloads transport codec lookahead overhead history \
+python -m pie_driver_trtllm.benchmarks --workloads transport codec lookahead overhead history \
     --size 1b --device cuda:0 --dtype bfloat16 --out "$RESULTS" --plot "$OUT/bench-overhead-gpu.png"
 python -m pytest -q -p no:cacheprovider tests/test_reference_gpu.py 2>&1 | tail -3
 tar -czf "$OUT/bench.tar.gz" -C "$(dirname "$RESULTS")" bench

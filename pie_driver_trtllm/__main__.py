@@ -3,7 +3,7 @@ import sys
 
 import zmq
 
-from .driver import main
+from pie_driver_trtllm.serving.driver import main
 
 code = main()
 zmq.Context.instance().destroy(linger=1000)  # the last replies go out before the process does

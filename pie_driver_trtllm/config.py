@@ -14,8 +14,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import StartupError
-
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older interpreters working
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10 and older
@@ -25,6 +23,10 @@ ENGINE_ALIASES = {"tensorrt_llm": "tensorrt_llm", "tensorrt-llm": "tensorrt_llm"
                   "reference": "reference"}
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
 MAX_LOOKAHEAD = 16
+
+
+class StartupError(Exception):
+    """A problem that stops the driver before it is ready; its text is the one line printed to stderr."""
 
 
 def opt(default: Any, doc: str, kinds: tuple[type, ...], *, choices: tuple[Any, ...] = (),

@@ -10,11 +10,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from pie_driver_trtllm.bench import WORKLOADS, run_benchmarks
 from pie_driver_trtllm.benchmarks import codec
-from pie_driver_trtllm.protocol import ForwardItem, decode_frame
+from pie_driver_trtllm.benchmarks.cli import WORKLOADS, run_benchmarks
+from pie_driver_trtllm.wire.codec import ForwardItem, decode_frame
 
-# Documented keys (pie_driver_trtllm/bench.py) that must hold positive finite numbers, as dotted paths.
+# Documented keys (pie_driver_trtllm/benchmarks/cli.py) that must hold positive finite numbers, as dotted paths.
 NUMBERS: dict[str, list[str]] = {
     "transport": ["driver.p50_us", "driver.p99_us", "raw_zmq.p50_us", "raw_zmq.p99_us", "p50_ratio", "p99_ratio",
                   "frame_bytes", "thread.p50_ratio"],

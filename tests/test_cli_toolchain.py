@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pie_driver_trtllm import pie_home
-from pie_driver_trtllm.cli import app
-from pie_driver_trtllm.engines.tensorrt_llm import INSTALL_HINT
-from pie_driver_trtllm.pie_home import PieHomeError, resolve_interpreter
+from pie_driver_trtllm.engines.tensorrt_llm.startup import INSTALL_HINT
+from pie_driver_trtllm.tools import pie_home
+from pie_driver_trtllm.tools.cli import app
+from pie_driver_trtllm.tools.pie_home import PieHomeError, resolve_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
 DOUBLE = Path(__file__).resolve().parent / "trtllm_double"
@@ -113,7 +113,7 @@ def installed_venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
                     ignore=shutil.ignore_patterns("__pycache__"))
     venv = base / "venv"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    done = subprocess.run([sys.executable, "-m", "pie_driver_trtllm.cli", "install", str(venv), "--run",
+    done = subprocess.run([sys.executable, "-m", "pie_driver_trtllm.tools.cli", "install", str(venv), "--run",
                            "--from", str(source), "--extra", "none", "--no-deps"],
                           capture_output=True, text=True, env={**env, "PIE_HOME": str(base / "home")},
                           timeout=240, check=False)
@@ -138,7 +138,7 @@ def test_exec_runs_python_and_pip_in_the_registered_venv(installed_venv: tuple[P
     venv, _ = installed_venv
     assert invoke("set", "venv", str(venv)).exit_code == 0
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    cli = [sys.executable, "-m", "pie_driver_trtllm.cli", "exec", "--"]
+    cli = [sys.executable, "-m", "pie_driver_trtllm.tools.cli", "exec", "--"]
     done = subprocess.run([*cli, "python", "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
                           env=env, check=False)
     assert done.returncode == 0, done.stderr

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pie_driver_trtllm.cli import app
-from pie_driver_trtllm.pie_config import find_line, load_pie_config
+from pie_driver_trtllm.tools.cli import app
+from pie_driver_trtllm.tools.pie_config import find_line, load_pie_config
 
 GOOD = """# Pie server config
 [[model]]

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from pie_driver_trtllm.config import MAX_LOOKAHEAD, DriverConfig, load_config, parse_config
-from pie_driver_trtllm.errors import StartupError
+from pie_driver_trtllm.config import MAX_LOOKAHEAD, DriverConfig, StartupError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pie_driver_trtllm.demo import run_demo
+from pie_driver_trtllm.tools.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pie_driver_trtllm.config import option_table_markdown
-from pie_driver_trtllm.errors import ErrorCode
+from pie_driver_trtllm.wire.errors import ErrorCode
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 START = "<!-- config-table:start -->"

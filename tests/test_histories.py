@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pie_driver_trtllm.errors import DriverError, ErrorCode, HistoryGap
-from pie_driver_trtllm.histories import ContextStore, MergeResult
+from pie_driver_trtllm.core.histories import ContextStore, MergeResult
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode, HistoryGap
 
 
 def run(store: ContextStore, context: int, tokens: list[int], start: int = 0) -> MergeResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pie_driver_trtllm.lookahead import LookaheadBuffer
+from pie_driver_trtllm.core.lookahead import LookaheadBuffer
 
 PROMPT = [1, 2, 3]
 PREDICTED = [40, 41, 42, 43]  # PREDICTED[i] follows PROMPT + PREDICTED[:i]

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pie_driver_trtllm.errors import DriverError, ErrorCode
-from pie_driver_trtllm.protocol import (
+from pie_driver_trtllm.wire.codec import (
     Fork,
     Forward,
     ForwardItem,
@@ -25,6 +24,7 @@ from pie_driver_trtllm.protocol import (
     encode_error,
     encode_ok,
 )
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 LIMITS = Limits(vocab_size=100, max_model_len=64, max_forward_requests=4, max_forward_tokens=16,
                 max_logprob_labels=8, max_frame_bytes=4096)

@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pie_driver_trtllm import fast_forward, messages, protocol
-from pie_driver_trtllm.errors import DriverError, ErrorCode
-from pie_driver_trtllm.protocol import Forward, ForwardItem, FrameRejected, Limits, Request, decode_frame
+from pie_driver_trtllm.wire import codec as protocol
+from pie_driver_trtllm.wire import fast_forward, messages
+from pie_driver_trtllm.wire.codec import Forward, ForwardItem, FrameRejected, Limits, Request, decode_frame
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 LIMITS = Limits(vocab_size=300, max_model_len=70000, max_forward_requests=6, max_forward_tokens=400,
                 max_logprob_labels=4, max_frame_bytes=1 << 20)

@@ -11,9 +11,9 @@ from trtllm_support import CoreHarness
 
 from pie_driver_trtllm.config import parse_config
 from pie_driver_trtllm.engines.model_facts import read_model_info
-from pie_driver_trtllm.engines.reference import ReferenceEngine
-from pie_driver_trtllm.engines.reference_batched import BatchedReferenceEngine
-from pie_driver_trtllm.protocol import Fork, Release
+from pie_driver_trtllm.engines.reference.batched import BatchedReferenceEngine
+from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
+from pie_driver_trtllm.wire.codec import Fork, Release
 
 
 @pytest.fixture(scope="module")

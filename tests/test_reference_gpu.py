@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from pie_driver_trtllm.config import parse_config
-from pie_driver_trtllm.engines import llama_layers
 from pie_driver_trtllm.engines.base import Row
-from pie_driver_trtllm.engines.reference import ReferenceEngine
-from pie_driver_trtllm.protocol import Sampler
+from pie_driver_trtllm.engines.reference import llama_layers
+from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
+from pie_driver_trtllm.sampler import Sampler
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")]

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pie_driver_trtllm.client import DriverClient, DriverProcess, parse_reply, spawn
-from pie_driver_trtllm.errors import ErrorCode
+from pie_driver_trtllm.wire.errors import ErrorCode
 
 pytestmark = pytest.mark.slow
 

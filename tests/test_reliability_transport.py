@@ -13,8 +13,8 @@ import zmq
 from conftest import write_config
 
 from pie_driver_trtllm.client import DriverClient, DriverFailed, spawn
-from pie_driver_trtllm.errors import ErrorCode
-from pie_driver_trtllm.protocol import FrameRejected, Limits, decode_frame
+from pie_driver_trtllm.wire.codec import FrameRejected, Limits, decode_frame
+from pie_driver_trtllm.wire.errors import ErrorCode
 
 pytestmark = pytest.mark.slow
 

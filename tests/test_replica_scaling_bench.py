@@ -1,22 +1,13 @@
-"""benchmarks/replica_scaling.py: every workload runs on two CPU replicas and counts its tokens right."""
+"""pie_driver_trtllm.benchmarks.replica_scaling: every workload runs on two CPU replicas and counts its tokens right."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from pie_driver_trtllm.benchmarks import replica_scaling as bench
 from pie_driver_trtllm.modelgen import make_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "replica_scaling.py"
-spec = importlib.util.spec_from_file_location("replica_scaling", SCRIPT)
-assert spec is not None and spec.loader is not None
-bench: Any = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench  # dataclasses look their module up
-spec.loader.exec_module(bench)
 
 
 def test_split_respects_both_caps() -> None:

@@ -9,9 +9,9 @@ import time
 import msgspec
 import pytest
 
-from pie_driver_trtllm.messages import ForwardItem
-from pie_driver_trtllm.replica_batches import join_parts, pieces, round_robin, sub_forwards, take_replies
-from pie_driver_trtllm.samplers import Sampler
+from pie_driver_trtllm.replicas.batches import join_parts, pieces, round_robin, sub_forwards, take_replies
+from pie_driver_trtllm.sampler import Sampler
+from pie_driver_trtllm.wire.messages import ForwardItem
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from trtllm_support import DOUBLE_DIR, load_double_engine
 
-from pie_driver_trtllm.engines.tensorrt_llm import TEST_DOUBLE_ENV, TensorRTLLMEngine
-from pie_driver_trtllm.errors import StartupError
+from pie_driver_trtllm.config import StartupError
+from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV, TensorRTLLMEngine
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_sampling_params_for_each_sampler_type_in_one_generate_call(double, tiny
 def test_cache_salt_follows_fork_and_can_be_turned_off(double, tiny_model):
     harness, trt = load_double_engine(tiny_model)
     harness.forward([{"context": 1, "tokens": [4, 5, 6], "positions": [0, 1, 2]}])
-    from pie_driver_trtllm.protocol import Fork
+    from pie_driver_trtllm.wire.codec import Fork
 
     harness.core.fork(Fork(src=1, dst=9, length=2))
     harness.forward([{"context": 9, "tokens": [8], "positions": [2],

@@ -8,9 +8,8 @@ import sys
 import pytest
 from trtllm_support import trt_config
 
-from pie_driver_trtllm.config import parse_config
-from pie_driver_trtllm.engines import tensorrt_llm as loader
-from pie_driver_trtllm.errors import StartupError
+from pie_driver_trtllm.config import StartupError, parse_config
+from pie_driver_trtllm.engines.tensorrt_llm import startup as loader
 
 
 def test_wheel_library_folders_go_on_the_loader_path_with_one_reexec(tmp_path, monkeypatch):

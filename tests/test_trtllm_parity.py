@@ -14,8 +14,8 @@ import torch
 from trtllm_support import DOUBLE_DIR, CoreHarness, trt_config
 
 from pie_driver_trtllm.config import parse_config
-from pie_driver_trtllm.engines.reference import ReferenceEngine
-from pie_driver_trtllm.engines.tensorrt_llm import TEST_DOUBLE_ENV, TensorRTLLMEngine
+from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
+from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV, TensorRTLLMEngine
 
 MODES = ["generate", "pyexecutor"]
 

@@ -13,10 +13,10 @@ from typing import Any
 import msgpack
 
 from pie_driver_trtllm.config import DriverConfig, parse_config
-from pie_driver_trtllm.core import DriverCore
-from pie_driver_trtllm.driver import build_limits
-from pie_driver_trtllm.engines.tensorrt_llm import TEST_DOUBLE_ENV, TensorRTLLMEngine
-from pie_driver_trtllm.protocol import Limits, decode_frame
+from pie_driver_trtllm.core.driver_core import DriverCore
+from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV, TensorRTLLMEngine
+from pie_driver_trtllm.serving.driver import build_limits
+from pie_driver_trtllm.wire.codec import Limits, decode_frame
 
 DOUBLE_DIR = Path(__file__).resolve().parent / "trtllm_double"
 

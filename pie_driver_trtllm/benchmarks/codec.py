@@ -13,8 +13,8 @@ from typing import Any
 
 import msgpack
 
-from ..protocol import ForwardItem, Limits, decode_frame, encode_ok
-from .common import Bench, header, percentile, table, write_result
+from pie_driver_trtllm.benchmarks.common import Bench, header, percentile, table, write_result
+from pie_driver_trtllm.wire.codec import ForwardItem, Limits, decode_frame, encode_ok
 
 REQUESTS, TOKENS = 64, 8192
 LIMITS = Limits(vocab_size=32000, max_model_len=1 << 16, max_forward_requests=128, max_forward_tokens=TOKENS,

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..protocol import ForwardItem, Sampler
+from pie_driver_trtllm.sampler import Sampler
+from pie_driver_trtllm.wire.messages import ForwardItem
 
 GREEDY = Sampler(type="greedy", at=0, temperature=0.0)
 
@@ -33,7 +34,7 @@ class Bench:
 
     def model(self, max_position_embeddings: int | None = None) -> Path:
         """A random-weight checkpoint of `size` (made once per run, reused by every workload)."""
-        from ..modelgen import SIZES, make_model
+        from pie_driver_trtllm.modelgen import SIZES, make_model
 
         name = self.size if max_position_embeddings is None else f"{self.size}-{max_position_embeddings}"
         if max_position_embeddings is not None and max_position_embeddings <= SIZES[self.size][
@@ -68,9 +69,9 @@ def write_config(bench: Bench, directory: Path, model: Path, **options: Any) -> 
 
 def in_process_core(bench: Bench, model: Path, **options: Any) -> Any:
     """The same engine and core a driver subprocess would build, in this process (no socket, no codec)."""
-    from ..config import parse_config
-    from ..core import DriverCore
-    from ..engines import load_engine
+    from pie_driver_trtllm.config import parse_config
+    from pie_driver_trtllm.core.driver_core import DriverCore
+    from pie_driver_trtllm.engines import load_engine
 
     config = parse_config({"model": {"snapshot_dir": str(model)},
                            "driver": {"device": [bench.device], "activation_dtype": bench.dtype,
@@ -115,7 +116,7 @@ def as_items(requests: list[dict[str, Any]]) -> list[ForwardItem]:
 
 
 def core_forward(core: Any) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
-    from ..protocol import Forward
+    from pie_driver_trtllm.wire.codec import Forward
 
     return lambda requests: core.forward(Forward(as_items(requests)))["results"]
 

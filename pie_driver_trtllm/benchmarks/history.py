@@ -10,7 +10,16 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .common import Bench, Decode, core_forward, header, in_process_core, table, timed_steps, write_result
+from pie_driver_trtllm.benchmarks.common import (
+    Bench,
+    Decode,
+    core_forward,
+    header,
+    in_process_core,
+    table,
+    timed_steps,
+    write_result,
+)
 
 SHORT, LONG = 128, 8192
 

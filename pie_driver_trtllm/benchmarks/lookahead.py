@@ -17,8 +17,18 @@ import statistics
 import time
 from typing import Any
 
-from ..client import spawn
-from .common import Bench, Decode, core_forward, header, in_process_core, table, timed_steps, write_config, write_result
+from pie_driver_trtllm.benchmarks.common import (
+    Bench,
+    Decode,
+    core_forward,
+    header,
+    in_process_core,
+    table,
+    timed_steps,
+    write_config,
+    write_result,
+)
+from pie_driver_trtllm.client import spawn
 
 LOOKAHEADS = (16, 1)
 

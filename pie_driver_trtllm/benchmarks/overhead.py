@@ -13,9 +13,19 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..client import spawn
-from ..protocol import Release
-from .common import Bench, Decode, core_forward, header, in_process_core, table, timed_steps, write_config, write_result
+from pie_driver_trtllm.benchmarks.common import (
+    Bench,
+    Decode,
+    core_forward,
+    header,
+    in_process_core,
+    table,
+    timed_steps,
+    write_config,
+    write_result,
+)
+from pie_driver_trtllm.client import spawn
+from pie_driver_trtllm.wire.codec import Release
 
 BATCHES = (1, 16, 64)
 # The host polls for each reply without sleeping for up to this long (an engine step is a few ms): the

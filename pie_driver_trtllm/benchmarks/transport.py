@@ -20,8 +20,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from ..engines.base import ModelInfo, Row, RowResult
-from .common import Bench, header, summary_us, table, write_result
+from pie_driver_trtllm.benchmarks.common import Bench, header, summary_us, table, write_result
+from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
 
 VOCAB = 32000
 
@@ -53,13 +53,13 @@ class TrivialEngine:
 
 def build_server(url: str, wrap: bool = True) -> Any:
     """DriverCore + LocalBackend + DriverServer around the trivial engine, as `driver._build_backend` does."""
-    from .. import driver
-    from ..backend import LocalBackend
-    from ..config import parse_config
-    from ..core import DriverCore
-    from ..driver import build_caps, build_handshake, build_limits
-    from ..endpoint import resolve_endpoint
-    from ..server import DriverServer
+    from pie_driver_trtllm.config import parse_config
+    from pie_driver_trtllm.core.driver_core import DriverCore
+    from pie_driver_trtllm.serving import driver
+    from pie_driver_trtllm.serving.backend import LocalBackend
+    from pie_driver_trtllm.serving.driver import build_caps, build_handshake, build_limits
+    from pie_driver_trtllm.serving.endpoint import resolve_endpoint
+    from pie_driver_trtllm.serving.server import DriverServer
 
     config = parse_config({"model": {"snapshot_dir": "/nonexistent/trivial"},
                            "driver": {"device": ["cpu"], "options": {"engine": "reference", "lookahead_tokens": 1}}})
@@ -103,7 +103,7 @@ class _Servers:
     """The driver server and the echo server, as subprocesses or threads, plus a client for each."""
 
     def __init__(self, isolation: str, wrap: bool) -> None:
-        from ..client import DriverClient
+        from pie_driver_trtllm.client import DriverClient
 
         self.directory = tempfile.mkdtemp(prefix="pie-bench-", dir="/tmp")
         self.driver_url = f"ipc://{self.directory}/d.sock"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..protocol import Sampler
+from pie_driver_trtllm.sampler import Sampler
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import time
 
-from ..errors import StartupError
-from .base import Engine, Row, RowResult
+from pie_driver_trtllm.config import StartupError
+from pie_driver_trtllm.engines.base import Engine, Row, RowResult
 
 ENV_VAR = "PIE_DRIVER_FAULTS"
 _KEYS = ("raise_on_token", "oom_on_token", "hang_on_token", "hang_s")

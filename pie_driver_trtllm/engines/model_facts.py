@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import DriverConfig
-from ..errors import StartupError
-from .base import ModelInfo
+from pie_driver_trtllm.config import DriverConfig, StartupError
+from pie_driver_trtllm.engines.base import ModelInfo
 
 _LENGTH_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..protocol import Sampler
+from pie_driver_trtllm.sampler import Sampler
 
 
 def sample_token(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> int:
@@ -43,7 +43,7 @@ def token_logprobs(logits: torch.Tensor, sampler: Sampler) -> list[float]:
 
 def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> Any:
     """The RowResult for one sampler from its logits row."""
-    from .base import RowResult
+    from pie_driver_trtllm.engines.base import RowResult
 
     if sampler.type == "dist":
         ids, probs = top_k_dist(logits, sampler)

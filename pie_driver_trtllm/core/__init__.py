@@ -1,0 +1,1 @@
+"""Per-context state: histories, the lookahead buffer, and the forward that turns requests into engine rows."""

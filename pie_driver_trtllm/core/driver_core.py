@@ -1,0 +1,242 @@
+"""The driver core: validated requests in, engine batches out, one reply map per operation.
+
+It owns the context histories and the lookahead buffer of one replica and calls its engine at most
+once per forward, for every row that the lookahead buffer cannot serve.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pie_driver_trtllm.core.histories import ContextStore, MergeResult
+from pie_driver_trtllm.core.lookahead import LookaheadBuffer
+from pie_driver_trtllm.engines.base import Engine, Row, RowResult
+from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardItem, Release, Truncate
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's (CUDA) OutOfMemoryError, recognised without importing torch."""
+    return isinstance(exc, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(exc).__mro__)
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    engine_calls: int = 0
+    engine_s: float = 0.0  # wall time inside engine calls
+    oom_splits: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def error(self, code: ErrorCode | str) -> None:
+        with self._lock:
+            self.errors[str(code)] += 1
+
+
+@dataclass
+class ForwardPlan:
+    """A forward between planning and its engine call: per request, outputs so far or its failure."""
+
+    outputs: list[list[dict[str, Any] | None]]
+    failures: list[DriverError | None]
+    rows: list[Row] = field(default_factory=list)
+    slots: list[tuple[int, int]] = field(default_factory=list)  # (request, sampler) of each row
+    evicted: list[int] = field(default_factory=list)
+    planned: set[int] = field(default_factory=set)  # contexts with rows already
+
+
+_APPENDED = MergeResult(None, [], {})  # what a plain one-token append merges to (read, never changed)
+
+
+class DriverCore:
+    def __init__(self, engine: Engine, *, max_contexts: int, lookahead_tokens: int,
+                 random_seed: int | None = None) -> None:
+        self.engine = engine
+        self.store = ContextStore(max_contexts)
+        self.lookahead = LookaheadBuffer(lookahead_tokens)
+        self.counters = Counters()
+        self._max_len = engine.model.max_model_len
+        self._rng = random.Random(random_seed) if random_seed is not None else random.SystemRandom()
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, body: Forward) -> dict[str, Any]:
+        """Plan, run and answer a forward on the calling thread."""
+        plan = self.plan_forward(body)
+        return self.finish_forward(plan, self.run_rows(plan.rows) if plan.rows else [])
+
+    def plan_forward(self, body: Forward) -> ForwardPlan:
+        """Merge every request into its history and serve what the lookahead buffer holds; the rest
+        become engine rows. Touches only driver state, never the engine."""
+        n = len(body.items)
+        plan = ForwardPlan([[] for _ in range(n)], [None] * n)
+        self.counters.requests += n
+        for index, item in enumerate(body.items):
+            if isinstance(item, DriverError):
+                plan.failures[index] = item
+                continue
+            try:
+                merged = self._merge(item, plan)
+            except DriverError as exc:
+                plan.failures[index] = exc
+                continue
+            plan.evicted += merged.evicted
+            plan.outputs[index] = [None] * len(item.samplers)
+            self._plan_samplers(index, item, merged.snapshots, plan.outputs[index], plan)
+        return plan
+
+    def run_rows(self, rows: list[Row]) -> list[RowResult]:
+        """The one engine call of a forward (on the engine thread when served)."""
+        self.counters.engine_calls += 1
+        started = time.perf_counter()
+        try:
+            return self._step_or_fail(rows)
+        finally:
+            self.counters.engine_s += time.perf_counter() - started
+
+    def fail_rows(self, rows: list[Row], exc: Exception) -> list[RowResult]:
+        """Every row fails with `exc` (the engine call raised, or was abandoned at its deadline), and its
+        contexts' engine state goes."""
+        self.engine.drop(list({row.context for row in rows}))
+        return [RowResult(error=f"{type(exc).__name__}: {exc}")] * len(rows)
+
+    def finish_forward(self, plan: ForwardPlan, results: list[RowResult]) -> dict[str, Any]:
+        self._apply_results(plan, results)
+        gone = [c for c in plan.evicted if c not in self.store]
+        if gone:
+            self.engine.drop(gone)
+        replies = []
+        for index, failure in enumerate(plan.failures):
+            if failure is not None:
+                self.counters.error(failure.code)
+                replies.append({"ok": False, "error": failure.to_wire()})
+            else:
+                self.counters.tokens_out += len(plan.outputs[index])
+                replies.append({"ok": True, "outputs": plan.outputs[index]})
+        return {"results": replies}
+
+    def _merge(self, item: ForwardItem, plan: ForwardPlan) -> MergeResult:
+        if item.context in plan.planned:
+            if item.tokens:
+                self._protect_pending_rows(item, plan.rows)
+        elif len(item.tokens) == 1 and self.store.append(item.context, item.tokens[0], item.positions[0]):
+            self.counters.tokens_in += 1
+            return _APPENDED
+        snapshot_at = frozenset(s.at for s in item.samplers)
+        merged = self.store.merge(item.context, item.tokens, item.positions, snapshot_at)
+        self.counters.tokens_in += len(item.tokens)
+        if merged.cut_at is not None:
+            self.lookahead.cut(item.context, merged.cut_at)
+        if merged.evicted:
+            self.lookahead.drop(merged.evicted)
+        return merged
+
+    def _protect_pending_rows(self, item: ForwardItem, rows: list[Row]) -> None:
+        # A context seen twice in one batch: rows planned earlier read the live history, which this
+        # merge may overwrite, so they get a private copy of their prefix first.
+        if item.context not in self.store:
+            return
+        live = self.store.get(item.context)
+        lowest = min(item.positions)
+        for row in rows:
+            if row.context == item.context and row.tokens is live and row.length > lowest:
+                row.tokens = live[: row.length]
+                row.steps = 1
+
+    def _plan_samplers(self, index: int, item: ForwardItem, snapshots: dict[int, list[int]],
+                       out: list[dict[str, Any] | None], plan: ForwardPlan) -> None:
+        rows, slots, planned = plan.rows, plan.slots, plan.planned
+        live = self.store.get(item.context) if item.context in self.store else []
+        for position, sampler in enumerate(item.samplers):
+            tokens = snapshots.get(sampler.at, live)
+            length = item.positions[sampler.at] + 1
+            at_end = tokens is live and length == len(live)
+            steps = 1
+            if sampler.is_greedy:
+                if tokens is live:
+                    buffered = self.lookahead.take(item.context, live, length)
+                    if buffered is not None:
+                        out[position] = {"token": buffered}
+                        continue
+                if at_end:
+                    steps = max(1, min(self.lookahead.size, self._max_len - length))
+                seed = None
+            else:
+                if sampler.makes_token:
+                    self.lookahead.drop([item.context])
+                seed = sampler.seed if sampler.seed is not None else self._rng.getrandbits(63)
+            rows.append(Row(item.context, tokens, length, sampler, seed, steps))
+            slots.append((index, position))
+            planned.add(item.context)
+
+    def _apply_results(self, plan: ForwardPlan, results: list[RowResult]) -> None:
+        outputs, failures = plan.outputs, plan.failures
+        for (index, position), row, result in zip(plan.slots, plan.rows, results, strict=True):
+            if result.error is not None:
+                failures[index] = DriverError(ErrorCode(result.code), result.error)
+            elif result.tokens is not None:
+                outputs[index][position] = {"token": result.tokens[0]}
+                if row.steps > 1:
+                    self.lookahead.fill(row.context, row.length, result.tokens)
+            elif result.dist is not None:
+                outputs[index][position] = {"dist": [result.dist[0], result.dist[1]]}
+            else:
+                outputs[index][position] = {"logprobs": result.logprobs}
+
+    def _step_or_fail(self, rows: list[Row]) -> list[RowResult]:
+        """One engine call; if it raises as a whole, every row fails and its contexts' engine state goes."""
+        try:
+            return self._step(rows)
+        except Exception as exc:
+            return self.fail_rows(rows, exc)
+
+    def _step(self, rows: list[Row]) -> list[RowResult]:
+        try:
+            return self.engine.step(rows)
+        except Exception as exc:
+            if len(rows) == 1 or not out_of_memory(exc):
+                raise
+        # Out of memory: retry in halves, outside the except block so the failed attempt's tensors
+        # (held by its traceback) are freed first. A single row that still does not fit fails alone.
+        self.counters.oom_splits += 1
+        self.engine.drop(list({row.context for row in rows}))
+        middle = len(rows) // 2
+        return self._step_or_fail(rows[:middle]) + self._step_or_fail(rows[middle:])
+
+    # ------------------------------------------------------------------ other state ops
+
+    def fork(self, body: Fork) -> dict[str, Any]:
+        evicted = self.store.fork(body.src, body.dst, body.length)
+        length = self.store.length(body.dst)
+        self.lookahead.drop([body.dst, *evicted])
+        self.engine.drop(evicted)
+        self.engine.fork(body.src, body.dst, length)
+        return {"length": length}
+
+    def truncate(self, body: Truncate) -> dict[str, Any]:
+        self.store.truncate(body.context, body.length)
+        self.lookahead.cut(body.context, body.length)
+        return {"length": body.length}
+
+    def release(self, body: Release) -> dict[str, Any]:
+        released = self.store.release(body.contexts)
+        self.lookahead.drop(body.contexts)
+        self.engine.drop(list(body.contexts))
+        return {"released": len(released)}
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        engine_stats = getattr(self.engine, "stats", None)
+        return {"requests": c.requests, "tokens_in": c.tokens_in, "tokens_out": c.tokens_out,
+                "engine_calls": c.engine_calls, "engine_s": round(c.engine_s, 6), "oom_splits": c.oom_splits,
+                "lookahead_hits": self.lookahead.hits,
+                "contexts": len(self.store), "evictions": self.store.evictions, "errors": dict(c.errors),
+                "engine": engine_stats() if engine_stats is not None else {}}

@@ -1,0 +1,1 @@
+"""The PyTorch reference engine: the ground truth, on CPU or one CUDA device."""

@@ -1,0 +1,328 @@
+"""The reference engine's batched path: every decode-ready context of a step in one forward.
+
+Used for Llama-family checkpoints (see `batched_llama.supports`). A context owns a cache slot while it
+is resident; the least recently used one gives its slot up when all are taken. Rows that need more
+than one new token (first prefill, rollback, a fork's suffix) are prefilled together in one forward
+over the slots they span (one at a time when that would waste most of the forward); all rows that
+need exactly one new token run together, and greedy lookahead continues them together.
+
+Overlap: in a steady decode loop the host feeds every context the token it was just given, so when a
+step's rows repeat the previous step's prediction, the engine launches the predicted next step before
+returning (on CUDA the GPU runs it while the reply travels and the host prepares its next forward).
+The next step uses that result only if each of its decode rows is exactly a predicted (slot, token,
+position); anything else discards it. A discarded step wrote keys and values only past what the slot is
+known to hold, so nothing reads them.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
+from pie_driver_trtllm.engines.reference.batched_llama import BatchedLlama, DecodeOutput
+from pie_driver_trtllm.engines.sampling import row_result
+from pie_driver_trtllm.sampler import ALL_SAMPLERS
+
+
+@dataclass
+class _Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # exactly what the slot's cache holds
+
+
+@dataclass
+class _Decode:
+    """A step's rows that need one new token each: parallel lists, in row order."""
+
+    rows: list[int] = field(default_factory=list)      # index into the step's rows
+    slots: list[_Slot] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)    # the new token, or -1: continues as lookahead only
+    positions: list[int] = field(default_factory=list)
+    prefilled: list[tuple[_Slot, int, int]] = field(default_factory=list)  # (slot, its token, next position)
+
+    def add(self, row: int, slot: _Slot, token: int, position: int) -> None:
+        self.rows.append(row)
+        self.slots.append(slot)
+        self.tokens.append(token)
+        self.positions.append(position)
+
+
+@dataclass
+class _Prefill:
+    """A row whose context needs several new tokens: prefilled with the step's other such rows."""
+
+    row: int
+    slot: _Slot
+    chunk: list[int]
+    start: int
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """The decode step predicted to come next: each row fed its own result at the next position."""
+
+    expect: dict[int, tuple[_Slot, int, int]]  # slot index -> (slot, token, position)
+    output: DecodeOutput | None = None         # launched already; None: only predicted
+
+
+class BatchedReferenceEngine:
+    kind = "reference"
+    execution_mode = "batched"
+    samplers = frozenset(ALL_SAMPLERS)
+
+    def __init__(self, model: Any, device: str, info: ModelInfo, slots: int, version: str,
+                 compile: bool = True, overlap: bool | None = None) -> None:
+        import torch
+
+        self._torch = torch
+        self.model = info
+        self.version = version
+        self.decoder = BatchedLlama(model, slots, info.max_model_len, device, graphs=True, compile=compile)
+        self._slots: OrderedDict[int, _Slot] = OrderedDict()
+        self._free = list(range(slots))
+        # Running ahead pays only where the step is asynchronous (CUDA); on CPU it would run inline.
+        self.overlap = self.decoder.use_graphs if overlap is None else overlap
+        self._ahead: _Ahead | None = None
+        self.ahead_hits = 0
+        self.ahead_launches = 0
+
+    def step(self, rows: list[Row]) -> list[RowResult]:
+        results: list[RowResult | None] = [None] * len(rows)
+        decodes = _Decode()
+        contexts = len({row.context for row in rows})
+        # Prefills wait for one batched call only while no context of this step can lose its slot to
+        # another, and each context has one group of rows (a context's groups share its slot).
+        prefills: list[_Prefill] | None = [] if contexts <= self.decoder.slots else None
+        if contexts == len(rows):
+            self._prepare_single(rows, decodes, prefills, results)
+        else:
+            groups: dict[tuple[int, int], list[int]] = {}
+            for index, row in enumerate(rows):
+                groups.setdefault((row.context, id(row.tokens)), []).append(index)
+            if len(groups) != contexts:
+                prefills = None
+            for (context, _), indexes in groups.items():
+                try:
+                    self._prepare(context, [rows[i] for i in indexes], indexes, decodes, prefills, results)
+                except Exception as exc:  # one context's failure must not cost the others
+                    self._fail([context], indexes, exc, results)
+        if prefills:
+            self._prefill(rows, prefills, decodes, results)
+        if decodes.rows:
+            try:
+                self._decode(rows, decodes, results)
+            except Exception as exc:
+                self._fail(list({rows[i].context for i in decodes.rows}), decodes.rows, exc, results)
+        return results  # type: ignore[return-value]
+
+    def slot_index(self, context: int) -> int | None:
+        """The cache slot holding `context` (None when it holds none); for benchmarks and tests."""
+        slot = self._slots.get(context)
+        return None if slot is None else slot.index
+
+    def stats(self) -> dict[str, int]:
+        """Counters the driver's `stats` op reports under `engine`."""
+        return {"overlap_launches": self.ahead_launches, "overlap_hits": self.ahead_hits}
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        self.drop([dst])
+        source = self._slots.get(src)
+        keep = min(length, len(source.tokens)) if source else 0
+        if source is None or keep == 0:
+            return
+        target = self._slot(dst, protect=src)
+        for cache in (*self.decoder.k, *self.decoder.v):
+            cache[target.index, :, :keep] = cache[source.index, :, :keep]
+        target.tokens = source.tokens[:keep]
+
+    def drop(self, contexts: list[int]) -> None:
+        for context in contexts:
+            slot = self._slots.pop(context, None)
+            if slot is not None:
+                heapq.heappush(self._free, slot.index)
+                if self._ahead is not None:
+                    self._ahead.expect.pop(slot.index, None)
+
+    def close(self) -> None:
+        self.drop(list(self._slots))
+
+    # ------------------------------------------------------------------ internals
+
+    def _fail(self, contexts: list[int], indexes: list[int], exc: Exception,
+              results: list[RowResult | None]) -> None:
+        self.drop(contexts)
+        for index in indexes:
+            results[index] = RowResult(error=f"{type(exc).__name__}: {exc}")
+
+    def _prepare_single(self, rows: list[Row], decodes: _Decode, prefills: list[_Prefill] | None,
+                        results: list[RowResult | None]) -> None:
+        """Every row has a context of its own. The common case, a context whose slot holds exactly its
+        history but the last token, joins the batch with a few list operations; others take `_prepare`."""
+        resident = self._slots
+        add_row, add_slot = decodes.rows.append, decodes.slots.append
+        add_token, add_position = decodes.tokens.append, decodes.positions.append
+        for index, row in enumerate(rows):
+            try:
+                slot = resident.get(row.context)
+                end = row.length
+                if slot is not None and len(slot.tokens) == end - 1 and slot.tokens == row.tokens[:end - 1]:
+                    resident.move_to_end(row.context)
+                    token = row.tokens[end - 1]
+                    slot.tokens.append(token)
+                    add_row(index)
+                    add_slot(slot)
+                    add_token(token)
+                    add_position(end - 1)
+                else:
+                    self._prepare(row.context, [row], [index], decodes, prefills, results)
+            except Exception as exc:  # one context's failure must not cost the others
+                self._fail([row.context], [index], exc, results)
+
+    def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
+                 prefills: list[_Prefill] | None, results: list[RowResult | None]) -> None:
+        tokens = rows[0].tokens
+        end = max(row.length for row in rows)
+        first_needed = min(row.length for row in rows) - 1
+        slot = self._slot(context)
+        if self._ahead is not None:  # this context leaves the predicted loop: its cache may change below
+            self._ahead.expect.pop(slot.index, None)
+        keep = min(common_prefix(slot.tokens, tokens, end), first_needed)
+        del slot.tokens[keep:]
+        if len(rows) == 1 and keep == end - 1:  # one new token: joins the step's batch
+            slot.tokens.append(tokens[end - 1])
+            decodes.add(indexes[0], slot, tokens[end - 1], end - 1)
+            return
+        if len(rows) == 1 and prefills is not None:  # several new tokens, one sampler: batched with others
+            prefills.append(_Prefill(indexes[0], slot, tokens[keep:end], keep))
+            return
+        wanted = sorted({row.length - 1 - keep for row in rows})
+        logits = self.decoder.prefill(slot.index, tokens[keep:end], keep, wanted)
+        slot.tokens.extend(tokens[keep:end])
+        by_length = {offset + keep + 1: logits[i] for i, offset in enumerate(wanted)}
+        for index, row in zip(indexes, rows, strict=True):
+            results[index] = result = row_result(by_length[row.length], row.sampler, row.seed)
+            if row.steps > 1 and row.length == end and result.tokens:
+                decodes.add(index, slot, -1, end - 1)  # continues as lookahead only
+
+    def _prefill(self, rows: list[Row], prefills: list[_Prefill], decodes: _Decode,
+                 results: list[RowResult | None]) -> None:
+        logits = None
+        if len(prefills) > 1:
+            try:
+                logits = self.decoder.prefill_many([p.slot.index for p in prefills], [p.chunk for p in prefills],
+                                                   [p.start for p in prefills])
+            except Exception as exc:
+                self._fail([rows[p.row].context for p in prefills], [p.row for p in prefills], exc, results)
+                return
+        for i, p in enumerate(prefills):
+            row = rows[p.row]
+            try:
+                last = logits[i] if logits is not None else \
+                    self.decoder.prefill(p.slot.index, p.chunk, p.start, [len(p.chunk) - 1])[0]
+            except Exception as exc:  # one context's failure must not cost the others
+                self._fail([row.context], [p.row], exc, results)
+                continue
+            p.slot.tokens.extend(p.chunk)
+            results[p.row] = result = row_result(last, row.sampler, row.seed)
+            end = p.start + len(p.chunk)
+            if row.steps > 1 and result.tokens:
+                decodes.add(p.row, p.slot, -1, end - 1)  # continues as lookahead only
+            elif result.tokens:
+                decodes.prefilled.append((p.slot, result.tokens[0], end))  # its first decode step can be predicted
+
+    def _decode(self, rows: list[Row], decodes: _Decode, results: list[RowResult | None]) -> None:
+        fresh = [i for i, token in enumerate(decodes.tokens) if token >= 0]
+        if fresh:
+            if len(fresh) == len(decodes.tokens):
+                indexes, slots, tokens, positions = decodes.rows, decodes.slots, decodes.tokens, decodes.positions
+            else:
+                indexes = [decodes.rows[i] for i in fresh]
+                slots = [decodes.slots[i] for i in fresh]
+                tokens = [decodes.tokens[i] for i in fresh]
+                positions = [decodes.positions[i] for i in fresh]
+            ahead = self._take_ahead(slots, tokens, positions)
+            out = ahead.output if ahead is not None and ahead.output is not None else \
+                self.decoder.run([slot.index for slot in slots], tokens, positions)
+            greedy = out.tokens()
+            logits = None
+            for i, index in enumerate(indexes):
+                row = rows[index]
+                if row.sampler.is_greedy:  # the common case needs no per-row tensor work
+                    results[index] = RowResult(tokens=[greedy[i]])
+                else:
+                    if logits is None:
+                        logits = out.logits()
+                    results[index] = row_result(logits[i], row.sampler, row.seed)
+        # Lookahead: greedy rows that want more tokens continue together (on CUDA one queued chain of passes).
+        active = [i for i, index in enumerate(decodes.rows)
+                  if rows[index].steps > 1 and results[index] and results[index].tokens]  # type: ignore[union-attr]
+        if not active:
+            if fresh and len(fresh) == len(decodes.rows):
+                self._predict(slots, positions, [results[i] for i in indexes], decodes.prefilled,
+                              launch=ahead is not None)
+            return
+        self._ahead = None  # the passes below reuse the graphs whose buffers hold a step launched ahead
+        made = [results[decodes.rows[i]].tokens for i in active]  # type: ignore[union-attr]
+        groups: dict[int, list[int]] = {}  # rows wanting the same number of tokens continue together
+        for k, i in enumerate(active):
+            groups.setdefault(rows[decodes.rows[i]].steps, []).append(k)
+        for want, members in groups.items():
+            continuing = [decodes.slots[active[k]] for k in members]
+            chain = self.decoder.run_chain([slot.index for slot in continuing], [made[k][-1] for k in members],
+                                           [decodes.positions[active[k]] + 1 for k in members], want - 1)
+            for column, (k, slot) in enumerate(zip(members, continuing, strict=True)):
+                tokens_made = made[k]
+                tokens_made.extend(step[column] for step in chain)  # type: ignore[union-attr]
+                slot.tokens.extend(tokens_made[:-1])  # type: ignore[index]  # every token fed to the cache
+
+    def _take_ahead(self, slots: list[_Slot], tokens: list[int], positions: list[int]) -> _Ahead | None:
+        """The last prediction, if every row of this step is one of its (slot, token, position), else None."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        expect = ahead.expect
+        for slot, token, position in zip(slots, tokens, positions, strict=True):
+            predicted = expect.get(slot.index)
+            if predicted is None or predicted[0] is not slot or predicted[1] != token or predicted[2] != position:
+                return None
+        if ahead.output is not None:
+            self.ahead_hits += 1
+            ahead.output = ahead.output.for_slots([slot.index for slot in slots])
+        return ahead
+
+    def _predict(self, slots: list[_Slot], positions: list[int], results: list[RowResult | None],
+                 prefilled: list[tuple[_Slot, int, int]], launch: bool) -> None:
+        """Record the step that follows if the host feeds each row its result (the contexts prefilled in
+        this step included); launch it when this step's decode rows were predicted (a decode loop)."""
+        last = self.model.max_model_len - 1
+        expect = {slot.index: (slot, result.tokens[0], position + 1)  # type: ignore[union-attr,index]
+                  for slot, position, result in zip(slots, positions, results, strict=True)
+                  if result is not None and result.tokens and position < last}
+        expect.update((slot.index, (slot, token, position)) for slot, token, position in prefilled
+                      if position <= last)
+        if not expect:
+            return
+        ahead = self._ahead = _Ahead(expect)
+        if launch and self.overlap:
+            indexes, fed = list(expect), list(expect.values())
+            try:
+                ahead.output = self.decoder.run(indexes, [f[1] for f in fed], [f[2] for f in fed])
+            except Exception:  # only a guess failed (out of memory, say): this step's results stand
+                self._ahead = None
+                return
+            self.ahead_launches += 1
+
+    def _slot(self, context: int, protect: int | None = None) -> _Slot:
+        slot = self._slots.get(context)
+        if slot is not None:
+            self._slots.move_to_end(context)
+            return slot
+        if not self._free:  # all slots taken: the least recently used context gives its slot up
+            victim = next(c for c in self._slots if c != protect)
+            self.drop([victim])
+        slot = self._slots[context] = _Slot(heapq.heappop(self._free))
+        return slot
+

@@ -1,0 +1,1 @@
+"""The TensorRT-LLM engine: start-up checks, then the generate or pyexecutor mode."""

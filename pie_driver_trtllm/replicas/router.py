@@ -1,0 +1,284 @@
+"""Data-parallel replicas: the router in front of one driver subprocess per device (`replica_pool`).
+
+It serves the one socket the host talks to: it routes with context affinity, splits a forward by replica
+(and a replica's share into sub-forwards within that replica's caps, see `replica_batches`) and joins the
+results in order. Contexts of a replica that dies fail with REPLICA_LOST until replayed from position 0,
+while the other replicas keep serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from pie_driver_trtllm.client import parse_reply
+from pie_driver_trtllm.replicas.batches import (
+    ForwardReply,
+    Piece,
+    SubForward,
+    join_parts,
+    pieces,
+    round_robin,
+    router_caps,
+    sub_forwards,
+    take_replies,
+)
+from pie_driver_trtllm.replicas.pool import Replica, ReplicaPool
+from pie_driver_trtllm.serving.backend import Pending
+from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardItem, Release, Request, Truncate, encode_forward
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
+
+
+class ReplicaSet:
+    """A Backend over several replica subprocesses."""
+
+    def __init__(self, config_path: str | Path, devices: list[str], private_dir: str) -> None:
+        self._owner: dict[int, int] = {}
+        self._lost: set[int] = set()
+        self._ids = itertools.count(1)
+        self._errors: Counter[str] = Counter()
+        self._pool = ReplicaPool(config_path, devices, private_dir, on_death=self._lose_contexts)
+        self._lock = self._pool.lock
+        self.replicas = self._pool.replicas
+        handshake = self.replicas[0].control.call("handshake").result  # type: ignore[union-attr]
+        caps = handshake["caps"]  # every replica runs the same config, so replica 0's caps are each one's
+        self._replica_caps = (caps["max_forward_requests"], caps["max_forward_tokens"])
+        handshake["caps"] = {**router_caps(caps, len(devices)), "replicas": len(devices), "devices": list(devices)}
+        self.handshake = handshake
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def _lose_contexts(self, replica: Replica) -> None:
+        """A replica died (under the pool's lock): its contexts must be replayed from position 0."""
+        for context in replica.contexts:
+            self._owner.pop(context, None)
+            self._lost.add(context)
+
+    # ------------------------------------------------------------------ Backend
+
+    def begin(self, request: Request) -> Pending:
+        """Every state op waits on replicas: all of it runs outside the socket lock."""
+        return Pending(run=lambda: self.handle(request), finish=lambda reply: reply, expire=lambda: None)
+
+    def handle(self, request: Request) -> dict[str, Any]:
+        self._pool.close_retired(kind="work")
+        body = request.body
+        if isinstance(body, Forward):
+            return {"results": self._forward(body.items)}
+        if isinstance(body, Fork):
+            return self._fork(body)
+        if isinstance(body, Truncate):
+            replica = self._owner_of(body.context)
+            return self._call(replica, "truncate", context=body.context, length=body.length)
+        if isinstance(body, Release):
+            return {"released": self._release(body.contexts)}
+        raise AssertionError(f"op {request.op!r} reached the backend")
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            replicas = [{"device": r.device, "alive": r.alive, "contexts": len(r.contexts),
+                         "restarts": r.restarts, "pid": r.process.process.pid if r.process else None}
+                        for r in self.replicas]
+        return {"status": "ok" if all(r["alive"] for r in replicas) else "degraded", "replicas": replicas}
+
+    def stats(self) -> dict[str, Any]:
+        total: dict[str, Any] = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "engine_calls": 0,
+                                 "engine_s": 0.0, "lookahead_hits": 0, "contexts": 0, "evictions": 0}
+        self._pool.close_retired(kind="control")
+        errors = Counter(self._errors)
+        per_replica = []
+        for replica in self.replicas:
+            entry: dict[str, Any] = {"device": replica.device, "alive": replica.alive}
+            client = replica.control
+            if replica.alive and client is not None:
+                try:
+                    stats = client.call("stats").result
+                except (TimeoutError, RuntimeError, zmq.ZMQError):
+                    stats = {}
+                for key in total:
+                    total[key] += stats.get(key, 0)
+                errors.update(stats.get("errors", {}))
+                entry.update(stats)
+            per_replica.append(entry)
+        return {**total, "errors": dict(errors), "replicas": per_replica}
+
+    def count_error(self, code: str) -> None:
+        with self._lock:
+            self._errors[str(code)] += 1
+
+    # ------------------------------------------------------------------ routing
+
+    def _forward(self, items: list[ForwardItem | DriverError]) -> list[dict[str, Any] | msgspec.Raw]:
+        """Place every request, send each replica its share in sub-forwards within its caps (all of them
+        before waiting for any), then join the replies in request order."""
+        results: list[dict[str, Any] | msgspec.Raw | None] = [None] * len(items)
+        shares: dict[int, list[Piece]] = {}
+        for index, item in enumerate(items):
+            if isinstance(item, DriverError):
+                results[index] = _failed(item)
+                continue
+            try:
+                share = shares.setdefault(self._place(item).index, [])
+            except DriverError as exc:
+                results[index] = _failed(exc)
+                continue
+            share += pieces(index, item, self._replica_caps[1])
+        subs = round_robin([[SubForward(replica, cut) for cut in sub_forwards(share, *self._replica_caps)]
+                            for replica, share in shares.items()])
+        for sub in subs:
+            self._send(sub)
+        replies = self._gather([(sub.replica, sub.request_id) for sub in subs if sub.request_id is not None])
+        parts: dict[int, list[tuple[Piece, Any]]] = {}
+        for sub in subs:
+            for piece, result in zip(sub.pieces, self._outcome(sub, replies), strict=True):
+                if piece.samplers is None:
+                    results[piece.request] = result
+                else:
+                    decoded = msgspec.msgpack.decode(result) if isinstance(result, msgspec.Raw) else result
+                    parts.setdefault(piece.request, []).append((piece, decoded))
+        for index, received in parts.items():
+            results[index] = join_parts(items[index], received)  # type: ignore[arg-type]
+        return results  # type: ignore[return-value]
+
+    def _send(self, sub: SubForward) -> None:
+        """Queue one sub-forward on its replica's socket; a replica already down leaves it unsent."""
+        replica = self.replicas[sub.replica]
+        request_id = next(self._ids)
+        try:
+            replica.work.send_raw(encode_forward(request_id, [piece.item for piece in sub.pieces]))  # type: ignore
+            sub.request_id = request_id
+        except (AttributeError, TimeoutError, zmq.ZMQError):  # AttributeError: no client, marked dead
+            self._pool.mark_dead(replica)
+
+    def _outcome(self, sub: SubForward, replies: dict[int, tuple[bytes, ForwardReply] | None]
+                 ) -> list[dict[str, Any] | msgspec.Raw]:
+        """The result of each piece of one sub-forward, as its replica encoded it or as a failure."""
+        device = self.replicas[sub.replica].device
+        received = None if sub.request_id is None else replies.get(sub.request_id)
+        if received is None:
+            what = "is not reachable" if sub.request_id is None else "died"
+            lost = _failed(DriverError(ErrorCode.REPLICA_LOST, f"replica {sub.replica} ({device}) {what}; "
+                                       "replay the context from position 0"))
+            return [lost] * len(sub.pieces)
+        if received[1].results is None:  # the replica refused this sub-forward whole
+            return [{"ok": False, "error": received[1].error}] * len(sub.pieces)
+        return list(received[1].results)  # each result passes through as the replica encoded it
+
+    def _gather(self, sent: list[tuple[int, int]]) -> dict[int, tuple[bytes, ForwardReply] | None]:
+        """Wait for the reply to every (replica index, request id) sent, keyed by id (its frame, decoded
+        as a forward reply); each id still waiting on a replica that dies yields None."""
+        waiting: dict[int, set[int]] = {}
+        for index, request_id in sent:
+            waiting.setdefault(index, set()).add(request_id)
+        replies: dict[int, tuple[bytes, ForwardReply] | None] = {}
+        while waiting:
+            poller = zmq.Poller()
+            sockets = {}
+            for index in list(waiting):
+                replica = self.replicas[index]
+                if not replica.alive or replica.work is None or replica.process.process.poll() is not None:  # type: ignore
+                    self._pool.mark_dead(replica)
+                    replies.update(dict.fromkeys(waiting.pop(index)))
+                    continue
+                poller.register(replica.work.socket, zmq.POLLIN)
+                sockets[replica.work.socket] = index
+            for socket, _ in poller.poll(50) if sockets else ():
+                take_replies(_queued(socket), waiting[sockets[socket]], replies)
+                if not waiting[sockets[socket]]:
+                    del waiting[sockets[socket]]
+        return replies
+
+    def _place(self, item: ForwardItem) -> Replica:
+        with self._lock:
+            if item.context in self._lost:
+                if not item.positions or item.positions[0] != 0:
+                    raise DriverError(ErrorCode.REPLICA_LOST, f"context {item.context} lived on a replica that "
+                                      "died; replay it from position 0")
+                self._lost.discard(item.context)
+            owner = self._owner.get(item.context)
+            if owner is not None:
+                return self.replicas[owner]
+            alive = [r for r in self.replicas if r.alive]
+            if not alive:
+                raise DriverError(ErrorCode.REPLICA_LOST, "no replica is alive; retry shortly")
+            replica = min(alive, key=lambda r: (len(r.contexts), r.index))
+            self._owner[item.context] = replica.index
+            replica.contexts.add(item.context)
+            return replica
+
+    def _owner_of(self, context: int) -> Replica:
+        with self._lock:
+            if context in self._lost:
+                raise DriverError(ErrorCode.REPLICA_LOST, f"context {context} lived on a replica that died")
+            owner = self._owner.get(context)
+            if owner is None or not self.replicas[owner].alive:
+                raise DriverError(ErrorCode.UNKNOWN_CONTEXT, f"context {context} is not known")
+            return self.replicas[owner]
+
+    def _fork(self, body: Fork) -> dict[str, Any]:
+        source = self._owner_of(body.src)
+        target = self._owner.get(body.dst)
+        if target is not None and target != source.index:  # dst moves to src's replica, history copied there
+            self._call(self.replicas[target], "release", contexts=[body.dst])
+            self._forget(body.dst)
+        reply = self._call(source, "fork", src=body.src, dst=body.dst, length=body.length)
+        with self._lock:
+            self._lost.discard(body.dst)
+            self._owner[body.dst] = source.index
+            source.contexts.add(body.dst)
+        return reply
+
+    def _release(self, contexts: tuple[int, ...]) -> int:
+        groups: dict[int, list[int]] = {}
+        with self._lock:
+            for context in contexts:
+                self._lost.discard(context)
+                owner = self._owner.get(context)
+                if owner is not None:
+                    groups.setdefault(owner, []).append(context)
+        released = 0
+        for index, group in groups.items():
+            released += self._call(self.replicas[index], "release", contexts=group)["released"]
+            for context in group:
+                self._forget(context)
+        return released
+
+    def _forget(self, context: int) -> None:
+        with self._lock:
+            owner = self._owner.pop(context, None)
+            if owner is not None:
+                self.replicas[owner].contexts.discard(context)
+
+    def _call(self, replica: Replica, op: str, **fields: Any) -> dict[str, Any]:
+        client = replica.work
+        if not replica.alive or client is None:
+            raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) is down")
+        request_id = client.send(op, **{k: v for k, v in fields.items() if v is not None})
+        received = self._gather([(replica.index, request_id)]).get(request_id)
+        if received is None:
+            raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) died")
+        reply = parse_reply(received[0])
+        if not reply.ok:
+            raise DriverError(ErrorCode(reply.error.code), reply.error.message)  # type: ignore[union-attr]
+        return reply.result
+
+
+def _queued(socket: zmq.Socket) -> Iterator[bytes]:
+    """Every frame already waiting on a socket, taken without blocking."""
+    while True:
+        try:
+            yield socket.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+def _failed(error: DriverError) -> dict[str, Any]:
+    return {"ok": False, "error": error.to_wire()}
+

@@ -1,0 +1,31 @@
+"""The sampler as engines read it: validated at the edge, with absent parameters at their neutral value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TOKEN_SAMPLERS = ("greedy", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p")
+ALL_SAMPLERS = (*TOKEN_SAMPLERS, "dist", "logprobs")
+
+
+@dataclass(frozen=True, slots=True)
+class Sampler:
+    """One sampler, normalised: absent parameters hold their neutral value."""
+
+    type: str
+    at: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    k: int = 0
+    token_ids: tuple[int, ...] = ()
+
+    @property
+    def makes_token(self) -> bool:
+        return self.type in TOKEN_SAMPLERS
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.type == "greedy" or (self.makes_token and self.temperature == 0.0)

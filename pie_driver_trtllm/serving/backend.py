@@ -1,0 +1,82 @@
+"""The backend of a single replica: the driver core of one engine on one device.
+
+`begin` plans an op while the server holds the socket; a forward that needs the engine comes back as a
+`Pending` whose `run` (the engine call) the server makes without holding it, so that a standby thread
+can answer `health` meanwhile and give up on the call at its deadline (`expire`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pie_driver_trtllm.core.driver_core import DriverCore, ForwardPlan
+from pie_driver_trtllm.serving.engine_guard import GuardedEngine
+from pie_driver_trtllm.wire.codec import Fork, Forward, Release, Request, Truncate
+from pie_driver_trtllm.wire.errors import ErrorCode
+
+
+@dataclass
+class Pending:
+    """The slow part of an op: `run()` outside the socket lock, then `finish(result)` gives the reply.
+    Past `deadline`, `expire()` gives the reply instead, or None when `run` has just returned."""
+
+    run: Callable[[], Any]
+    finish: Callable[[Any], dict[str, Any]]
+    expire: Callable[[], dict[str, Any] | None]
+    deadline: float | None = None
+
+
+class LocalBackend:
+    def __init__(self, core: DriverCore, device: str) -> None:
+        if not isinstance(core.engine, GuardedEngine):
+            core.engine = GuardedEngine(core.engine, 0)
+        self.core = core
+        self.engine: GuardedEngine = core.engine
+        self.device = device
+
+    def begin(self, request: Request) -> dict[str, Any] | Pending:
+        body = request.body
+        if isinstance(body, Forward):
+            return self._forward(body)
+        if isinstance(body, Fork):
+            return self.core.fork(body)
+        if isinstance(body, Truncate):
+            return self.core.truncate(body)
+        if isinstance(body, Release):
+            return self.core.release(body)
+        raise AssertionError(f"op {request.op!r} reached the backend")  # the server answers the others
+
+    def _forward(self, body: Forward) -> dict[str, Any] | Pending:
+        core, engine = self.core, self.engine
+        plan = core.plan_forward(body)
+        if not plan.rows:  # everything served from the lookahead buffer (or failed validation)
+            return core.finish_forward(plan, [])
+        refused = engine.refusal()
+        if refused is not None:
+            return core.finish_forward(plan, core.fail_rows(plan.rows, refused))
+        contexts = {row.context for row in plan.rows}
+        return Pending(run=lambda: engine.call(lambda: core.run_rows(plan.rows), contexts),
+                       finish=lambda results: core.finish_forward(plan, results),
+                       expire=lambda: self._expire(plan), deadline=engine.deadline())
+
+    def _expire(self, plan: ForwardPlan) -> dict[str, Any] | None:
+        error = self.engine.expire()
+        if error is None:
+            return None
+        return self.core.finish_forward(plan, self.core.fail_rows(plan.rows, error))
+
+    def health(self) -> dict[str, Any]:
+        replica: dict[str, Any] = {"device": self.device, "alive": True, "contexts": len(self.core.store),
+                                   "engine": "ok"}
+        stuck_for = self.engine.stuck_for_s
+        if stuck_for is not None:
+            replica.update(engine="stuck", stuck_s=round(stuck_for, 3))
+        return {"status": "ok" if stuck_for is None else "degraded", "replicas": [replica]}
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.core.stats(), "engine_timeouts": self.engine.timeouts}
+
+    def count_error(self, code: ErrorCode | str) -> None:
+        self.core.counters.error(code)

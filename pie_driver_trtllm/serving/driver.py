@@ -1,0 +1,180 @@
+"""Driver start-up: config, engine, socket, the two handshake lines, then serve until told to stop."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import tempfile
+from typing import Any, TextIO
+
+from pie_driver_trtllm import DRIVER_NAME, PROTOCOL_VERSION, __version__
+from pie_driver_trtllm.config import DriverConfig, StartupError, load_config
+from pie_driver_trtllm.core.driver_core import DriverCore
+from pie_driver_trtllm.engines import load_engine
+from pie_driver_trtllm.engines.base import Engine
+from pie_driver_trtllm.engines.faults import ENV_VAR as FAULTS_ENV_VAR
+from pie_driver_trtllm.engines.tensorrt_llm.startup import ensure_library_path, require_package
+from pie_driver_trtllm.replicas.router import ReplicaSet
+from pie_driver_trtllm.serving.backend import LocalBackend
+from pie_driver_trtllm.serving.endpoint import Endpoint, load_curve, remove_endpoint_files, resolve_endpoint
+from pie_driver_trtllm.serving.engine_guard import GuardedEngine
+from pie_driver_trtllm.serving.server import DriverServer
+from pie_driver_trtllm.wire.codec import Limits
+
+U32_MAX = 2**32 - 1
+
+
+def build_limits(config: DriverConfig, engine: Engine) -> Limits:
+    o = config.options
+    return Limits(vocab_size=engine.model.vocab_size, max_model_len=engine.model.max_model_len,
+                  max_forward_requests=o.max_concurrent_requests, max_forward_tokens=o.max_batched_tokens,
+                  max_logprob_labels=o.max_logprob_labels if "logprobs" in engine.samplers else 0,
+                  max_frame_bytes=o.max_frame_bytes, samplers=engine.samplers)
+
+
+def build_caps(config: DriverConfig, engine: Engine, limits: Limits) -> dict[str, Any]:
+    o = config.options
+    return {
+        "total_pages": o.virtual_total_pages, "kv_page_size": o.virtual_kv_page_size, "swap_pool_size": 0,
+        "max_forward_tokens": limits.max_forward_tokens, "max_forward_requests": limits.max_forward_requests,
+        "max_page_refs": o.virtual_total_pages, "max_logit_rows": o.max_batched_tokens,
+        "max_prob_rows": o.max_batched_tokens, "max_custom_mask_bytes": 0, "max_sampler_rows": U32_MAX,
+        "max_logprob_labels": limits.max_logprob_labels, "activation_dtype": config.driver.activation_dtype,
+        "supports_user_attention_mask": False, "supports_adapters": False,
+        "samplers": sorted(engine.samplers), "lookahead_tokens": o.lookahead_tokens,
+        "tensor_parallel_size": 1, "replicas": len(config.driver.device), "devices": list(config.driver.device),
+        "arch_name": engine.model.arch_name, "vocab_size": engine.model.vocab_size,
+        "max_model_len": engine.model.max_model_len, "snapshot_dir": config.model.snapshot_dir,
+    }
+
+
+def build_handshake(config: DriverConfig, engine: Engine, caps: dict[str, Any]) -> dict[str, Any]:
+    m = engine.model
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "driver": {"name": DRIVER_NAME, "version": __version__},
+        "engine": {"kind": engine.kind, "version": engine.version, "execution_mode": engine.execution_mode},
+        "model": {"name": m.name, "arch_name": m.arch_name, "vocab_size": m.vocab_size,
+                  "max_model_len": m.max_model_len, "eos_token_id": m.eos_token_id},
+        "caps": caps,
+    }
+
+
+def _die_with_parent() -> None:
+    # Linux delivers SIGTERM when the parent exits; the serve loop also polls getppid() as a fallback.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _handshake_stream(fd: int | None) -> TextIO:
+    """The stream for the two handshake lines; standard output then carries stderr's text instead."""
+    sys.stdout.flush()
+    target = os.dup(1) if fd is None else fd
+    os.dup2(2, 1)  # libraries that print (TensorRT-LLM's banner) must not corrupt the handshake
+    return os.fdopen(target, "w", buffering=1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pie_driver_trtllm", description="Pie driver for TensorRT-LLM")
+    parser.add_argument("--config", required=True, help="startup TOML written by the host")
+    parser.add_argument("--handshake-fd", type=int, default=None, help="fd for the handshake lines (default stdout)")
+    parser.add_argument("--endpoint", default=None, help="ipc:// or tcp:// URL (default: private ipc socket)")
+    parser.add_argument("--replica", type=int, default=None, help=argparse.SUPPRESS)  # set by the replica router
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    parent = os.getppid()
+    if args.replica is None:
+        # Not for replicas: Linux sends this signal when the spawning *thread* exits, and replicas are
+        # started from short-lived threads. They watch getppid() instead, like every driver does.
+        _die_with_parent()
+    try:
+        config = load_config(args.config)
+        if args.replica is not None:
+            select_replica(config, args.replica)
+        if config.engine == "tensorrt_llm" and len(config.driver.device) == 1:
+            require_package()
+            ensure_library_path(sys.argv[1:] if argv is None else argv)  # may re-exec this process once
+    except StartupError as exc:
+        print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
+        return 2
+    handshake_out = _handshake_stream(args.handshake_fd)
+    endpoint = None
+    try:
+        curve = load_curve(config.options.curve_secret_key_file, config.options.curve_client_keys_file)
+        endpoint = resolve_endpoint(args.endpoint, curve=curve is not None)
+        backend, handshake, limits, close = _build_backend(config, args.config, endpoint)
+        server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent, curve=curve,
+                              busy_poll_s=config.options.busy_poll_us / 1e6)
+    except StartupError as exc:
+        if endpoint is not None:
+            remove_endpoint_files(endpoint)
+        print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
+        return 2
+
+    def request_stop(signum: int, frame: object) -> None:
+        server.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    handshake_out.write(json.dumps({"group_id": config.driver.group_id, "endpoint": endpoint.url,
+                                    "caps": handshake["caps"]}) + "\n")
+    handshake_out.write(json.dumps({"ready": True, "num_groups": 1}) + "\n")
+    handshake_out.close()
+    try:
+        server.serve()
+    finally:
+        close()
+    return 0
+
+
+def select_replica(config: DriverConfig, index: int) -> None:
+    """In a replica subprocess: keep only its own device (the parent already pinned CUDA_VISIBLE_DEVICES)."""
+    devices = config.driver.device
+    if not 0 <= index < len(devices):
+        raise StartupError(f"--replica {index} is outside driver.device ({len(devices)} entries)")
+    device = devices[index]
+    if device.startswith("cuda:") and os.environ.get("CUDA_VISIBLE_DEVICES") == device.split(":", 1)[1]:
+        device = "cuda:0"  # the only GPU this process can see
+    config.driver.device = [device]
+
+
+def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -> tuple[Any, ...]:
+    """One device: the core in this process. Several: a replica subprocess per device behind a router."""
+    if len(config.driver.device) > 1:
+        private_dir = endpoint.private_dir or tempfile.mkdtemp(prefix="pie-trtllm-r-", dir="/tmp")
+        replicas = ReplicaSet(config_path, config.driver.device, private_dir)
+        handshake = replicas.handshake
+        caps, model = handshake["caps"], handshake["model"]  # forward caps: N replicas' worth (replica_batches)
+        limits = Limits(vocab_size=model["vocab_size"], max_model_len=model["max_model_len"],
+                        max_forward_requests=caps["max_forward_requests"],
+                        max_forward_tokens=caps["max_forward_tokens"],
+                        max_logprob_labels=caps["max_logprob_labels"], max_frame_bytes=config.options.max_frame_bytes,
+                        samplers=frozenset(caps["samplers"]))
+        return replicas, handshake, limits, replicas.close
+    engine = _wrap_engine(load_engine(config, config.driver.device[0]), config)
+    core = DriverCore(engine, max_contexts=config.options.max_session_histories,
+                      lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed)
+    limits = build_limits(config, engine)
+    handshake = build_handshake(config, engine, build_caps(config, engine, limits))
+    return LocalBackend(core, config.driver.device[0]), handshake, limits, engine.close
+
+
+def _wrap_engine(engine: Engine, config: DriverConfig) -> Engine:
+    """Test-only fault injection when its variable is set, then the engine thread and its deadline."""
+    faults = os.environ.get(FAULTS_ENV_VAR)
+    if faults:
+        from pie_driver_trtllm.engines.faults import FaultyEngine, parse_faults
+
+        engine = FaultyEngine(engine, parse_faults(faults))
+    timeout = config.options.engine_step_timeout_s
+    return GuardedEngine(engine, timeout)

@@ -1,0 +1,340 @@
+"""ZeroMQ transport: one ROUTER socket, owned by whichever thread holds the socket lock.
+
+The owner decodes, plans, runs and answers each request itself, so a forward crosses no thread on its
+way. Only while it makes an engine call does it let the lock go: if the call takes longer than
+`TAKEOVER_S`, a standby thread takes the socket, answers `handshake`, `health` and `stats`, queues state
+ops (they run in arrival order) and, at the engine's deadline, answers the forward with errors and stays
+the owner; the late call's thread is then abandoned. A finished call takes the socket back through a
+pipe polled next to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zmq
+
+from pie_driver_trtllm.config import StartupError
+from pie_driver_trtllm.serving.backend import Pending
+from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint, remove_endpoint_files
+from pie_driver_trtllm.serving.engine_guard import Abandoned
+from pie_driver_trtllm.wire.codec import FrameRejected, Limits, Request, decode_frame, encode_error, encode_ok
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
+
+TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
+HARD_CAP_FACTOR = 4  # ZeroMQ drops a peer whose message exceeds this many times the frame limit
+
+
+class Backend(Protocol):
+    """What the transport serves: the core of one replica, or a router over several."""
+
+    def begin(self, request: Request) -> dict[str, Any] | Pending: ...
+    def health(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]: ...
+    def count_error(self, code: str) -> None: ...
+
+
+class Wakeup:
+    """A pipe polled next to the socket; any thread may `set` it to interrupt the poll."""
+
+    def __init__(self) -> None:
+        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full of unread wake-ups: the reader will come
+            os.write(self._write_fd, b"!")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 4096):
+                pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._write_fd)
+
+
+class _Run:
+    """An op whose slow part runs on its thread without the socket lock."""
+
+    __slots__ = ("done", "identity", "pending", "request", "started")
+
+    def __init__(self, identity: bytes, request: Request, pending: Pending) -> None:
+        self.identity, self.request, self.pending = identity, request, pending
+        self.started = time.monotonic()
+        self.done = False
+
+
+class DriverServer:
+    def __init__(self, endpoint: Endpoint, limits: Limits, backend: Backend,
+                 handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None,
+                 busy_poll_s: float = 0.0) -> None:
+        self.endpoint = endpoint
+        self.limits = limits
+        self.backend = backend
+        self.handshake = handshake
+        self.parent_pid = parent_pid
+        self.started = time.monotonic()
+        self.stop_requested = threading.Event()
+        self.dropped_replies = 0
+        self.busy_poll_s = busy_poll_s
+        self._spin_until = 0.0  # busy-poll the socket until then: the host's next request is likely near
+        self._lock = threading.Lock()  # its holder owns the ROUTER socket and the driver state
+        self._run: _Run | None = None
+        self._backlog: deque[tuple[bytes, Request]] = deque()  # state ops waiting behind the run
+        self._wakeup = Wakeup()
+        self._closed = threading.Event()
+        self._context = zmq.Context.instance()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes * HARD_CAP_FACTOR)
+        self._router.setsockopt(zmq.LINGER, 1000)
+        if endpoint.url.startswith("tcp://["):
+            self._router.setsockopt(zmq.IPV6, 1)
+        self._auth = self._secure(curve) if curve is not None else None
+        try:
+            self._router.bind(endpoint.url)
+        except zmq.ZMQError as exc:
+            self._router.close(0)
+            self._wakeup.close()
+            if self._auth is not None:
+                self._auth.stop()
+            remove_endpoint_files(endpoint)
+            raise StartupError(f"endpoint: cannot bind {endpoint.url}: {exc}") from None
+        endpoint.url = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a tcp wildcard port
+        if endpoint.socket_path:
+            os.chmod(endpoint.socket_path, 0o600)
+        self._poller = zmq.Poller()
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._wakeup.fd, zmq.POLLIN)
+
+    def _secure(self, curve: CurveKeys) -> Any:
+        """CURVE on the ROUTER: a peer that does not know the server's public key never completes the
+        handshake, so it gets nothing back. With a client list, a ZAP thread admits listed keys only."""
+        auth = None
+        if curve.client_keys is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            auth = ThreadAuthenticator(self._context)
+            auth.start()
+            auth.configure_curve_callback("*", AllowedClients(curve.client_keys))
+        self._router.curve_secretkey = curve.secret_key
+        self._router.curve_publickey = curve.public_key
+        self._router.curve_server = True
+        return auth
+
+    # ------------------------------------------------------------------ socket ownership
+
+    def serve(self) -> None:
+        """Serve until shutdown (op, signal or parent death) and clean up. The socket is served by other
+        threads: the calling (main) thread only waits, so that signals reach it during an engine call."""
+        threading.Thread(target=self._primary, name="driver-socket", daemon=True).start()
+        self._start_standby()
+        while not self._closed.wait(0.1):
+            pass
+
+    def _primary(self) -> None:
+        self._lock.acquire()
+        try:
+            self._serve_socket()
+        except Abandoned:
+            return  # the lock went with the engine call; the standby owns the socket now
+        self._lock.release()
+
+    def _start_standby(self) -> None:
+        threading.Thread(target=self._standby, name="driver-standby", daemon=True).start()
+
+    def _standby(self) -> None:
+        while not self._closed.wait(TAKEOVER_S):
+            run = self._run
+            if run is None or run.done or time.monotonic() - run.started < TAKEOVER_S:
+                continue
+            self._lock.acquire()
+            try:
+                if self._run is run and not run.done:
+                    self._serve_socket()
+            except Abandoned:
+                return
+            self._lock.release()
+
+    def _serve_socket(self) -> None:
+        """With the lock held: serve until shutdown, or until another thread's run is done (that thread
+        takes the socket back)."""
+        while True:
+            run = self._run
+            if run is not None:
+                if run.done:
+                    return
+                if run.pending.deadline is not None and time.monotonic() >= run.pending.deadline:
+                    self._expire(run)
+                    continue
+            elif self._backlog:
+                self._start(*self._backlog.popleft())
+                continue
+            elif self.stop_requested.is_set():
+                self._receive_frames()  # what already arrived is answered SHUTTING_DOWN
+                self._shutdown()
+                return
+            events = self._wait()
+            if self._wakeup.fd in events:
+                self._wakeup.clear()
+            if self._router in events:
+                self._receive_frames()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self.stop_requested.set()
+
+    def _wait(self) -> dict[Any, int]:
+        # A reply usually brings the host's next request within tens of microseconds: polling without
+        # blocking until then saves the thread's sleep and wake-up (100-300 us on virtual machines).
+        while time.perf_counter() < self._spin_until:
+            events = self._poller.poll(0)
+            if events:
+                return dict(events)
+        return dict(self._poller.poll(self._poll_timeout_ms()))
+
+    def _poll_timeout_ms(self) -> int:
+        deadline = self._run.pending.deadline if self._run is not None else None
+        if deadline is None:
+            return 50
+        return max(1, min(50, int((deadline - time.monotonic()) * 1000) + 1))
+
+    def _receive_frames(self) -> None:
+        for _ in range(256):  # bounded, so replies keep flowing under a flood
+            try:
+                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = parts[0].bytes
+            if len(parts) != 2:
+                self._reject(identity, None, DriverError(
+                    ErrorCode.BAD_FRAME, f"expected one frame per message, got {len(parts) - 1}"))
+                continue
+            try:
+                self._on_frame(identity, parts[1].buffer)
+            except Exception as exc:  # last line of defence: a frame must never stop the socket loop
+                self._reject(identity, None, DriverError(ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}"))
+
+    def _on_frame(self, identity: bytes, frame: memoryview) -> None:
+        try:
+            request = decode_frame(frame, self.limits)
+        except FrameRejected as rejected:
+            self._reject(identity, rejected.request_id, rejected.error)
+            return
+        if self.stop_requested.is_set():
+            self._reject(identity, request.id, DriverError(ErrorCode.SHUTTING_DOWN, "the driver is shutting down"))
+        elif request.op == "handshake":
+            self._send(identity, encode_ok(request.id, self.handshake))
+        elif request.op == "health":
+            self._send(identity, encode_ok(request.id, self.health()))
+        elif request.op == "stats":
+            stats = self.backend.stats()
+            stats["dropped_replies"] = self.dropped_replies
+            self._send(identity, encode_ok(request.id, stats))
+        elif request.op == "shutdown":
+            self._send(identity, encode_ok(request.id, {}))
+            self.stop_requested.set()
+        elif self._run is None and not self._backlog:
+            self._start(identity, request)
+        else:
+            self._backlog.append((identity, request))
+
+    @property
+    def inflight(self) -> int:
+        """Forwards started or waiting."""
+        waiting = sum(request.op == "forward" for _, request in self._backlog)
+        run = self._run
+        return waiting + (run is not None and run.request.op == "forward")
+
+    def health(self) -> dict[str, Any]:
+        health = self.backend.health()
+        for replica in health["replicas"]:
+            replica.setdefault("inflight", self.inflight)
+        health["uptime_s"] = round(time.monotonic() - self.started, 3)
+        return health
+
+    def _reject(self, identity: bytes, request_id: int | None, error: DriverError) -> None:
+        self.backend.count_error(error.code)
+        self._send(identity, encode_error(request_id, error))
+
+    def _send(self, identity: bytes, payload: bytes) -> None:
+        self._spin_until = time.perf_counter() + self.busy_poll_s
+        try:
+            self._router.send_multipart([identity, payload], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:  # host gone (ROUTER_MANDATORY) or its queue is full: drop, never block
+            self.dropped_replies += 1
+
+    # ------------------------------------------------------------------ state ops
+
+    def _start(self, identity: bytes, request: Request) -> None:
+        if self.stop_requested.is_set():
+            self._reject(identity, request.id, DriverError(
+                ErrorCode.SHUTTING_DOWN, "the driver is shutting down; not started"))
+        else:
+            self._reply(identity, request, lambda: self.backend.begin(request))
+
+    def _reply(self, identity: bytes, request: Request,
+               step: Callable[[], dict[str, Any] | Pending | None]) -> bool:
+        """Send the reply that `step` gives, running its slow part first if it has one. False when `step`
+        had no reply (an expiry that found the engine call just returned)."""
+        try:
+            outcome = step()
+            if outcome is None:
+                return False
+            if isinstance(outcome, Pending):
+                self._execute(_Run(identity, request, outcome))
+                return True
+            payload = encode_ok(request.id, outcome)
+        except DriverError as exc:
+            self.backend.count_error(exc.code)
+            payload = encode_error(request.id, exc)
+        except Exception as exc:  # a bug or an engine failure: fail this request, keep serving
+            self.backend.count_error(ErrorCode.ENGINE_ERROR)
+            payload = encode_error(request.id, DriverError(ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"))
+        self._send(identity, payload)
+        return True
+
+    def _execute(self, run: _Run) -> None:
+        """Run the slow part without the lock, take the socket back, answer. Abandoned propagates
+        without the lock: the standby answered this op at its deadline and owns the socket."""
+        self._run = run
+        self._lock.release()
+        try:
+            result = run.pending.run()
+            error: Exception | None = None
+        except Exception as exc:  # Abandoned is a BaseException: it passes, and leaves the lock alone
+            result, error = None, exc
+        run.done = True
+        if not self._lock.acquire(blocking=False):
+            self._wakeup.set()  # the standby holds the socket: have it hand the socket back
+            self._lock.acquire()
+        self._run = None
+        if error is not None:
+            self._reply(run.identity, run.request, lambda: _raise(error))
+        else:
+            self._reply(run.identity, run.request, lambda: run.pending.finish(result))
+
+    def _expire(self, run: _Run) -> None:
+        """The run's deadline passed (we are the standby): answer it now and stay the socket's owner."""
+        self._run = None
+        if not self._reply(run.identity, run.request, run.pending.expire):
+            self._run = run  # its call returned just now; its own thread answers
+            return
+        self._start_standby()  # for this thread's own engine calls from now on
+
+    def _shutdown(self) -> None:
+        self._router.close()
+        self._wakeup.close()
+        if self._auth is not None:
+            self._auth.stop()
+        remove_endpoint_files(self.endpoint)
+        self._closed.set()
+
+
+def _raise(error: Exception) -> Any:
+    raise error

@@ -1,0 +1,1 @@
+"""Operator tools: the CLI, install, doctor, Pie config checks, and the demo."""

@@ -1,0 +1,208 @@
+"""Protocol v1 codec: frames in, validated request objects out; reply maps in, frames out.
+
+The general path here names every problem; `fast_forward` takes the common well-formed forward in one
+pass and steps aside for anything else. What they build is defined in `messages`.
+
+All checking of what a host sends happens here, once. Inner code receives `Request` objects whose
+fields are known to be well typed and within the model's limits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from pie_driver_trtllm import PROTOCOL_VERSION
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
+from pie_driver_trtllm.wire.fast_forward import fast_forward
+from pie_driver_trtllm.wire.limits import Limits
+from pie_driver_trtllm.wire.messages import (
+    Fork,
+    Forward,
+    ForwardItem,
+    FrameRejected,
+    Release,
+    Request,
+    Truncate,
+    is_uint,
+)
+from pie_driver_trtllm.wire.samplers import (
+    ALL_SAMPLERS,
+    TOKEN_SAMPLERS,
+    U32,
+    U64,
+    Sampler,
+    WireSampler,
+    sampler_from_wire,
+    wire_map,
+)
+
+# Re-exported: inner code imports the validated objects and the samplers from here.
+__all__ = ["ALL_SAMPLERS", "TOKEN_SAMPLERS", "Fork", "Forward", "ForwardItem", "FrameRejected", "Limits", "Release",
+           "Request", "Sampler", "Truncate"]
+
+CONTROL_OPS = frozenset({"handshake", "health", "stats"})
+STATE_OPS = frozenset({"forward", "fork", "truncate", "release", "shutdown"})
+
+
+# ---------------------------------------------------------------- wire shapes (decoded by msgspec)
+
+class _Header(msgspec.Struct):
+    v: Any = msgspec.UNSET
+    id: Any = msgspec.UNSET
+    op: Any = msgspec.UNSET
+
+
+class _Op(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    v: Any = None
+    id: Any = None
+    op: Any = None
+
+
+class _Forward(_Op):
+    requests: list[msgspec.Raw]
+
+
+class _Fork(_Op):
+    src: U64
+    dst: U64
+    length: U32 | None = None
+
+
+class _Truncate(_Op):
+    context: U64
+    length: U32
+
+
+class _Release(_Op):
+    contexts: list[U64]
+
+
+class _WireRequest(msgspec.Struct, forbid_unknown_fields=True):
+    context: U64
+    tokens: list[U32]
+    positions: list[U32]
+    samplers: list[WireSampler] = []
+
+
+_OP_TYPES: dict[str, type[_Op]] = {"forward": _Forward, "fork": _Fork, "truncate": _Truncate,
+                                   "release": _Release}
+_header_decoder = msgspec.msgpack.Decoder(_Header)
+_op_decoders = {op: msgspec.msgpack.Decoder(t) for op, t in _OP_TYPES.items()}
+_request_decoder = msgspec.msgpack.Decoder(_WireRequest)
+_encoder = msgspec.msgpack.Encoder()
+
+
+# ---------------------------------------------------------------- decoding
+
+def decode_frame(frame: bytes | memoryview, limits: Limits) -> Request:
+    """Decode and validate one frame. Raises FrameRejected with the reply's id and error."""
+    if len(frame) > limits.max_frame_bytes:
+        raise FrameRejected(None, DriverError(
+            ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes is over the {limits.max_frame_bytes}-byte limit"))
+    try:
+        return fast_forward(frame, limits) or _decode(frame, limits)
+    except RecursionError:
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, "frame is nested too deeply")) from None
+    except UnicodeDecodeError as exc:  # msgspec reports a bad UTF-8 string this way
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, f"frame holds an invalid string: {exc}")) from None
+
+
+def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
+    try:
+        header = _header_decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, f"frame is not a msgpack map: {exc}")) from None
+    except msgspec.DecodeError as exc:
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_FRAME, f"frame is not valid msgpack: {exc}")) from None
+
+    request_id = header.id if is_uint(header.id, 64) else None
+    if type(header.v) is not int or header.v != PROTOCOL_VERSION:
+        shown = "missing" if header.v is msgspec.UNSET else repr(header.v)
+        raise FrameRejected(request_id, DriverError(
+            ErrorCode.VERSION, f"protocol version {shown} is not supported; this driver speaks v=1"))
+    if request_id is None:
+        what = "missing" if header.id is msgspec.UNSET else f"{header.id!r} is not an unsigned 64-bit integer"
+        raise FrameRejected(None, DriverError(ErrorCode.BAD_REQUEST, f"request id {what}"))
+    if not isinstance(header.op, str):
+        raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, "field 'op' must be a string"))
+    op = header.op
+    if op in CONTROL_OPS or op == "shutdown":
+        return Request(request_id, op)
+    if op not in _OP_TYPES:
+        known = ", ".join(sorted(CONTROL_OPS | STATE_OPS))
+        raise FrameRejected(request_id, DriverError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; known: {known}"))
+    try:
+        wire = _op_decoders[op].decode(frame)
+    except msgspec.ValidationError as exc:
+        raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, f"{op}: {exc}")) from None
+    if isinstance(wire, _Forward):
+        return Request(request_id, op, _forward_body(wire, limits, request_id))
+    if isinstance(wire, _Fork):
+        if wire.src == wire.dst:
+            raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, "fork: src and dst are the same"))
+        return Request(request_id, op, Fork(wire.src, wire.dst, wire.length))
+    if isinstance(wire, _Truncate):
+        return Request(request_id, op, Truncate(wire.context, wire.length))
+    assert isinstance(wire, _Release)
+    return Request(request_id, op, Release(tuple(wire.contexts)))
+
+
+def _forward_body(wire: _Forward, limits: Limits, request_id: int) -> Forward:
+    if len(wire.requests) > limits.max_forward_requests:
+        raise FrameRejected(request_id, DriverError(
+            ErrorCode.CAPACITY, f"forward has {len(wire.requests)} requests; max_forward_requests is "
+            f"{limits.max_forward_requests}"))
+    items: list[ForwardItem | DriverError] = []
+    total_tokens = 0
+    for index, raw in enumerate(wire.requests):
+        try:
+            wire_request = _request_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            items.append(DriverError(ErrorCode.BAD_REQUEST, f"requests[{index}]: {exc}"))
+            continue
+        total_tokens += len(wire_request.tokens)  # counted even when the request is refused below
+        try:
+            items.append(_forward_item(wire_request, limits))
+        except DriverError as exc:
+            exc.message = f"requests[{index}]: {exc.message}"
+            items.append(exc)
+    if total_tokens > limits.max_forward_tokens:
+        raise FrameRejected(request_id, DriverError(
+            ErrorCode.CAPACITY, f"forward carries {total_tokens} tokens; max_forward_tokens is "
+            f"{limits.max_forward_tokens}"))
+    return Forward(items)
+
+
+def _forward_item(wire: _WireRequest, limits: Limits) -> ForwardItem:
+    tokens, positions = wire.tokens, wire.positions
+    if len(tokens) != len(positions):
+        raise DriverError(ErrorCode.BAD_REQUEST,
+                          f"{len(tokens)} tokens but {len(positions)} positions; they must pair up")
+    if tokens and max(tokens) >= limits.vocab_size:
+        bad = next(t for t in tokens if t >= limits.vocab_size)
+        raise DriverError(ErrorCode.OUT_OF_RANGE, f"token {bad} is not below vocab_size {limits.vocab_size}")
+    if positions and max(positions) >= limits.max_model_len:
+        bad = next(p for p in positions if p >= limits.max_model_len)
+        raise DriverError(ErrorCode.OUT_OF_RANGE,
+                          f"position {bad} is not below max_model_len {limits.max_model_len}")
+    samplers = tuple(sampler_from_wire(s, len(tokens), limits) for s in wire.samplers)
+    return ForwardItem(wire.context, tokens, positions, samplers)
+
+
+# ---------------------------------------------------------------- encoding
+
+def encode_ok(request_id: int, result: dict[str, Any]) -> bytes:
+    return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **result})
+
+
+def encode_error(request_id: int | None, error: DriverError) -> bytes:
+    return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error.to_wire()})
+
+
+def encode_forward(request_id: int, items: list[ForwardItem]) -> bytes:
+    """A forward frame carrying already-validated requests (the router's hop to a replica)."""
+    requests = [{"context": item.context, "tokens": item.tokens, "positions": item.positions,
+                 "samplers": [wire_map(s) for s in item.samplers]} for item in items]
+    return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "op": "forward", "requests": requests})

@@ -1,0 +1,20 @@
+"""The limits every request is checked against at the edge: model facts and advertised caps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pie_driver_trtllm.sampler import ALL_SAMPLERS
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the edge checks requests against (model facts and advertised caps)."""
+
+    vocab_size: int
+    max_model_len: int
+    max_forward_requests: int
+    max_forward_tokens: int
+    max_logprob_labels: int
+    max_frame_bytes: int
+    samplers: frozenset[str] = frozenset(ALL_SAMPLERS)
