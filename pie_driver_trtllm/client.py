@@ -126,13 +126,13 @@ class DriverProcess:
     process: subprocess.Popen[bytes]
     endpoint: str
     handshake_line: dict[str, Any]
-    stderr_path: Path
+    stderr_path: Path | None  # None: standard error went to a descriptor the caller passed
 
     def client(self, timeout_s: float = 60.0, **options: Any) -> DriverClient:
         return DriverClient(self.endpoint, timeout_s, **options)
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
 
     def stop(self, timeout_s: float = 15.0) -> int:
         if self.process.poll() is None:
@@ -145,19 +145,29 @@ class DriverProcess:
 
 
 def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout_s: float = 120.0,
-          env: dict[str, str] | None = None, stderr_path: str | Path | None = None,
+          env: dict[str, str] | None = None, stderr_path: str | Path | None = None, stderr_fd: int | None = None,
           extra_args: list[str] | tuple[str, ...] = (), cpus: set[int] | None = None) -> DriverProcess:
     """Start `python -m pie_driver_trtllm` and wait for its two handshake lines.
 
-    Standard error goes to `stderr_path` (default: next to the config file); `cpus` pins the process.
+    Standard error goes to `stderr_fd` when given (an open descriptor the child inherits: a file, pipe or
+    socket), else to `stderr_path` (default: next to the config file); `cpus` pins the process.
     """
     command = [sys.executable, "-m", "pie_driver_trtllm", "--config", str(config_path), *extra_args]
     if endpoint:
         command += ["--endpoint", endpoint]
     log = Path(stderr_path) if stderr_path else Path(str(config_path) + ".stderr.log")
-    with open(log, "ab") as err:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err,
-                                   env={**os.environ, **(env or {})})
+    if stderr_fd is not None:
+        log = None
+    environment = {**os.environ, **(env or {})}
+    if log is None:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_fd, env=environment)
+    else:
+        with open(log, "ab") as err:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=environment)
+
+    def tail() -> str:
+        return log.read_text().strip()[-2000:] if log else "see its standard error"
+
     if cpus:
         os.sched_setaffinity(process.pid, cpus)  # before the engine starts its threads
     assert process.stdout is not None
@@ -168,7 +178,7 @@ def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout
     while len(lines) < 2:
         if time.monotonic() > deadline:
             process.kill()
-            raise DriverFailed(f"driver not ready within {ready_timeout_s} s: {log.read_text()[-2000:]}")
+            raise DriverFailed(f"driver not ready within {ready_timeout_s} s: {tail()}")
         chunk = process.stdout.read()
         if chunk:
             buffer += chunk
@@ -176,7 +186,7 @@ def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout
                 line, buffer = buffer.split(b"\n", 1)
                 lines.append(json.loads(line))
         elif process.poll() is not None:
-            raise DriverFailed(f"driver exited with {process.returncode}: {log.read_text().strip()[-2000:]}")
+            raise DriverFailed(f"driver exited with {process.returncode}: {tail()}")
         else:
             time.sleep(0.01)
     if not lines[1].get("ready"):

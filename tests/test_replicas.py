@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import msgspec
@@ -259,3 +260,24 @@ def test_a_request_over_one_replicas_token_cap_is_served_in_parts(start_driver):
     assert got[1] == want[1]
     history = {5: prompt + [got[0]["outputs"][0]["token"]], 6: [4, 5, 6, got[1]["outputs"][0]["token"]]}
     assert decode(pair.client(), history, 3) == decode(single.client(), history, 3)
+
+
+def test_replicas_start_when_the_drivers_stderr_is_a_socket(tmp_path, tiny_model):
+    """A host whose stdio are sockets (Node.js's default): the replicas inherit that descriptor."""
+    from conftest import write_config
+
+    from pie_driver_trtllm.client import spawn
+
+    ours, theirs = socket.socketpair()
+    try:
+        driver = spawn(write_config(tmp_path, tiny_model, driver=PAIR),
+                       stderr_fd=theirs.fileno())
+        try:
+            client = driver.client()
+            assert client.call("health")["status"] == "ok"
+            assert client.forward([request(1, [4, 5, 6]), request(2, [7])])[0]["ok"]
+        finally:
+            driver.stop()
+    finally:
+        ours.close()
+        theirs.close()

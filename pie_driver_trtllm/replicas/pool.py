@@ -9,6 +9,7 @@ and restarts it with backoff.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -74,7 +75,8 @@ class ReplicaPool:
             env["OMP_NUM_THREADS"] = str(len(cpus))
         endpoint = f"ipc://{self.private_dir}/r{replica.index}.sock"
         try:
-            process = spawn(self.config_path, endpoint=endpoint, env=env, stderr_path="/dev/stderr",
+            # The descriptor itself, not a path to it: /dev/stderr cannot be opened when it is a socket.
+            process = spawn(self.config_path, endpoint=endpoint, env=env, stderr_fd=_stderr_fd(),
                             extra_args=["--replica", str(replica.index)], cpus=cpus)
         except (DriverFailed, OSError) as exc:
             with self.lock:
@@ -82,7 +84,7 @@ class ReplicaPool:
                 replica.next_start = time.monotonic() + BACKOFF_S[min(replica.failures, len(BACKOFF_S)) - 1]
                 replica.restarting = False
             print(f"pie-driver-trtllm: replica {replica.index} ({replica.device}) failed to start: {exc}",
-                  file=os.sys.stderr)
+                  file=sys.stderr)
             return
         with self.lock:
             replica.process = process
@@ -116,7 +118,7 @@ class ReplicaPool:
             replica.retired_control += [replica.control] if replica.control else []
             replica.work = replica.control = None
         print(f"pie-driver-trtllm: replica {replica.index} ({replica.device}) died; restarting",
-              file=os.sys.stderr)
+              file=sys.stderr)
 
     def close(self) -> None:
         self._stop.set()
@@ -137,6 +139,14 @@ class ReplicaPool:
                 for client in retired:
                     client.close()
                 retired.clear()
+
+
+def _stderr_fd() -> int:
+    """This process's standard error descriptor, which each replica inherits as its own."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # replaced by an object without a descriptor
+        return 2
 
 
 def cpu_partition(parts: int) -> list[set[int]]:
