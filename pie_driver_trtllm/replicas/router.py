@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,19 @@ from pie_driver_trtllm.replicas.batches import (
     take_replies,
 )
 from pie_driver_trtllm.replicas.pool import Replica, ReplicaPool
+from pie_driver_trtllm.replicas.splice import FAILED_MARK, Spliced, decode_spliced, encode_share
 from pie_driver_trtllm.serving.backend import Pending
-from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardItem, Release, Request, Truncate, encode_forward
+from pie_driver_trtllm.wire.codec import (
+    Fork,
+    Forward,
+    ForwardItem,
+    Limits,
+    Release,
+    Request,
+    Truncate,
+    decode_frame,
+    encode_forward,
+)
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 
@@ -42,7 +53,10 @@ class ReplicaSet:
         self._owner: dict[int, int] = {}
         self._lost: set[int] = set()
         self._ids = itertools.count(1)
+        # What the host sent and received, counted here: a replica sees parts, not the host's forwards.
+        self._requests = 0
         self._errors: Counter[str] = Counter()
+        self._outputs_not_returned = 0  # outputs of parts whose request failed in another part
         self._pool = ReplicaPool(config_path, devices, private_dir, on_death=self._lose_contexts)
         self._lock = self._pool.lock
         self.replicas = self._pool.replicas
@@ -67,10 +81,21 @@ class ReplicaSet:
         """Every state op waits on replicas: all of it runs outside the socket lock."""
         return Pending(run=lambda: self.handle(request), finish=lambda reply: reply, expire=lambda: None)
 
+    def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request:
+        """A forward the one-pass path can take (`splice`), else the codec's general decode."""
+        return decode_spliced(frame, limits) or decode_frame(frame, limits)
+
     def handle(self, request: Request) -> dict[str, Any]:
         self._pool.close_retired(kind="work")
-        body = request.body
+        body: Any = request.body
+        if isinstance(body, Spliced):
+            with self._lock:
+                self._requests += len(body.requests)
+            results = self._forward_spliced(body)
+            return {"results": results if results is not None else self._forward(body.items)}
         if isinstance(body, Forward):
+            with self._lock:
+                self._requests += len(body.items)
             return {"results": self._forward(body.items)}
         if isinstance(body, Fork):
             return self._fork(body)
@@ -89,10 +114,12 @@ class ReplicaSet:
         return {"status": "ok" if all(r["alive"] for r in replicas) else "degraded", "replicas": replicas}
 
     def stats(self) -> dict[str, Any]:
-        total: dict[str, Any] = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "engine_calls": 0,
-                                 "engine_s": 0.0, "lookahead_hits": 0, "contexts": 0, "evictions": 0}
+        """`requests` and `errors` as the host sent and received them; the rest summed over the replicas."""
+        total: dict[str, Any] = {"tokens_in": 0, "tokens_out": 0, "engine_calls": 0, "engine_s": 0.0,
+                                 "oom_splits": 0, "lookahead_hits": 0, "contexts": 0, "evictions": 0}
         self._pool.close_retired(kind="control")
-        errors = Counter(self._errors)
+        with self._lock:
+            requests, errors, not_returned = self._requests, dict(self._errors), self._outputs_not_returned
         per_replica = []
         for replica in self.replicas:
             entry: dict[str, Any] = {"device": replica.device, "alive": replica.alive}
@@ -104,14 +131,77 @@ class ReplicaSet:
                     stats = {}
                 for key in total:
                     total[key] += stats.get(key, 0)
-                errors.update(stats.get("errors", {}))
                 entry.update(stats)
             per_replica.append(entry)
-        return {**total, "errors": dict(errors), "replicas": per_replica}
+        total["tokens_out"] = max(0, total["tokens_out"] - not_returned)
+        return {"requests": requests, **total, "errors": errors, "replicas": per_replica}
 
     def count_error(self, code: str) -> None:
         with self._lock:
             self._errors[str(code)] += 1
+
+    def _count_failures(self, results: list[dict[str, Any] | msgspec.Raw]) -> None:
+        """Count each failed result in `stats.errors`, whoever built it (a replica's only when its
+        bytes can hold a failure)."""
+        codes = Counter()
+        for result in results:
+            if isinstance(result, msgspec.Raw):
+                if FAILED_MARK not in bytes(result):
+                    continue
+                result = msgspec.msgpack.decode(result)
+            if not result.get("ok"):
+                codes[result["error"]["code"]] += 1
+        if codes:
+            with self._lock:
+                self._errors.update(codes)
+
+    # ------------------------------------------------------------------ the one-pass path
+
+    def _forward_spliced(self, body: Spliced) -> list[dict[str, Any] | msgspec.Raw] | None:
+        """Each replica's share as one sub-forward of the host's requests, re-packed as they came, and
+        the results spliced back in request order. None when the general path must take the forward:
+        a context to replay (or none alive to place it on), or a share over its replica's caps."""
+        requests = body.requests
+        shares: list[list[Any]] = [[] for _ in self.replicas]
+        where: list[list[int]] = [[] for _ in self.replicas]
+        owner = self._owner
+        with self._lock:
+            lost = self._lost
+            if lost and any(r.context in lost for r in requests):
+                return None
+            for index, request in enumerate(requests):
+                replica = owner.get(request.context)
+                if replica is None:
+                    try:
+                        replica = self._place(request).index
+                    except DriverError:
+                        return None
+                shares[replica].append(request)
+                where[replica].append(index)
+        max_requests, max_tokens = self._replica_caps
+        if (len(requests) > max_requests or body.tokens > max_tokens) and any(
+                len(share) > max_requests or sum(len(r.tokens) for r in share) > max_tokens for share in shares):
+            return None
+        sent = [(index, self._send_frame(index, lambda request_id, share=share: encode_share(request_id, share)))
+                for index, share in enumerate(shares) if share]
+        replies = self._gather([(index, request_id) for index, request_id in sent if request_id is not None])
+        results: list[Any] = [None] * len(requests)
+        for index, request_id in sent:
+            received = None if request_id is None else replies.get(request_id)
+            if received is None or received[1].results is None:
+                failure = self._lost_result(index, request_id) if received is None else \
+                    {"ok": False, "error": received[1].error}
+                for slot in where[index]:
+                    results[slot] = failure
+                self._count_failures([failure] * len(where[index]))
+            elif FAILED_MARK in received[0]:
+                for share_slot, (slot, result) in enumerate(zip(where[index], received[1].results, strict=True)):
+                    results[slot] = _renumbered(result, share_slot, slot)
+                self._count_failures([results[slot] for slot in where[index]])
+            else:
+                for slot, result in zip(where[index], received[1].results, strict=True):
+                    results[slot] = result
+        return results
 
     # ------------------------------------------------------------------ routing
 
@@ -144,29 +234,42 @@ class ReplicaSet:
                     decoded = msgspec.msgpack.decode(result) if isinstance(result, msgspec.Raw) else result
                     parts.setdefault(piece.request, []).append((piece, decoded))
         for index, received in parts.items():
-            results[index] = join_parts(items[index], received)  # type: ignore[arg-type]
+            results[index] = joined = join_parts(items[index], received)  # type: ignore[arg-type]
+            if not joined.get("ok"):
+                with self._lock:
+                    self._outputs_not_returned += sum(len(r["outputs"]) for _, r in received if r.get("ok"))
+        self._count_failures(results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     def _send(self, sub: SubForward) -> None:
         """Queue one sub-forward on its replica's socket; a replica already down leaves it unsent."""
-        replica = self.replicas[sub.replica]
+        sub.request_id = self._send_frame(
+            sub.replica, lambda request_id: encode_forward(request_id, [piece.item for piece in sub.pieces]))
+
+    def _send_frame(self, index: int, encode: Callable[[int], bytes]) -> int | None:
+        """Queue the frame `encode` makes for a fresh request id on a replica's socket: that id, or None
+        when the replica is down (it is marked dead)."""
+        replica = self.replicas[index]
         request_id = next(self._ids)
         try:
-            replica.work.send_raw(encode_forward(request_id, [piece.item for piece in sub.pieces]))  # type: ignore
-            sub.request_id = request_id
+            replica.work.send_raw(encode(request_id))  # type: ignore[union-attr]
         except (AttributeError, TimeoutError, zmq.ZMQError):  # AttributeError: no client, marked dead
             self._pool.mark_dead(replica)
+            return None
+        return request_id
+
+    def _lost_result(self, index: int, request_id: int | None) -> dict[str, Any]:
+        device = self.replicas[index].device
+        what = "is not reachable" if request_id is None else "died"
+        return _failed(DriverError(ErrorCode.REPLICA_LOST, f"replica {index} ({device}) {what}; "
+                                   "replay the context from position 0"))
 
     def _outcome(self, sub: SubForward, replies: dict[int, tuple[bytes, ForwardReply] | None]
                  ) -> list[dict[str, Any] | msgspec.Raw]:
         """The result of each piece of one sub-forward, as its replica encoded it or as a failure."""
-        device = self.replicas[sub.replica].device
         received = None if sub.request_id is None else replies.get(sub.request_id)
         if received is None:
-            what = "is not reachable" if sub.request_id is None else "died"
-            lost = _failed(DriverError(ErrorCode.REPLICA_LOST, f"replica {sub.replica} ({device}) {what}; "
-                                       "replay the context from position 0"))
-            return [lost] * len(sub.pieces)
+            return [self._lost_result(sub.replica, sub.request_id)] * len(sub.pieces)
         if received[1].results is None:  # the replica refused this sub-forward whole
             return [{"ok": False, "error": received[1].error}] * len(sub.pieces)
         return list(received[1].results)  # each result passes through as the replica encoded it
@@ -281,4 +384,16 @@ def _queued(socket: zmq.Socket) -> Iterator[bytes]:
 
 def _failed(error: DriverError) -> dict[str, Any]:
     return {"ok": False, "error": error.to_wire()}
+
+
+def _renumbered(result: msgspec.Raw, share_index: int, index: int) -> dict[str, Any] | msgspec.Raw:
+    """A replica's result, its validation failure (if it is one) naming the request by its index in
+    the host's forward instead of in the replica's share."""
+    if FAILED_MARK not in bytes(result):
+        return result
+    decoded = msgspec.msgpack.decode(result)
+    prefix = f"requests[{share_index}]: "
+    if not decoded.get("ok") and decoded["error"].get("message", "").startswith(prefix):
+        decoded["error"]["message"] = f"requests[{index}]: " + decoded["error"]["message"][len(prefix):]
+    return decoded
 

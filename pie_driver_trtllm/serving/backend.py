@@ -13,7 +13,7 @@ from typing import Any
 
 from pie_driver_trtllm.core.driver_core import DriverCore, ForwardPlan
 from pie_driver_trtllm.serving.engine_guard import GuardedEngine
-from pie_driver_trtllm.wire.codec import Fork, Forward, Release, Request, Truncate
+from pie_driver_trtllm.wire.codec import Fork, Forward, Limits, Release, Request, Truncate, decode_frame
 from pie_driver_trtllm.wire.errors import ErrorCode
 
 
@@ -35,6 +35,9 @@ class LocalBackend:
         self.core = core
         self.engine: GuardedEngine = core.engine
         self.device = device
+
+    def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request:
+        return decode_frame(frame, limits)
 
     def begin(self, request: Request) -> dict[str, Any] | Pending:
         body = request.body

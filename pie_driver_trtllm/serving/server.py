@@ -24,7 +24,7 @@ from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.serving.backend import Pending
 from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint, remove_endpoint_files
 from pie_driver_trtllm.serving.engine_guard import Abandoned
-from pie_driver_trtllm.wire.codec import FrameRejected, Limits, Request, decode_frame, encode_error, encode_ok
+from pie_driver_trtllm.wire.codec import FrameRejected, Limits, Request, encode_error, encode_ok
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
@@ -34,6 +34,7 @@ HARD_CAP_FACTOR = 4  # ZeroMQ drops a peer whose message exceeds this many times
 class Backend(Protocol):
     """What the transport serves: the core of one replica, or a router over several."""
 
+    def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request: ...
     def begin(self, request: Request) -> dict[str, Any] | Pending: ...
     def health(self) -> dict[str, Any]: ...
     def stats(self) -> dict[str, Any]: ...
@@ -222,7 +223,7 @@ class DriverServer:
 
     def _on_frame(self, identity: bytes, frame: memoryview) -> None:
         try:
-            request = decode_frame(frame, self.limits)
+            request = self.backend.decode_frame(frame, self.limits)
         except FrameRejected as rejected:
             self._reject(identity, rejected.request_id, rejected.error)
             return
