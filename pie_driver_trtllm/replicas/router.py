@@ -9,6 +9,7 @@ while the other replicas keep serving.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +31,14 @@ from pie_driver_trtllm.replicas.batches import (
     take_replies,
 )
 from pie_driver_trtllm.replicas.pool import Replica, ReplicaPool
-from pie_driver_trtllm.replicas.splice import FAILED_MARK, Spliced, decode_spliced, encode_share
+from pie_driver_trtllm.replicas.splice import (
+    FAILED_MARK,
+    Spliced,
+    Split,
+    decode_spliced,
+    encode_share,
+    token_bound,
+)
 from pie_driver_trtllm.serving.backend import Pending
 from pie_driver_trtllm.wire.codec import (
     Fork,
@@ -50,13 +58,7 @@ class ReplicaSet:
     """A Backend over several replica subprocesses."""
 
     def __init__(self, config_path: str | Path, devices: list[str], private_dir: str) -> None:
-        self._owner: dict[int, int] = {}
-        self._lost: set[int] = set()
-        self._ids = itertools.count(1)
-        # What the host sent and received, counted here: a replica sees parts, not the host's forwards.
-        self._requests = 0
-        self._errors: Counter[str] = Counter()
-        self._outputs_not_returned = 0  # outputs of parts whose request failed in another part
+        self._routing_state()
         self._pool = ReplicaPool(config_path, devices, private_dir, on_death=self._lose_contexts)
         self._lock = self._pool.lock
         self.replicas = self._pool.replicas
@@ -66,6 +68,18 @@ class ReplicaSet:
         handshake["caps"] = {**router_caps(caps, len(devices)), "replicas": len(devices), "devices": list(devices)}
         self.handshake = handshake
 
+    def _routing_state(self) -> None:
+        """Where each context lives, and the counters of what the host sent and received."""
+        self._owner: dict[int, int] = {}
+        self._lost: set[int] = set()
+        self._ids = itertools.count(1)
+        # What the host sent and received, counted here: a replica sees parts, not the host's forwards.
+        self._requests = 0
+        self._errors: Counter[str] = Counter()
+        self._outputs_not_returned = 0  # outputs of parts whose request failed in another part
+        self._moves = 0  # counts every change of `_owner`
+        self._split: tuple[int, list[int], Split] | None = None  # (moves, contexts, grouping) of the last forward
+
     def close(self) -> None:
         self._pool.close()
 
@@ -74,6 +88,7 @@ class ReplicaSet:
         for context in replica.contexts:
             self._owner.pop(context, None)
             self._lost.add(context)
+        self._moves += 1
 
     # ------------------------------------------------------------------ Backend
 
@@ -162,46 +177,51 @@ class ReplicaSet:
         the results spliced back in request order. None when the general path must take the forward:
         a context to replay (or none alive to place it on), or a share over its replica's caps."""
         requests = body.requests
-        shares: list[list[Any]] = [[] for _ in self.replicas]
-        where: list[list[int]] = [[] for _ in self.replicas]
-        owner = self._owner
+        contexts = list(map(_CONTEXT, requests))
         with self._lock:
-            lost = self._lost
-            if lost and any(r.context in lost for r in requests):
-                return None
-            for index, request in enumerate(requests):
-                replica = owner.get(request.context)
-                if replica is None:
+            # A decode step usually names the contexts of the last one, in its order: while no context
+            # moved since, the last grouping holds.
+            if self._split is None or self._split[0] != self._moves or self._split[1] != contexts:
+                if self._lost and not self._lost.isdisjoint(contexts):
+                    return None
+                places = list(map(self._owner.get, contexts))  # the placement table: a lookup per request
+                if None in places:
                     try:
-                        replica = self._place(request).index
+                        places = [self._place(request).index if place is None else place
+                                  for place, request in zip(places, requests, strict=True)]
                     except DriverError:
                         return None
-                shares[replica].append(request)
-                where[replica].append(index)
+                self._split = (self._moves, contexts, Split.of(places, len(self.replicas)))
+            split = self._split[2]
+        shares = split.shares(requests)
         max_requests, max_tokens = self._replica_caps
         if (len(requests) > max_requests or body.tokens > max_tokens) and any(
-                len(share) > max_requests or sum(len(r.tokens) for r in share) > max_tokens for share in shares):
+                len(share) > max_requests or token_bound(share) > max_tokens for share in shares):
             return None
         sent = [(index, self._send_frame(index, lambda request_id, share=share: encode_share(request_id, share)))
                 for index, share in enumerate(shares) if share]
         replies = self._gather([(index, request_id) for index, request_id in sent if request_id is not None])
-        results: list[Any] = [None] * len(requests)
+        joined: list[Any] = []  # every share's results, one share after the other
         for index, request_id in sent:
             received = None if request_id is None else replies.get(request_id)
             if received is None or received[1].results is None:
                 failure = self._lost_result(index, request_id) if received is None else \
                     {"ok": False, "error": received[1].error}
-                for slot in where[index]:
-                    results[slot] = failure
-                self._count_failures([failure] * len(where[index]))
+                failures = [failure] * len(shares[index])
+                self._count_failures(failures)
+                joined += failures
             elif FAILED_MARK in received[0]:
-                for share_slot, (slot, result) in enumerate(zip(where[index], received[1].results, strict=True)):
-                    results[slot] = _renumbered(result, share_slot, slot)
-                self._count_failures([results[slot] for slot in where[index]])
+                slots = split.slots(index)
+                results = [_renumbered(result, j, slot)
+                           for j, (slot, result) in enumerate(zip(slots, received[1].results, strict=True))]
+                self._count_failures(results)
+                joined += results
             else:
-                for slot, result in zip(where[index], received[1].results, strict=True):
-                    results[slot] = result
-        return results
+                if len(received[1].results) != len(shares[index]):
+                    raise RuntimeError(f"replica {index} answered {len(received[1].results)} results for "
+                                       f"{len(shares[index])} requests")
+                joined += received[1].results
+        return split.in_request_order(joined)
 
     # ------------------------------------------------------------------ routing
 
@@ -313,6 +333,7 @@ class ReplicaSet:
                 raise DriverError(ErrorCode.REPLICA_LOST, "no replica is alive; retry shortly")
             replica = min(alive, key=lambda r: (len(r.contexts), r.index))
             self._owner[item.context] = replica.index
+            self._moves += 1
             replica.contexts.add(item.context)
             return replica
 
@@ -335,6 +356,7 @@ class ReplicaSet:
         with self._lock:
             self._lost.discard(body.dst)
             self._owner[body.dst] = source.index
+            self._moves += 1
             source.contexts.add(body.dst)
         return reply
 
@@ -356,6 +378,7 @@ class ReplicaSet:
     def _forget(self, context: int) -> None:
         with self._lock:
             owner = self._owner.pop(context, None)
+            self._moves += 1
             if owner is not None:
                 self.replicas[owner].contexts.discard(context)
 
@@ -371,6 +394,9 @@ class ReplicaSet:
         if not reply.ok:
             raise DriverError(ErrorCode(reply.error.code), reply.error.message)  # type: ignore[union-attr]
         return reply.result
+
+
+_CONTEXT = operator.attrgetter("context")
 
 
 def _queued(socket: zmq.Socket) -> Iterator[bytes]:
