@@ -115,6 +115,8 @@ def test_sigkill_of_a_replica_fails_only_its_contexts_and_it_restarts(start_driv
     results = dict(zip(PROMPTS, client.forward(step), strict=True))
     assert {c for c, r in results.items() if not r["ok"]} == victim_contexts
     assert all(r["error"]["code"] == "REPLICA_LOST" for c, r in results.items() if c in victim_contexts)
+    # Every REPLICA_LOST answer the router built is counted.
+    assert client.call("stats")["errors"] == {"REPLICA_LOST": len(lost) + len(victim_contexts)}
 
     # The replica comes back; a lost context replayed from position 0 and a new context are served.
     wait_for(lambda: client.call("health")["status"] == "ok", 60, 0.2)
@@ -281,3 +283,30 @@ def test_replicas_start_when_the_drivers_stderr_is_a_socket(tmp_path, tiny_model
     finally:
         ours.close()
         theirs.close()
+
+
+def test_stats_count_the_hosts_requests_and_every_error_it_received(start_driver):
+    pair = start_driver(driver=PAIR, **SMALL)
+    single = start_driver(**ROOMY)
+    client = pair.client()
+    # One request cut into two parts for a replica's 64-token cap is one request.
+    assert client.forward([request(5, [3 + (11 * i) % 97 for i in range(100)])])[0]["ok"]
+    stats = client.call("stats").result
+    assert stats["requests"] == 1 and stats["errors"] == {} and stats["oom_splits"] == 0
+    assert sum(r["requests"] for r in stats["replicas"]) == 2  # what the replicas saw: the two parts
+
+    # Refused entries, each counted and each answered as one driver answers it (the message naming its
+    # place in the host's forward): first as the replicas refuse them, then as the router does (a
+    # request with an unknown field sends the forward down the router's general path).
+    vocab = client.call("handshake")["model"]["vocab_size"]
+    requests = [request(1, [4, 5]), request(2, [vocab]), request(3, [6]) | {"samplers": [{"at": 3, "type": "greedy"}]},
+                request(4, [7]), {"context": 6, "tokens": [1, 2], "positions": [0]}, request(7, [vocab + 1]),
+                request(8, [vocab + 2]), request(9, [vocab + 3])]
+    for forward in (requests, [*requests[:-1], request(10, [8]) | {"extra": 1}]):
+        got = pair.client().call("forward", requests=forward)["results"]
+        want = single.client().call("forward", requests=forward)["results"]
+        assert [r["ok"] for r in got] == [r["ok"] for r in want] == [True, False, False, True] + [False] * 4
+        assert [r.get("error") for r in got] == [r.get("error") for r in want]
+    stats, alone = client.call("stats").result, single.client().call("stats").result
+    assert stats["requests"] == 1 + 8 + 8 and alone["requests"] == 8 + 8
+    assert stats["errors"] == alone["errors"] == {"OUT_OF_RANGE": 5 + 4, "BAD_REQUEST": 1 + 2}

@@ -15,10 +15,12 @@ same frames: `spliced` (the one-pass path every well-formed forward within the c
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +29,7 @@ import msgspec
 
 from pie_driver_trtllm.replicas.batches import ForwardReply, take_replies
 from pie_driver_trtllm.replicas.router import ReplicaSet
-from pie_driver_trtllm.wire.codec import Limits, decode_frame, encode_ok
+from pie_driver_trtllm.wire.codec import Limits, Request, decode_frame, encode_ok
 
 LIMITS = Limits(vocab_size=32000, max_model_len=4096, max_forward_requests=1024, max_forward_tokens=16384,
                 max_logprob_labels=20, max_frame_bytes=64 << 20)
@@ -68,22 +70,36 @@ def frame(contexts: int, request_id: int, position: int) -> bytes:
     return msgspec.msgpack.encode({"v": 1, "id": request_id, "op": "forward", "requests": requests})
 
 
+def fill_replies(router: _Router, contexts: int, forwards: int) -> None:
+    """The stand-ins' replies to the next `forwards` forwards of `contexts` contexts, made beforehand:
+    one sub-forward per replica with a share, the next ids in turn, each result its own."""
+    request_id = next(router._ids)
+    router._ids = itertools.count(request_id)
+    for _ in range(forwards):
+        for share in (contexts - contexts // 2, contexts // 2):  # replica 0 takes the odd one
+            if share:
+                results = [{"ok": True, "outputs": [{"token": request_id * 1000 + i}]} for i in range(share)]
+                router.replies[request_id] = _REPLY.encode({"v": 1, "id": request_id, "ok": True, "results": results})
+                request_id += 1
+
+
+def forward(router: _Router, decode: Callable[[bytes, Limits], Request], data: bytes) -> bytes:
+    """One forward through the router: the host's frame in, the reply frame out."""
+    request = decode(data, LIMITS)
+    return encode_ok(request.id, router.handle(request))
+
+
 def measure(contexts: int, forwards: int, spliced: bool) -> dict[str, float]:
     """Microseconds of CPU per forward of the router's own work (median and spread over `forwards`)."""
     router = _Router(2)
     decode = router.decode_frame if spliced else decode_frame
     warmup = 50
     frames = [frame(contexts, i + 1, 16 + i % 64) for i in range(forwards + warmup)]
-    # Each forward sends one sub-forward per replica, with the next two ids; each replica holds half.
-    for request_id in range(1, 2 * len(frames) + 1):
-        share = contexts // 2 + (contexts % 2 if request_id % 2 else 0)
-        router.replies[request_id] = _REPLY.encode(
-            {"v": 1, "id": request_id, "ok": True, "results": [{"ok": True, "outputs": [{"token": 7}]}] * share})
+    fill_replies(router, contexts, len(frames))
     samples = []
     for index, data in enumerate(frames):
         started = time.thread_time()
-        request = decode(data, LIMITS)
-        reply = encode_ok(request.id, router.handle(request))
+        reply = forward(router, decode, data)
         elapsed = time.thread_time() - started
         if index >= warmup:  # the first ones place every context
             samples.append(elapsed * 1e6)
