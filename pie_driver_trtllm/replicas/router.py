@@ -1,9 +1,11 @@
-"""Data-parallel replicas: the router in front of one driver subprocess per device (`replica_pool`).
+"""Data-parallel replicas: the router in front of one driver subprocess per device (`pool`).
 
 It serves the one socket the host talks to: it routes with context affinity, splits a forward by replica
-(and a replica's share into sub-forwards within that replica's caps, see `replica_batches`) and joins the
-results in order. Contexts of a replica that dies fail with REPLICA_LOST until replayed from position 0,
-while the other replicas keep serving.
+and joins the results in order. A well-formed forward takes one pass (`splice`): the host's requests go
+to their replicas as they came and the results come back as the replicas encoded them. Anything else
+takes the general way: validated here, and a replica's share cut into sub-forwards within that
+replica's caps (`batches`). Contexts of a replica that dies fail with REPLICA_LOST until replayed from
+position 0, while the other replicas keep serving. `stats` counts what the host sent and received.
 """
 
 from __future__ import annotations
