@@ -112,8 +112,9 @@ def token_bound(requests: list[Any]) -> int:
 
 
 def encode_share(request_id: int, requests: list[Any]) -> bytes:
-    """One replica's share as a forward frame: each request re-encoded from what was decoded, the
-    samplers copied as the host wrote them."""
+    """One replica's share as a forward frame: each request re-encoded from what was decoded (its raw
+    fields as the host wrote them, `samplers` only if the host sent it), so that a share stays within
+    the `max_frame_bytes` that the host's frame met (the request id aside, it is no larger)."""
     return _encoder.encode(_SubForward(PROTOCOL_VERSION, request_id, "forward", requests))
 
 
@@ -121,7 +122,7 @@ def encode_share(request_id: int, requests: list[Any]) -> bytes:
 def _decoder() -> msgspec.msgpack.Decoder:
     request = msgspec.defstruct("LightRequest", [("context", U64), ("tokens", msgspec.Raw),
                                                  ("positions", msgspec.Raw), ("samplers", msgspec.Raw, _NO_SAMPLERS)],
-                                forbid_unknown_fields=True, gc=False)
+                                forbid_unknown_fields=True, gc=False, omit_defaults=True)
     frame = msgspec.defstruct("LightForward", [("v", Any), ("id", Any), ("op", Any), ("requests", list[request])],
                               forbid_unknown_fields=True, gc=False)
     return msgspec.msgpack.Decoder(frame)
