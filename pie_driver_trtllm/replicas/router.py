@@ -231,15 +231,18 @@ class ReplicaSet:
         """Place every request, send each replica its share in sub-forwards within its caps (all of them
         before waiting for any), then join the replies in request order."""
         results: list[dict[str, Any] | msgspec.Raw | None] = [None] * len(items)
+        failed: list[int] = []  # the requests whose result may be a failure, to count in `stats.errors`
         shares: dict[int, list[Piece]] = {}
         for index, item in enumerate(items):
             if isinstance(item, DriverError):
                 results[index] = _failed(item)
+                failed.append(index)
                 continue
             try:
                 share = shares.setdefault(self._place(item).index, [])
             except DriverError as exc:
                 results[index] = _failed(exc)
+                failed.append(index)
                 continue
             share += pieces(index, item, self._replica_caps[1])
         subs = round_robin([[SubForward(replica, cut) for cut in sub_forwards(share, *self._replica_caps)]
@@ -249,18 +252,23 @@ class ReplicaSet:
         replies = self._gather([(sub.replica, sub.request_id) for sub in subs if sub.request_id is not None])
         parts: dict[int, list[tuple[Piece, Any]]] = {}
         for sub in subs:
+            received = None if sub.request_id is None else replies.get(sub.request_id)
+            clean = received is not None and received[1].results is not None and FAILED_MARK not in received[0]
             for piece, result in zip(sub.pieces, self._outcome(sub, replies), strict=True):
                 if piece.samplers is None:
                     results[piece.request] = result
+                    if not clean:
+                        failed.append(piece.request)
                 else:
                     decoded = msgspec.msgpack.decode(result) if isinstance(result, msgspec.Raw) else result
                     parts.setdefault(piece.request, []).append((piece, decoded))
         for index, received in parts.items():
             results[index] = joined = join_parts(items[index], received)  # type: ignore[arg-type]
             if not joined.get("ok"):
+                failed.append(index)
                 with self._lock:
                     self._outputs_not_returned += sum(len(r["outputs"]) for _, r in received if r.get("ok"))
-        self._count_failures(results)  # type: ignore[arg-type]
+        self._count_failures([results[index] for index in failed])  # type: ignore[misc]
         return results  # type: ignore[return-value]
 
     def _send(self, sub: SubForward) -> None:
