@@ -32,9 +32,10 @@ logger = logging.getLogger("tensorrt_llm")
 
 
 class _Executor:
-    """Stands in for GenerationExecutorProxy: the real executor would run in a worker process."""
+    """Stands in for GenerationExecutorProxy: the real executor runs in an MPI worker process."""
 
-    def __init__(self) -> None:
+    def __init__(self, session: Any) -> None:
+        self.mpi_session = session
         self._shutdown = False
 
     def is_shutdown(self) -> bool:
@@ -107,7 +108,8 @@ class LLM:
     def _create_executor(self) -> Any:
         """trtllm-api.md 5.1: TP=1 with TLLM_WORKER_USE_SINGLE_PROCESS=1 (or gather_generation_logits) gets an
         in-process GenerationExecutorWorker whose `.engine` is the PyExecutor; otherwise the executor runs in
-        another process and this process only holds a proxy (no `.engine`). The real package reads the variable
+        an MPI worker, which first imports the main module again (mpi_session.py), and this process only holds
+        a proxy (no `.engine`). The real package reads the variable
         once per process (@cache); the double reads it at each construction."""
         single = os.environ.get("TLLM_WORKER_USE_SINGLE_PROCESS", "0") == "1"
         if self.args.tensor_parallel_size == 1 and (single or self.args.gather_generation_logits):
@@ -117,7 +119,9 @@ class LLM:
             logger.warning("Using single process worker for TP1, this may hurt streaming generation performance.")
             return GenerationExecutorWorker(create_py_executor(self.args, str(self.args.model), self.tokenizer,
                                                                _model=self._model))
-        return _Executor()
+        from .mpi_session import MpiPoolSession
+
+        return _Executor(MpiPoolSession(n_workers=1))
 
     def _load_tokenizer(self, tokenizer: Any, model: str | Path) -> Any:
         if tokenizer is not None and not isinstance(tokenizer, str | Path):
