@@ -131,10 +131,12 @@ def test_executor_layout(trt: ModuleType, model_dir: Path, monkeypatch: pytest.M
             assert hasattr(pe, name), name
         assert hasattr(pe.model_engine, "attn_metadata") and pe.model_engine.kv_cache_dtype_byte_size == 4
         assert isinstance(pe.worker_thread, threading.Thread) and pe.worker_thread.is_alive() and pe.worker_started
-        assert pe.max_num_sequences == 3
+        assert pe.max_num_active_requests == 3 and not hasattr(pe, "max_num_sequences")
         managers = pe.resource_manager.resource_managers
         assert list(managers)[-1] == ResourceManagerType.KV_CACHE_MANAGER
-        assert managers[ResourceManagerType.SEQ_SLOT_MANAGER].max_num_sequences == 3
+        seq_slots = managers[ResourceManagerType.SEQ_SLOT_MANAGER]
+        assert seq_slots.get_max_resource_count() == seq_slots.slot_manager.max_num_requests == 3
+        assert not hasattr(seq_slots, "max_num_sequences")
         # the public path still works with the in-process worker
         out = llm.generate([5, 17, 42], trt.SamplingParams(end_id=-1, max_tokens=3))
         assert len(out.outputs[0].token_ids) == 3

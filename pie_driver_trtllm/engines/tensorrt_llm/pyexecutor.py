@@ -23,7 +23,7 @@ from pie_driver_trtllm.sampler import TOKEN_SAMPLERS, Sampler
 
 PINNED_VERSION = "1.2.1"
 EXECUTOR_ATTRIBUTES = ("model_engine", "resource_manager", "sampler", "scheduler", "active_requests",
-                       "worker_thread", "executor_request_queue")
+                       "worker_thread", "executor_request_queue", "max_num_active_requests")
 EXECUTOR_METHODS = ("_schedule", "_forward_step", "_sample_async", "_update_request_states", "_update_requests",
                     "_handle_responses", "_terminate_request")
 PRIVATE_IMPORTS = (("tensorrt_llm.bindings.executor", "Request"),
@@ -195,14 +195,18 @@ class PyExecutorEngine:
             self._executor.resource_manager.free_resources(session.request)
 
     def _capacity(self) -> int:
-        configured = self._options.max_batch_size or self._options.llm_kwargs.get("max_batch_size")
-        if configured:
-            return int(configured)
+        """How many requests the executor holds at once, read from the objects that enforce it."""
+        found = {"PyExecutor.max_num_active_requests": getattr(self._executor, "max_num_active_requests", None)}
         managers = getattr(self._executor.resource_manager, "resource_managers", {})
         for kind, manager in managers.items():
-            if "SEQ_SLOT" in str(kind) and getattr(manager, "max_num_sequences", None):
-                return int(manager.max_num_sequences)
-        return int(getattr(self._executor, "max_num_sequences", 1))
+            if "SEQ_SLOT" in str(kind):
+                found["SeqSlotManager.get_max_resource_count()"] = manager.get_max_resource_count()
+        found["llm.args.max_batch_size"] = getattr(getattr(self.llm, "args", None), "max_batch_size", None)
+        values = [int(v) for v in found.values() if isinstance(v, int) and v > 0]
+        if not values:
+            raise StartupError("engine tensorrt_llm: pyexecutor mode could not read the executor's capacity "
+                               f"(none of {', '.join(found)}); use execution_mode = \"generate\"")
+        return min(values)
 
 
 def _extract_executor(llm: Any) -> Any:

@@ -60,4 +60,4 @@ class MpiPoolSession:
         pass
 
 
-__all__ = ["MpiPoolSession", "WORKER_START_TIMEOUT_S", "main_module_identity"]
+__all__ = ["WORKER_START_TIMEOUT_S", "MpiPoolSession", "main_module_identity"]

@@ -27,7 +27,7 @@ class AttentionMetadata:
 
 class PyTorchModelEngine:
     def __init__(self, model: Any, max_num_tokens: int, max_seq_len: int, batch_size: int,
-                 kv_cache_manager: KVCacheManager | None = None) -> None:
+                 kv_cache_manager: KVCacheManager | None = None, max_num_sequences: int | None = None) -> None:
         import torch
 
         self.model = model
@@ -39,6 +39,11 @@ class PyTorchModelEngine:
         self.attn_metadata = AttentionMetadata(max_num_requests=batch_size, max_num_tokens=max_num_tokens,
                                                kv_cache_manager=kv_cache_manager)
         self.iter_counter = 0
+        self._max_num_sequences = max_num_sequences if max_num_sequences is not None else batch_size
+
+    def get_max_num_sequences(self) -> int:
+        """The real one: max_batch_size x pipeline-parallel size."""
+        return self._max_num_sequences
 
     def forward(self, scheduled_requests: Any, resource_manager: Any, new_tensors_device: Any = None,
                 gather_context_logits: bool = False, cache_indirection_buffer: Any = None) -> dict[str, Any]:

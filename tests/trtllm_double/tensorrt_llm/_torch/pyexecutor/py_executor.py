@@ -28,7 +28,7 @@ logger = logging.getLogger("tensorrt_llm")
 
 class PyExecutor:
     def __init__(self, resource_manager: ResourceManager, scheduler: RequestScheduler,
-                 model_engine: PyTorchModelEngine, sampler: Sampler, dist: Any, max_num_sequences: int,
+                 model_engine: PyTorchModelEngine, sampler: Sampler, dist: Any,
                  drafter: Any = None, disable_overlap_scheduler: bool = False, max_input_len: int = 2048,
                  max_batch_size: int = 8, max_beam_width: int = 1, max_draft_len: int = 0,
                  max_total_draft_tokens: int = 0, kv_cache_transceiver: Any = None, guided_decoder: Any = None,
@@ -41,7 +41,9 @@ class PyExecutor:
         self.sampler = sampler
         self.dist = dist
         self.drafter = drafter
-        self.max_num_sequences = max_num_sequences
+        # The real constructor keeps the request cap only here (py_executor.py, 1.1/1.2-era:
+        # `self.max_num_active_requests = model_engine.get_max_num_sequences()`); it has no max_num_sequences.
+        self.max_num_active_requests = model_engine.get_max_num_sequences()
         self.max_batch_size = max_batch_size
         self.max_input_len = max_input_len
         self.max_beam_width = max_beam_width

@@ -34,10 +34,10 @@ def create_py_executor(llm_args: Any, checkpoint_dir: str | None = None, tokeniz
     resource_manager = ResourceManager({ResourceManagerType.SEQ_SLOT_MANAGER: SeqSlotManager(max_num_sequences),
                                         ResourceManagerType.KV_CACHE_MANAGER: kv})
     model_engine = PyTorchModelEngine(_model, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
-                                      batch_size=max_batch_size, kv_cache_manager=kv)
+                                      batch_size=max_batch_size, kv_cache_manager=kv,
+                                      max_num_sequences=max_num_sequences)
     return PyExecutor(resource_manager, SimpleScheduler(max_num_sequences, max_num_tokens), model_engine,
                       TorchSampler(max_seq_len, max_num_sequences), dist=None,
-                      max_num_sequences=max_num_sequences,
                       disable_overlap_scheduler=llm_args.disable_overlap_scheduler,
                       max_input_len=int(llm_args.max_input_len or 2048), max_batch_size=max_batch_size,
                       max_beam_width=int(llm_args.max_beam_width or 1), max_seq_len=max_seq_len, start_worker=True)

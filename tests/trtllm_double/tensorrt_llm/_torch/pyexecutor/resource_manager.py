@@ -3,7 +3,7 @@
 Not the real package. `ResourceManagerType` members per trtllm-api.md 5.1. The KV cache manager keeps one
 transformers `DynamicCache` per request id (no paging, no block reuse); it lives from the request's first
 `prepare_resources` until `free_resources`, whether or not the request is in `PyExecutor.active_requests`.
-The seq-slot manager hands out `max_num_sequences` slots and raises RuntimeError when a batch needs more.
+The seq-slot manager hands out `slot_manager.max_num_requests` slots and raises RuntimeError when a batch needs more.
 """
 
 from __future__ import annotations
@@ -111,10 +111,10 @@ class KVCacheManager(BaseResourceManager):
 
 
 class SlotManager:
-    def __init__(self, max_num_slots: int) -> None:
-        self.max_num_slots = max_num_slots
+    def __init__(self, max_num_requests: int) -> None:
+        self.max_num_requests = max_num_requests
         self.slot_mapping: dict[int, int] = {}
-        self.free_slots = set(range(max_num_slots))
+        self.free_slots = set(range(max_num_requests))
 
     def get_slot(self, request_id: int) -> int | None:
         return self.slot_mapping.get(request_id)
@@ -122,7 +122,7 @@ class SlotManager:
     def add_slot(self, request_id: int) -> int:
         if not self.free_slots:
             # Guess: the real SlotManager's error type/message are not in the reference; RuntimeError per the brief.
-            raise RuntimeError(f"No free slots: all {self.max_num_slots} sequence slots are in use")
+            raise RuntimeError(f"No free slots: all {self.max_num_requests} sequence slots are in use")
         slot = min(self.free_slots)
         self.free_slots.remove(slot)
         self.slot_mapping[request_id] = slot
@@ -135,12 +135,13 @@ class SlotManager:
 
 
 class SeqSlotManager(BaseResourceManager):
+    """Like the real one (seq_slot_manager.py at 0f555a43): the slot count lives only in `slot_manager`."""
+
     def __init__(self, max_num_sequences: int) -> None:
-        self.max_num_sequences = max_num_sequences
         self.slot_manager = SlotManager(max_num_sequences)
 
     def get_max_resource_count(self) -> int:
-        return self.max_num_sequences
+        return self.slot_manager.max_num_requests
 
     def get_needed_resource_to_completion(self, request: LlmRequest) -> int:
         return 1
@@ -152,8 +153,8 @@ class SeqSlotManager(BaseResourceManager):
     def prepare_resources(self, scheduled_batch: Any) -> None:
         needing = [r for r in _all_requests(scheduled_batch)
                    if self.slot_manager.get_slot(r.py_request_id) is None]
-        if self.num_used_slots + len(needing) > self.max_num_sequences:
-            raise RuntimeError(f"No free slots: {self.num_used_slots} of {self.max_num_sequences} sequence slots "
+        if self.num_used_slots + len(needing) > self.get_max_resource_count():
+            raise RuntimeError(f"No free slots: {self.num_used_slots} of {self.get_max_resource_count()} sequence slots "
                                f"are held and the batch needs {len(needing)} more")
         for req in needing:
             req.seq_slot = self.slot_manager.add_slot(req.py_request_id)
