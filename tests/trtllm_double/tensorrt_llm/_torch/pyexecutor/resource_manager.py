@@ -153,8 +153,9 @@ class SeqSlotManager(BaseResourceManager):
     def prepare_resources(self, scheduled_batch: Any) -> None:
         needing = [r for r in _all_requests(scheduled_batch)
                    if self.slot_manager.get_slot(r.py_request_id) is None]
-        if self.num_used_slots + len(needing) > self.get_max_resource_count():
-            raise RuntimeError(f"No free slots: {self.num_used_slots} of {self.get_max_resource_count()} sequence slots "
+        total = self.get_max_resource_count()
+        if self.num_used_slots + len(needing) > total:
+            raise RuntimeError(f"No free slots: {self.num_used_slots} of {total} sequence slots "
                                f"are held and the batch needs {len(needing)} more")
         for req in needing:
             req.seq_slot = self.slot_manager.add_slot(req.py_request_id)
