@@ -290,20 +290,17 @@ def test_terminate_frees_and_capacity_is_enforced(trt: ModuleType, model_dir: Pa
     assert not kv_manager(pe).caches
 
 
-def test_seeded_sampling_is_reproducible(trt: ModuleType, llm: Any) -> None:
+def test_default_sampler_ignores_the_request_seed(trt: ModuleType, llm: Any) -> None:
     pe = llm._executor.engine
     next_id = iter(range(1, 100))
 
     def run(seed: int | None) -> list[int]:
-        req = new_request(trt, next(next_id), [3, 4, 5], 8, temperature=1.0, top_k=50, top_p=0.95, seed=seed)
+        req = new_request(trt, next(next_id), [3, 4, 5], 8, temperature=2.0, seed=seed)
         while not req.is_finished:
             iterate(pe, [req])
         return generated(req)
 
-    first = run(11)
-    assert len(first) == 8 and run(11) == first
-    assert any(run(seed) != first for seed in (12, 13, 14))
-    assert run(None) == run(0)  # seed None behaves like the C++ default 0
+    assert len({tuple(run(11)) for _ in range(3)}) > 1  # one global generator: the same seed draws anew
     greedy = new_request(trt, 99, [3, 4, 5], 3, temperature=0.0, seed=5)
     from tensorrt_llm._torch.pyexecutor.sampler import resolve_sampling_strategy
 

@@ -70,16 +70,19 @@ def test_no_gpu_is_refused_without_the_double_flag(double, tiny_model, monkeypat
         TensorRTLLMEngine.load(trt_config(tiny_model), "cpu")
 
 
+# Every sampler but greedy asks TensorRT-LLM for one position's logits and samples in the driver.
+LOGITS = {"temperature": 0.0, "max_tokens": 1, "return_generation_logits": True, "seed": None, "min_p": None,
+          "top_k": None, "top_p": None, "logprobs": None}
 SAMPLERS = [
     ({"type": "greedy"}, {"temperature": 0.0, "max_tokens": 16}),
-    ({"type": "multinomial", "temperature": 0.7, "seed": 11}, {"temperature": 0.7, "seed": 11, "max_tokens": 1}),
-    ({"type": "top_k", "temperature": 0.9, "top_k": 5, "seed": 12}, {"top_k": 5, "temperature": 0.9}),
-    ({"type": "top_p", "temperature": 1.1, "top_p": 0.8, "seed": 13}, {"top_p": 0.8, "temperature": 1.1}),
-    ({"type": "min_p", "temperature": 0.6, "min_p": 0.1, "seed": 14}, {"min_p": 0.1, "temperature": 0.6}),
-    ({"type": "top_k_top_p", "temperature": 0.5, "top_k": 7, "top_p": 0.9, "seed": 15},
-     {"top_k": 7, "top_p": 0.9, "seed": 15}),
+    ({"type": "multinomial", "temperature": 0.7, "seed": 11}, LOGITS),
+    ({"type": "top_k", "temperature": 0.9, "top_k": 5, "seed": 12}, LOGITS),
+    ({"type": "top_p", "temperature": 1.1, "top_p": 0.8, "seed": 13}, LOGITS),
+    ({"type": "min_p", "temperature": 0.6, "min_p": 0.1, "seed": 14}, LOGITS),
+    ({"type": "top_k_top_p", "temperature": 0.5, "top_k": 7, "top_p": 0.9, "seed": 15}, LOGITS),
     ({"type": "top_k", "temperature": 0.0, "top_k": 5}, {"temperature": 0.0, "max_tokens": 16}),  # T=0 is greedy
-    ({"type": "dist", "k": 4}, {"temperature": 0.0, "max_tokens": 1, "logprobs": 4}),
+    ({"type": "dist", "k": 4}, LOGITS),
+    ({"type": "logprobs", "token_ids": [1, 2]}, LOGITS),
 ]
 
 
@@ -130,21 +133,7 @@ def test_one_generate_per_forward_and_lookahead_serves_without_calling(double, t
     assert harness.core.lookahead.hits == 7 * 8
 
 
-def test_unseeded_steps_get_distinct_seeds_and_seeded_keep_theirs(double, tiny_model):
-    harness, trt = load_double_engine(tiny_model)
-    for step in range(4):
-        harness.forward([
-            {"context": 1, "tokens": [4 + step], "positions": [step],
-             "samplers": [{"at": 0, "type": "multinomial", "temperature": 1.0}]},
-            {"context": 2, "tokens": [4 + step], "positions": [step],
-             "samplers": [{"at": 0, "type": "multinomial", "temperature": 1.0, "seed": 99}]}])
-    seeds = [[p.seed for p in c["sampling_params_at_call"]] for c in calls(trt, "generate")]
-    unseeded = [s[0] for s in seeds]
-    assert len(set(unseeded)) == 4 and all(isinstance(s, int) for s in unseeded)
-    assert [s[1] for s in seeds] == [99] * 4
-
-
-def test_dist_matches_the_model_and_unsupported_kinds_are_refused(double, tiny_model):
+def test_dist_and_logprobs_match_the_model_at_any_temperature(double, tiny_model):
     harness, _ = load_double_engine(tiny_model)
     prompt = [9, 8, 7, 6]
     results = harness.forward([
@@ -152,17 +141,18 @@ def test_dist_matches_the_model_and_unsupported_kinds_are_refused(double, tiny_m
         {"context": 2, "tokens": prompt, "positions": [0, 1, 2, 3],
          "samplers": [{"at": 3, "type": "dist", "k": 3, "temperature": 0.5}]},
         {"context": 3, "tokens": prompt, "positions": [0, 1, 2, 3],
-         "samplers": [{"at": 3, "type": "logprobs", "token_ids": [1]}]},
+         "samplers": [{"at": 3, "type": "logprobs", "token_ids": [1, 5]}]},
     ])
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.inference_mode():
-        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
-    top = torch.topk(probs, 3)
-    ids, values = results[0]["outputs"][0]["dist"]
-    assert ids == top.indices.tolist()
-    assert values == pytest.approx(top.values.tolist(), rel=1e-4)
-    assert results[1]["error"]["code"] == "UNSUPPORTED"
-    assert results[2]["error"]["code"] == "UNSUPPORTED"
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    for result, temperature in ((results[0], 1.0), (results[1], 0.5)):
+        top = torch.topk(torch.softmax(logits / temperature, -1), 3)
+        ids, values = result["outputs"][0]["dist"]
+        assert ids == top.indices.tolist()
+        assert values == pytest.approx(top.values.tolist(), rel=1e-4)
+    expected = torch.log_softmax(logits, -1)[[1, 5]].tolist()
+    assert results[2]["outputs"][0]["logprobs"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_lookahead_is_clamped_to_the_room_left(double, tiny_model):

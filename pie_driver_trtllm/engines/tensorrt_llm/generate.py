@@ -2,16 +2,21 @@
 
 TensorRT-LLM owns the KV cache; each step replays the context's full token history and relies on the
 KV block reuse of TensorRT-LLM (keyed per context lineage by `cache_salt`) to skip the shared prefix.
+
+Greedy rows take TensorRT-LLM's own argmax tokens. Every other sampler is applied here, by the reference
+engine's sampling code, to the logits TensorRT-LLM returns (`return_generation_logits`): its default
+sampler in 1.2.x ignores per-request seeds and `min_p`, so drawing there would not be what the protocol
+promises.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pie_driver_trtllm.config import DriverConfig
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
-from pie_driver_trtllm.sampler import TOKEN_SAMPLERS, Sampler
+from pie_driver_trtllm.engines.sampling import row_result
+from pie_driver_trtllm.sampler import ALL_SAMPLERS, Sampler
 
 
 class SamplingParamsBuilder:
@@ -23,26 +28,17 @@ class SamplingParamsBuilder:
         # ignore_eos: stopping is the host's decision; end_id is still required without a tokenizer.
         self.common = {"end_id": end, "pad_id": pad, "detokenize": False, "ignore_eos": True}
 
-    def kwargs(self, sampler: Sampler, steps: int, seed: int | None) -> dict[str, Any]:
-        if sampler.type == "dist":
-            return {**self.common, "max_tokens": 1, "temperature": 0.0, "logprobs": sampler.k}
+    def kwargs(self, sampler: Sampler, steps: int) -> dict[str, Any]:
         if sampler.is_greedy:
             return {**self.common, "max_tokens": steps, "temperature": 0.0}
-        kwargs: dict[str, Any] = {**self.common, "max_tokens": 1, "temperature": sampler.temperature,
-                                  "seed": seed}
-        if sampler.type in ("top_k", "top_k_top_p"):
-            kwargs["top_k"] = sampler.top_k
-        if sampler.type in ("top_p", "top_k_top_p"):
-            kwargs["top_p"] = sampler.top_p
-        if sampler.type == "min_p":
-            kwargs["min_p"] = sampler.min_p
-        return kwargs
+        # One position's logits; the driver samples from them (see the module docstring).
+        return {**self.common, "max_tokens": 1, "temperature": 0.0, "return_generation_logits": True}
 
 
 class GenerateEngine:
     kind = "tensorrt_llm"
     execution_mode = "generate"
-    samplers = frozenset((*TOKEN_SAMPLERS, "dist"))
+    samplers = frozenset(ALL_SAMPLERS)
 
     def __init__(self, llm: Any, trt: Any, config: DriverConfig, info: ModelInfo, version: str) -> None:
         self.llm = llm
@@ -54,23 +50,13 @@ class GenerateEngine:
         self._salt: dict[int, str] = {}  # a fork inherits its source's salt, so it reuses the shared prefix
 
     def step(self, rows: list[Row]) -> list[RowResult]:
-        results: list[RowResult | None] = [None] * len(rows)
-        work = []
-        for index, row in enumerate(rows):
-            if row.sampler.type == "dist" and row.sampler.temperature != 1.0:
-                results[index] = RowResult(
-                    error="dist at a temperature other than 1 is not served by LLM.generate's logprobs",
-                    code="UNSUPPORTED")
-            else:
-                work.append(index)
-        if work:
-            prompts = [rows[i].tokens[: rows[i].length] for i in work]
-            params = [self._sampling_params(**self._params.kwargs(rows[i].sampler, rows[i].steps, rows[i].seed))
-                      for i in work]
-            salts = [self._salt.setdefault(rows[i].context, str(rows[i].context)) for i in work]
-            for i, output in zip(work, self._generate(prompts, params, salts), strict=True):
-                results[i] = output if isinstance(output, RowResult) else _read(rows[i].sampler, output)
-        return results  # type: ignore[return-value]
+        if not rows:
+            return []
+        prompts = [row.tokens[: row.length] for row in rows]
+        params = [self._sampling_params(**self._params.kwargs(row.sampler, row.steps)) for row in rows]
+        salts = [self._salt.setdefault(row.context, str(row.context)) for row in rows]
+        return [output if isinstance(output, RowResult) else _read(row, output)
+                for row, output in zip(rows, self._generate(prompts, params, salts), strict=True)]
 
     def _generate(self, prompts: list[list[int]], params: list[Any], salts: list[str]) -> list[Any]:
         try:
@@ -103,12 +89,13 @@ class GenerateEngine:
         self.llm.shutdown()
 
 
-def _read(sampler: Sampler, output: Any) -> RowResult:
+def _read(row: Row, output: Any) -> RowResult:
     completion = output.outputs[0]
-    if sampler.type == "dist":
-        top = completion.logprobs[0]  # {token id: Logprob} for the first generated position
-        ranked = sorted(top.items(), key=lambda item: -item[1].logprob)[: sampler.k]
-        return RowResult(dist=([int(t) for t, _ in ranked], [math.exp(lp.logprob) for _, lp in ranked]))
+    if not row.sampler.is_greedy:
+        logits = getattr(completion, "generation_logits", None)
+        if logits is None or len(logits) < 1:
+            return RowResult(error="LLM.generate returned no generation logits")
+        return row_result(logits[0].float(), row.sampler, row.seed)
     tokens = list(completion.token_ids)
     if not tokens:
         return RowResult(error=f"LLM.generate returned no tokens (finish_reason {completion.finish_reason})")

@@ -2,9 +2,11 @@
 
 TensorRT-LLM 1.2.1 has no public step API. At start-up this engine stops the executor's background
 thread and then runs its private schedule / forward / sample / update methods itself, one iteration at a
-time, for the requests of the current host step. Each host context keeps one executor request whose
-tokens equal the context's history; while they keep matching, a decode step costs one token. Anything
-else (a rollback, a fork, a sampler change, a seeded sampler) recreates the request from the full history.
+time, for the requests of the current host step. Each host context keeps one greedy executor request
+whose tokens equal the context's history; while they keep matching, a decode step costs one token.
+Anything else (a rollback, a fork, a token other than the greedy one) recreates the request from the full
+history. Samplers other than greedy are applied by the driver to the logits of the forward step (the
+executor's default sampler ignores per-request seeds and `min_p`).
 
 Private API: checked at load against `tensorrt_llm.__version__` and the attributes used below.
 """
@@ -16,12 +18,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pie_driver_trtllm.config import DriverConfig, StartupError
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
+from pie_driver_trtllm.engines.sampling import row_result
 from pie_driver_trtllm.engines.tensorrt_llm.generate import SamplingParamsBuilder
-from pie_driver_trtllm.sampler import TOKEN_SAMPLERS, Sampler
+from pie_driver_trtllm.sampler import ALL_SAMPLERS
 
 PINNED_VERSION = "1.2.1"
+# Iterations in a row in which no scheduled request advanced (no prompt chunk, no token): the scheduler
+# will not admit what is pending (token budget, KV blocks), and waiting changes nothing.
+STALL_ITERATIONS = 3
 EXECUTOR_ATTRIBUTES = ("model_engine", "resource_manager", "sampler", "scheduler", "active_requests",
                        "worker_thread", "executor_request_queue", "max_num_active_requests")
 EXECUTOR_METHODS = ("_schedule", "_forward_step", "_sample_async", "_update_request_states", "_update_requests",
@@ -52,14 +60,13 @@ def check_private_api(trt: Any, config: DriverConfig) -> None:
 @dataclass
 class _Session:
     request: Any
-    key: tuple[Any, ...]
     client_id: int
 
 
 class PyExecutorEngine:
     kind = "tensorrt_llm"
     execution_mode = "pyexecutor"
-    samplers = frozenset(TOKEN_SAMPLERS)
+    samplers = frozenset(ALL_SAMPLERS)
 
     def __init__(self, llm: Any, trt: Any, config: DriverConfig, info: ModelInfo, version: str) -> None:
         self.llm = llm
@@ -77,20 +84,33 @@ class PyExecutorEngine:
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
         self._next_id = 1
         self.capacity = self._capacity()
+        args = getattr(llm, "args", None)
+        self._max_num_tokens = getattr(args, "max_num_tokens", None)
+        self._chunked = bool(getattr(args, "enable_chunked_prefill", False))
 
     # ------------------------------------------------------------------ the interface
 
     def step(self, rows: list[Row]) -> list[RowResult]:
-        results: list[RowResult | None] = [None] * len(rows)
-        for wave in _waves(rows, self.capacity):
+        results: list[RowResult | None] = [self._refusal(row) for row in rows]
+        runnable = [i for i, result in enumerate(results) if result is None]
+        for wave in _waves([rows[i] for i in runnable], self.capacity):
+            wave = [runnable[i] for i in wave]
             try:
-                for index, tokens in self._run_wave([rows[i] for i in wave]).items():
-                    results[wave[index]] = RowResult(tokens=tokens)
+                for index, result in self._run_wave([rows[i] for i in wave]).items():
+                    results[wave[index]] = result
             except Exception as exc:  # the executor failed: its requests are in an unknown state
                 for i in wave:
                     self._end_session(rows[i].context)
-                    results[i] = RowResult(error=f"pyexecutor: {type(exc).__name__}: {exc}")
+                    results[i] = RowResult(error=f"pyexecutor: {exc}")
         return results  # type: ignore[return-value]
+
+    def _refusal(self, row: Row) -> RowResult | None:
+        if not self._chunked and self._max_num_tokens and row.length > self._max_num_tokens:
+            # The scheduler never admits a prompt over its token budget unless it may chunk it.
+            return RowResult(error=f"a history of {row.length} tokens exceeds TensorRT-LLM's max_num_tokens "
+                                   f"({self._max_num_tokens}) and enable_chunked_prefill is off",
+                             code="OUT_OF_RANGE")
+        return None
 
     def fork(self, src: int, dst: int, length: int) -> None:
         self._end_session(dst)  # dst's history was replaced; its next step recreates its request
@@ -107,66 +127,85 @@ class PyExecutorEngine:
 
     # ------------------------------------------------------------------ internals
 
-    def _run_wave(self, rows: list[Row]) -> dict[int, list[int]]:
+    def _run_wave(self, rows: list[Row]) -> dict[int, RowResult]:
         requests = [self._session_for(row).request for row in rows]
-        targets = [row.length + row.steps for row in rows]
+        targets = [row.length + (row.steps if row.sampler.is_greedy else 1) for row in rows]
+        wanted = {id(request): i for i, (request, row) in enumerate(zip(requests, rows, strict=True))
+                  if not row.sampler.is_greedy}
+        logits: dict[int, torch.Tensor] = {}
         pe = self._executor
-        limit = max(row.steps for row in rows) + 8  # a prompt is prefilled in one iteration, then 1 token each
+        stalled = 0
         try:
-            for _ in range(limit):
-                pending = [r for r, t in zip(requests, targets, strict=True) if len(r.get_tokens(0)) < t]
+            while True:
+                pending = [r for r, t in zip(requests, targets, strict=True)
+                           if len(r.get_tokens(0)) < t and not _finished(r)]
                 if not pending:
                     break
+                before = _progress(pending)
                 pe.active_requests = pending
-                self._iterate()
+                self._iterate(wanted, logits)
+                _raise_reported_error(pe, requests)
+                stalled = stalled + 1 if _progress(pending) == before else 0
+                if stalled >= STALL_ITERATIONS:
+                    raise RuntimeError(f"the scheduler admitted none of {len(pending)} pending requests for "
+                                       f"{stalled} iterations (max_num_tokens, KV cache blocks or sequence slots "
+                                       "are exhausted)")
         finally:
             pe.active_requests = []
             _discard_responses(pe)
-        out = {}
+        out: dict[int, RowResult] = {}
         for index, (request, row) in enumerate(zip(requests, rows, strict=True)):
+            if not row.sampler.is_greedy:
+                if index not in logits:
+                    raise RuntimeError(f"no logits for context {row.context}")
+                out[index] = row_result(logits[index], row.sampler, row.seed)
+                continue
             produced = request.get_tokens(0)[row.length:]
             if not produced:
-                raise RuntimeError(f"no token for context {row.context} after {limit} iterations")
-            out[index] = list(produced[: row.steps])
+                raise RuntimeError(f"no token for context {row.context} (request {request.state.name})")
+            out[index] = RowResult(tokens=list(produced[: row.steps]))
         return out
 
-    def _iterate(self) -> None:
+    def _iterate(self, wanted: dict[int, int], logits: dict[int, torch.Tensor]) -> None:
         pe = self._executor
         batch = pe._schedule()[0]
         if batch.batch_size == 0:
             return
+        order = list(batch.context_requests) + list(batch.generation_requests)
+        lengths = {id(r): len(r.get_tokens(0)) for r in order if id(r) in wanted}
         pe.resource_manager.prepare_resources(batch)
         outputs = pe._forward_step(batch)
         if outputs is None:
-            raise RuntimeError("forward step failed")
+            raise RuntimeError(_reported_error(pe, order) or "the forward step failed")
+        # One logits row per scheduled request, context requests first; the sampler may work in place.
+        rows = {id(r): outputs["logits"][i].float().clone() for i, r in enumerate(order) if id(r) in lengths}
         state = pe._sample_async(batch, outputs)
         if state is None:
-            raise RuntimeError("sampling failed")
+            raise RuntimeError(_reported_error(pe, order) or "sampling failed")
         if state.sampler_event is not None:
             state.sampler_event.synchronize()
         pe._update_request_states(batch)
         pe._update_requests(state, pe.resource_manager)
+        for request in order:
+            if id(request) in lengths and len(request.get_tokens(0)) > lengths[id(request)]:
+                logits[wanted[id(request)]] = rows[id(request)]  # the position the row asked about
         pe._handle_responses()
         pe.resource_manager.update_resources(batch, pe.model_engine.attn_metadata,
                                              pe.model_engine.kv_cache_dtype_byte_size)
 
     def _session_for(self, row: Row) -> _Session:
-        key = _sampler_key(row.sampler)
         prompt = row.tokens[: row.length]
         session = self._sessions.get(row.context)
-        reusable = (session is not None and session.key == key and row.sampler.seed is None
-                    and "GENERATION_COMPLETE" not in session.request.state.name
-                    and session.request.get_tokens(0) == prompt)
-        if reusable:
+        if session is not None and not _finished(session.request) and session.request.get_tokens(0) == prompt:
             self._sessions.move_to_end(row.context)
-            return session  # type: ignore[return-value]
+            return session
         self._end_session(row.context)
         self._make_room(keep=row.context)
         room = self.model.max_model_len - len(prompt)
         if room < 1:
             raise RuntimeError(f"no room to generate: prompt of {len(prompt)} tokens, max_model_len "
                                f"{self.model.max_model_len}")
-        params = self._trt.SamplingParams(**self._params.kwargs(row.sampler, row.steps, row.seed))
+        params = self._trt.SamplingParams(**{**self._params.common, "max_tokens": 1, "temperature": 0.0})
         client_id = self._next_id
         self._next_id += 1
         salt = self._salt_id(str(row.context)) if self._salt_id and self._options.enable_cache_salt else None
@@ -176,7 +215,7 @@ class PyExecutorEngine:
             sampling_config=params._get_sampling_config(), end_id=-1, pad_id=params.pad_id,
             output_config=params._get_output_config(is_pytorch_backend=True), return_all_generated_tokens=False,
             stop_words=[], cache_salt_id=salt)
-        session = _Session(self._to_llm_request(client_id, request, [], False), key, client_id)
+        session = _Session(self._to_llm_request(client_id, request, [], False), client_id)
         self._sessions[row.context] = session
         return session
 
@@ -187,7 +226,7 @@ class PyExecutorEngine:
 
     def _end_session(self, context: int) -> None:
         session = self._sessions.pop(context, None)
-        if session is None or "GENERATION_COMPLETE" in session.request.state.name:
+        if session is None or _finished(session.request):
             return  # finished requests were already terminated by _handle_responses
         try:
             self._executor._terminate_request(session.request)
@@ -246,10 +285,30 @@ def _discard_responses(executor: Any) -> None:
             responses.clear()
 
 
-def _sampler_key(sampler: Sampler) -> tuple[Any, ...]:
-    if sampler.is_greedy:
-        return ("greedy",)
-    return (sampler.type, sampler.temperature, sampler.top_k, sampler.top_p, sampler.min_p, sampler.seed)
+def _finished(request: Any) -> bool:
+    return "GENERATION_COMPLETE" in request.state.name
+
+
+def _progress(requests: list[Any]) -> int:
+    """Grows whenever a prompt chunk or a token of one of these requests was processed."""
+    return sum(len(r.get_tokens(0)) + int(r.context_current_position) for r in requests)
+
+
+def _reported_error(executor: Any, requests: list[Any]) -> str | None:
+    """The message `PyExecutor._handle_errors` left for one of these requests, if any."""
+    ids = {r.py_request_id for r in requests}
+    for request_id, responses in list(getattr(executor, "responses", {}).items()):
+        for response in responses if request_id in ids else ():
+            message = getattr(response, "error_msg", None)
+            if message:
+                return str(message)
+    return None
+
+
+def _raise_reported_error(executor: Any, requests: list[Any]) -> None:
+    message = _reported_error(executor, requests)
+    if message:
+        raise RuntimeError(message)
 
 
 def _waves(rows: list[Row], capacity: int) -> list[list[int]]:

@@ -2,9 +2,10 @@
 
 Public behaviour per trtllm-api.md 1.2, 1.5, 2.1-2.4, 4 and 8. Tokens are REAL outputs of the Hugging Face
 checkpoint at `model` (transformers, float32, CPU, full recompute each step). Greedy follows
-`SamplingParams.params_imply_greedy_decoding`; otherwise tokens are drawn with a `torch.Generator` seeded with
-`seed` (0 when None, like the C++ default) after temperature / top-k / top-p / min-p. The real sampler's random
-stream differs, so sampled ids match the real package only in distribution, never id for id.
+`SamplingParams.params_imply_greedy_decoding`; otherwise tokens are drawn as 1.2.x's default sampler
+(`sampler_type="auto"` -> TorchSampler) draws them: from ONE generator per LLM seeded 42, after temperature /
+top-k / top-p only; `seed` and `min_p` are accepted and ignored (per-request seeds arrived in TensorRT-LLM
+PR #17172, `min_p` in PR #16590, both after 1.2.1). Sampled ids match the real package only in distribution.
 With TLLM_WORKER_USE_SINGLE_PROCESS=1, `_executor` is the TEST DOUBLE of the private in-process worker whose
 `.engine` is a PyExecutor double (tensorrt_llm/_torch/pyexecutor); `generate` still uses the computation here.
 """
@@ -103,6 +104,10 @@ class LLM:
         self.llm_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}"
         self._next_client_id = 1
         self._seen: list[tuple[int | None, list[int]]] = []  # (cache_salt_id, tokens) for cached_tokens
+        if self.args.sampler_type not in ("auto", "TorchSampler"):
+            raise NotImplementedError(f"the TensorRT-LLM test double models only TorchSampler, not sampler_type="
+                                      f"{self.args.sampler_type!r}")
+        self._generator = torch.Generator().manual_seed(42)  # TorchSampler's one global generator
         self._executor = self._create_executor()
 
     def _create_executor(self) -> Any:
@@ -317,9 +322,7 @@ class LLM:
             drop = before >= sp.top_p
             probs = probs.clone()
             probs[order[drop]] = 0.0
-        if sp.min_p is not None and sp.min_p > 0:
-            probs = probs.masked_fill(probs < sp.min_p * probs.max(), 0.0)
-        probs = probs / probs.sum()
+        probs = probs / probs.sum()  # no min_p: TorchSampler in 1.2.x does not read it
         return int(torch.multinomial(probs, 1, generator=generator))
 
     def _run(self, result: RequestOutput, sp: SamplingParams, max_tokens: int,
@@ -327,7 +330,7 @@ class LLM:
         """One yield per generated step across all sequences (one streamed response per iteration)."""
         torch = self._torch
         prompt = result.prompt_token_ids
-        generator = torch.Generator().manual_seed(sp.seed if sp.seed is not None else 0)
+        generator = self._generator
         end_id = None if sp.ignore_eos or sp.end_id is None or sp.end_id < 0 else sp.end_id
         best_of = sp.best_of or sp.n
         seqs = [CompletionOutput(index=i) for i in range(best_of)]

@@ -126,11 +126,6 @@ class LlmRequest:
         self.py_result = PyResult()
         self.cached_tokens = 0
         self._last_response_len = self.prompt_len
-        # Double-only: the per-request random stream, seeded once from the seed (C++ default 0).
-        import torch
-
-        seed = sampling_config.random_seed[0] if sampling_config.random_seed else 0
-        self.py_generator = torch.Generator().manual_seed(int(seed or 0))
 
     # -- tokens --------------------------------------------------------------------------------------------
     def get_tokens(self, beam: int | None = None) -> list[int]:

@@ -2,9 +2,10 @@
 
 Not the real package. `SampleState` / `SampleStateTensors` and the `Sampler` methods per trtllm-api.md 5.5.
 `TorchSampler` picks one token per scheduled request from the last-position logits: greedy when
-`SamplingParams.params_imply_greedy_decoding` says so (beam width 1), else temperature (None -> 1.0), top-k,
-top-p and min-p with the request's own `torch.Generator` (seeded once at request creation from `seed`, 0 when
-None). The real sampler's random stream differs, so sampled ids match the real package only in distribution.
+`SamplingParams.params_imply_greedy_decoding` says so (beam width 1), else temperature (None -> 1.0), top-k
+and top-p, drawn from the sampler's ONE generator seeded 42 (`TorchSampler.get_generator`, `_global_seed = 42`
+in 1.2-era sampler.py). Like 1.2.x it ignores the request's seed and `min_p`. Sampled ids match the real
+package only in distribution.
 `new_tokens` is shaped like the real one: [1 (+draft), max_num_sequences, beam width], indexed by seq slot.
 """
 
@@ -49,14 +50,13 @@ def _first(values: list[Any] | None) -> Any:
 
 
 def resolve_sampling_strategy(request: LlmRequest) -> tuple[str, dict[str, Any]]:
-    """("greedy", {}) or ("sample", {temperature, top_k, top_p, min_p}) from the request's sampling config."""
+    """("greedy", {}) or ("sample", {temperature, top_k, top_p}) from the request's sampling config."""
     cfg = request.sampling_config
     temperature, top_k, top_p = _first(cfg.temperature), _first(cfg.top_k), _first(cfg.top_p)
     if cfg.beam_width <= 1 and SamplingParams.params_imply_greedy_decoding(temperature=temperature, top_p=top_p,
                                                                            top_k=top_k):
         return "greedy", {}
-    return "sample", {"temperature": temperature or 1.0, "top_k": top_k, "top_p": top_p,
-                      "min_p": _first(cfg.min_p)}
+    return "sample", {"temperature": temperature or 1.0, "top_k": top_k, "top_p": top_p}
 
 
 def sample_token(logits: Any, strategy: str, params: dict[str, Any], generator: Any) -> int:
@@ -66,7 +66,7 @@ def sample_token(logits: Any, strategy: str, params: dict[str, Any], generator: 
     if strategy == "greedy":
         return int(torch.argmax(logits))
     scores = logits / params["temperature"]
-    top_k, top_p, min_p = params["top_k"], params["top_p"], params["min_p"]
+    top_k, top_p = params["top_k"], params["top_p"]
     if top_k is not None and 0 < top_k < scores.numel():
         kth = torch.topk(scores, top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -76,8 +76,6 @@ def sample_token(logits: Any, strategy: str, params: dict[str, Any], generator: 
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         probs = probs.clone()
         probs[order[before >= top_p]] = 0.0
-    if min_p is not None and min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     probs = probs / probs.sum()
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -111,6 +109,15 @@ class TorchSampler(Sampler):
         self.max_seq_len = max_seq_len
         self.max_num_sequences = max_num_sequences
         self.max_beam_width = max_beam_width
+        self._global_seed = 42
+        self._generator: Any = None
+
+    def get_generator(self, device: Any = None) -> Any:
+        import torch
+
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self._global_seed)
+        return self._generator
 
     def sample_async(self, scheduled_requests: Any, model_outputs: dict[str, Any],
                      num_context_logits_prefix_sum: list[int], resource_manager: Any = None) -> SampleState:
@@ -126,7 +133,7 @@ class TorchSampler(Sampler):
                 raise RuntimeError(f"sampler: request {req.py_request_id} has no seq slot (prepare_resources?)")
             strategy, params = resolve_sampling_strategy(req)
             new_tokens[0, req.py_seq_slot, 0] = sample_token(logits[row].float(), strategy, params,
-                                                            req.py_generator)
+                                                            self.get_generator())
         tensors = SampleStateTensors(new_tokens=new_tokens)
         return SampleState(scheduled_requests=scheduled_requests, device=tensors, host=tensors,
                            sampler_event=SamplerEvent())

@@ -1,0 +1,82 @@
+"""Every sampler the TensorRT-LLM engine advertises is served exactly, on the strict double.
+
+TensorRT-LLM 1.2.x's default sampler ignores per-request seeds and `min_p` (the double does too), so the
+engine must sample in the driver: a seeded draw is the reference engine's draw on the same logits.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from trtllm_support import DOUBLE_DIR, load_double_engine
+
+from pie_driver_trtllm.engines.sampling import sample_token
+from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV
+from pie_driver_trtllm.sampler import ALL_SAMPLERS, Sampler
+
+SAMPLERS = [
+    {"type": "multinomial", "temperature": 1.5},
+    {"type": "top_k", "temperature": 1.2, "top_k": 5},
+    {"type": "top_p", "temperature": 1.3, "top_p": 0.8},
+    {"type": "min_p", "temperature": 1.4, "min_p": 0.05},
+    {"type": "top_k_top_p", "temperature": 1.1, "top_k": 7, "top_p": 0.9},
+]
+PROMPT = [9, 8, 7, 6]
+
+
+@pytest.fixture
+def double(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
+    monkeypatch.setenv(TEST_DOUBLE_ENV, "1")
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        del sys.modules[name]
+
+
+def last_logits(model_dir: Path, prompt: list[int]) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([prompt])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("mode", ["generate", "pyexecutor"])
+def test_seeded_draws_are_the_reference_draws_in_every_context(double: None, tiny_model: Path, mode: str) -> None:
+    harness, _ = load_double_engine(tiny_model, execution_mode=mode)
+    assert harness.engine.samplers == frozenset(ALL_SAMPLERS)
+    logits = last_logits(tiny_model, PROMPT)
+    for seed in (1, 2, 3):
+        requests = [{"context": 10 * seed + c, "tokens": PROMPT, "positions": [0, 1, 2, 3],
+                     "samplers": [{"at": 3, **sampler, "seed": seed}]}
+                    for c, sampler in enumerate(SAMPLERS * 2)]  # each sampler in two contexts
+        results = harness.forward(requests)
+        tokens = [r["outputs"][0]["token"] for r in results]
+        expected = [sample_token(logits, Sampler(at=0, **s), seed) for s in SAMPLERS]
+        assert tokens == expected * 2, (seed, tokens)
+
+
+@pytest.mark.parametrize("mode", ["generate", "pyexecutor"])
+def test_min_p_filters(double: None, tiny_model: Path, mode: str) -> None:
+    harness, _ = load_double_engine(tiny_model, execution_mode=mode)
+    top = int(torch.argmax(last_logits(tiny_model, PROMPT)))
+    requests = [{"context": c, "tokens": PROMPT, "positions": [0, 1, 2, 3],
+                 "samplers": [{"at": 3, "type": "min_p", "temperature": 3.0, "min_p": 0.999}]} for c in range(6)]
+    assert {r["outputs"][0]["token"] for r in harness.forward(requests)} == {top}
+
+
+def test_a_stochastic_step_keeps_the_resident_request_when_it_drew_the_greedy_token(double: None,
+                                                                                  tiny_model: Path) -> None:
+    harness, trt = load_double_engine(tiny_model, execution_mode="pyexecutor", lookahead_tokens=1)
+    first = harness.forward([{"context": 1, "tokens": PROMPT, "positions": [0, 1, 2, 3],
+                              "samplers": [{"at": 3, "type": "min_p", "temperature": 1.0, "min_p": 0.999}]}])
+    token = first[0]["outputs"][0]["token"]
+    harness.forward([{"context": 1, "tokens": [token], "positions": [4], "samplers": [{"at": 0, "type": "greedy"}]}])
+    created = [c for c in trt.CALLS if c["kind"] == "executor_request_to_llm_request"]
+    assert len(created) == 1  # min_p 0.999 drew the argmax, which the greedy request had appended: reused
+
