@@ -235,6 +235,12 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> DriverCo
         if not isinstance(key, str) or not key.isidentifier():
             raise StartupError(f"config: driver.options.llm_kwargs key {key!r} is not a Python identifier")
         del value
+    kv_table = options.llm_kwargs.get("kv_cache_config")
+    for name, fraction in (("kv_cache_free_gpu_memory_fraction", options.kv_cache_free_gpu_memory_fraction),
+                           ("llm_kwargs.kv_cache_config.free_gpu_memory_fraction",
+                            kv_table.get("free_gpu_memory_fraction") if isinstance(kv_table, dict) else None)):
+        if isinstance(fraction, int | float) and fraction >= 1.0:  # TensorRT-LLM asserts it when sizing the cache
+            raise StartupError(f"config: driver.options.{name} = {fraction} must be smaller than 1.0")
     if options.execution_mode == "pyexecutor" and options.max_history_tokens is not None:
         raise StartupError("config: driver.options.max_history_tokens must be unset with execution_mode = "
                            "\"pyexecutor\" (the executor needs full histories)")

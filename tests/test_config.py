@@ -76,7 +76,7 @@ def test_values_are_read() -> None:
                               driver={"device": ["cpu"], "group_id": 3, "activation_dtype": "float32",
                                       "random_seed": 7},
                               options={"engine": "reference", "lookahead_tokens": 1,
-                                       "kv_cache_free_gpu_memory_fraction": 1,
+                                       "kv_cache_free_gpu_memory_fraction": 0.5,
                                        "llm_kwargs": {"enable_foo": True}}))
     assert cfg.engine == "reference"
     assert cfg.model.name == "m"
@@ -86,8 +86,7 @@ def test_values_are_read() -> None:
     assert cfg.driver.activation_dtype == "float32"
     assert cfg.driver.random_seed == 7
     assert cfg.options.lookahead_tokens == 1
-    assert cfg.options.kv_cache_free_gpu_memory_fraction == 1.0
-    assert isinstance(cfg.options.kv_cache_free_gpu_memory_fraction, float)
+    assert cfg.options.kv_cache_free_gpu_memory_fraction == 0.5
     assert cfg.options.llm_kwargs == {"enable_foo": True}
 
 

@@ -84,3 +84,76 @@ def test_eight_contexts_stay_resident_for_twenty_steps_with_max_batch_size_unset
     decode_rows = sum(len(c["request_ids"]) for c in calls(trt, "PyExecutor._forward_step")) - len(chunks)
     assert decode_rows == 8 * 19
     assert not calls(trt, "PyExecutor._terminate_request")
+
+
+def hf_greedy(model_dir: Any, prompt: list[int], steps: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sequence = list(prompt)
+    with torch.inference_mode():
+        for _ in range(steps):
+            sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_within_the_token_budget(double: None, tiny_model: Any) -> None:
+    harness, trt = load_double_engine(tiny_model, execution_mode="pyexecutor", lookahead_tokens=1,
+                                      enable_chunked_prefill=True, max_num_tokens=8,
+                                      llm_kwargs={"kv_cache_config": {"tokens_per_block": 4}})
+    prompt = [3 + i % 50 for i in range(100)]
+    assert greedy_decode(harness, [prompt], 3) == [hf_greedy(tiny_model, prompt, 3)]
+    assert [n for _, n in prefills(trt)] == [8] * 12 + [4]
+
+
+def test_a_prompt_over_the_budget_without_chunking_is_refused_alone(double: None, tiny_model: Any) -> None:
+    harness, _ = load_double_engine(tiny_model, execution_mode="pyexecutor", max_num_tokens=16)
+    results = harness.forward([
+        {"context": 1, "tokens": list(range(3, 23)), "positions": list(range(20)),
+         "samplers": [{"at": 19, "type": "greedy"}]},
+        {"context": 2, "tokens": [3, 4, 5], "positions": [0, 1, 2], "samplers": [{"at": 2, "type": "greedy"}]}])
+    assert results[0]["error"]["code"] == "OUT_OF_RANGE" and "max_num_tokens (16)" in results[0]["error"]["message"]
+    assert results[1]["ok"]
+
+
+def test_requests_the_scheduler_never_admits_fail_instead_of_spinning(double: None, tiny_model: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorrt_llm._torch.pyexecutor.scheduler import SchedulerOutput
+
+    harness, _ = load_double_engine(tiny_model, execution_mode="pyexecutor")
+    monkeypatch.setattr(harness.engine._executor.scheduler, "schedule_request", lambda *a: SchedulerOutput())
+    (result,) = harness.forward([{"context": 1, "tokens": [3, 4, 5], "positions": [0, 1, 2],
+                                  "samplers": [{"at": 2, "type": "greedy"}]}])
+    assert result["error"]["code"] == "ENGINE_ERROR" and "admitted none" in result["error"]["message"]
+
+
+def test_an_executor_error_reports_tensorrt_llms_own_message(double: None, tiny_model: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    harness, _ = load_double_engine(tiny_model, execution_mode="pyexecutor")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(harness.engine._executor.model_engine, "forward", fail)
+    (result,) = harness.forward([{"context": 1, "tokens": [3, 4, 5], "positions": [0, 1, 2],
+                                  "samplers": [{"at": 2, "type": "greedy"}]}])
+    assert "Encountered an error in forward function" in result["error"]["message"]
+    assert "illegal memory access" in result["error"]["message"]
+
+
+def test_a_finished_request_is_dropped_and_replaced(double: None, tiny_model: Any) -> None:
+    harness, trt = load_double_engine(tiny_model, execution_mode="pyexecutor", lookahead_tokens=4,
+                                      pyexecutor_max_tokens=2)
+    prompt = [3, 4, 5]
+    assert greedy_decode(harness, [prompt], 6) == [hf_greedy(tiny_model, prompt, 6)]
+    assert len([c for c in trt.CALLS if c["kind"] == "executor_request_to_llm_request"]) >= 3
+
+
+def test_free_gpu_memory_fraction_of_one_is_refused_at_config_time(tiny_model: Any) -> None:
+    from trtllm_support import trt_config
+
+    for options in ({"kv_cache_free_gpu_memory_fraction": 1.0},
+                    {"llm_kwargs": {"kv_cache_config": {"free_gpu_memory_fraction": 1.0}}}):
+        with pytest.raises(StartupError, match="must be smaller than 1.0"):
+            trt_config(tiny_model, **options)

@@ -124,9 +124,12 @@ class LLM:
             logger.warning("Using single process worker for TP1, this may hurt streaming generation performance.")
             return GenerationExecutorWorker(create_py_executor(self.args, str(self.args.model), self.tokenizer,
                                                                _model=self._model))
+        from .._torch.pyexecutor.resource_manager import check_free_gpu_memory_fraction
         from .mpi_session import MpiPoolSession
 
-        return _Executor(MpiPoolSession(n_workers=1))
+        session = MpiPoolSession(n_workers=1)
+        check_free_gpu_memory_fraction(self.args.kv_cache_config)  # in the worker, when it builds its executor
+        return _Executor(session)
 
     def _load_tokenizer(self, tokenizer: Any, model: str | Path) -> Any:
         if tokenizer is not None and not isinstance(tokenizer, str | Path):

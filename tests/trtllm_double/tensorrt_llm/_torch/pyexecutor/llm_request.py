@@ -118,6 +118,7 @@ class LlmRequest:
         self.state = LlmRequestState.CONTEXT_INIT
         self.finish_reasons = [FinishReason.NOT_FINISHED]
         self.context_current_position = 0
+        self._context_chunk_size: int | None = None
         self.seq_slot: int | None = None
         self.py_seq_slot: int | None = None
         self.py_batch_idx: int | None = None
@@ -157,10 +158,16 @@ class LlmRequest:
 
     @property
     def context_chunk_size(self) -> int:
-        return self.context_remaining_length
+        """Set by the scheduler (the whole remainder unless it chunks)."""
+        return self._context_chunk_size if self._context_chunk_size is not None else self.context_remaining_length
+
+    @context_chunk_size.setter
+    def context_chunk_size(self, size: int) -> None:
+        self._context_chunk_size = size
 
     def move_to_next_context_chunk(self) -> None:
-        self.context_current_position = self.prompt_len
+        self.context_current_position = min(self.prompt_len, self.context_current_position + self.context_chunk_size)
+        self._context_chunk_size = None
 
     @property
     def is_first_context_chunk(self) -> bool:
@@ -168,7 +175,7 @@ class LlmRequest:
 
     @property
     def is_last_context_chunk(self) -> bool:
-        return True
+        return self.context_current_position + self.context_chunk_size >= self.prompt_len
 
     # -- state ----------------------------------------------------------------------------------------------
     @property

@@ -3,7 +3,7 @@
 Not the real package. `PyTorchModelEngine.forward(scheduled_requests, resource_manager, ...)` returns
 `{"logits": Tensor[num_requests, vocab]}` (last position of each scheduled request; context requests first).
 Each request runs alone against its own DynamicCache, feeding only the tokens the cache does not hold yet:
-the whole prompt for a context request, the last sampled token for a generation request.
+the scheduled chunk of the prompt for a context request, the last sampled token for a generation request.
 """
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ class PyTorchModelEngine:
                 if held >= len(tokens):
                     raise RuntimeError(f"model engine: request {req.py_request_id} has no new token to run "
                                        f"(cache holds {held} of {len(tokens)})")
-                new = tokens[held:]
+                # a context request runs its scheduled chunk; a generation request its newest token
+                end = (req.context_current_position + req.context_chunk_size if req.is_context_init_state
+                       else len(tokens))
+                new = tokens[held:end]
                 out = self.model(input_ids=torch.tensor([new], dtype=torch.long), past_key_values=cache,
                                  use_cache=True, logits_to_keep=1)
                 rows.append(out.logits[0, -1].float())

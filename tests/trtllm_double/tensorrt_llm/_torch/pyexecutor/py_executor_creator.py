@@ -12,7 +12,8 @@ from typing import Any
 
 from .model_engine import PyTorchModelEngine
 from .py_executor import PyExecutor
-from .resource_manager import KVCacheManager, ResourceManager, ResourceManagerType, SeqSlotManager
+from .resource_manager import (KVCacheManager, ResourceManager, ResourceManagerType, SeqSlotManager,
+                               check_free_gpu_memory_fraction)
 from .sampler import TorchSampler
 from .scheduler import SimpleScheduler
 
@@ -29,6 +30,7 @@ def create_py_executor(llm_args: Any, checkpoint_dir: str | None = None, tokeniz
     max_num_sequences = max_batch_size * int(llm_args.pipeline_parallel_size or 1)
     max_seq_len = int(llm_args.max_seq_len or getattr(_model.config, "max_position_embeddings", 2048))
     max_num_tokens = int(llm_args.max_num_tokens or 8192)
+    check_free_gpu_memory_fraction(llm_args.kv_cache_config)
     kv = KVCacheManager(_model.config, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         tokens_per_block=llm_args.kv_cache_config.tokens_per_block)
     resource_manager = ResourceManager({ResourceManagerType.SEQ_SLOT_MANAGER: SeqSlotManager(max_num_sequences),
@@ -36,7 +38,9 @@ def create_py_executor(llm_args: Any, checkpoint_dir: str | None = None, tokeniz
     model_engine = PyTorchModelEngine(_model, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                                       batch_size=max_batch_size, kv_cache_manager=kv,
                                       max_num_sequences=max_num_sequences)
-    return PyExecutor(resource_manager, SimpleScheduler(max_num_sequences, max_num_tokens), model_engine,
+    scheduler = SimpleScheduler(max_num_sequences, max_num_tokens, chunked_prefill=bool(llm_args.enable_chunked_prefill),
+                                chunk_unit=llm_args.kv_cache_config.tokens_per_block)
+    return PyExecutor(resource_manager, scheduler, model_engine,
                       TorchSampler(max_seq_len, max_num_sequences), dist=None,
                       disable_overlap_scheduler=llm_args.disable_overlap_scheduler,
                       max_input_len=int(llm_args.max_input_len or 2048), max_batch_size=max_batch_size,

@@ -27,6 +27,15 @@ def _all_requests(scheduled_batch: Any) -> list[LlmRequest]:
     return list(scheduled_batch.context_requests) + list(scheduled_batch.generation_requests)
 
 
+def check_free_gpu_memory_fraction(kv_cache_config: Any) -> None:
+    """The real KV cache manager sizes the cache from free memory and asserts the fraction first
+    (resource_manager.py, `calculate_max_num_blocks`, 1.1/1.2-era: "must be smaller than 1.0"); the
+    `KvCacheConfig` validator itself accepts [0, 1]."""
+    fraction = kv_cache_config.free_gpu_memory_fraction
+    fraction = fraction if fraction is not None else 0.9
+    assert fraction < 1.0, f"Invalid freeMemFraction, freeMemFraction {fraction} must be smaller than 1.0"
+
+
 class BaseResourceManager:
     def get_max_resource_count(self) -> int:
         raise NotImplementedError
@@ -214,4 +223,4 @@ class ResourceManager:
 
 
 __all__ = ["BaseResourceManager", "KVCacheManager", "ResourceManager", "ResourceManagerType", "SeqSlotManager",
-           "SlotManager"]
+           "SlotManager", "check_free_gpu_memory_fraction"]
