@@ -155,5 +155,5 @@ def test_free_gpu_memory_fraction_of_one_is_refused_at_config_time(tiny_model: A
 
     for options in ({"kv_cache_free_gpu_memory_fraction": 1.0},
                     {"llm_kwargs": {"kv_cache_config": {"free_gpu_memory_fraction": 1.0}}}):
-        with pytest.raises(StartupError, match="must be smaller than 1.0"):
+        with pytest.raises(StartupError, match=r"must be smaller than 1\.0"):
             trt_config(tiny_model, **options)

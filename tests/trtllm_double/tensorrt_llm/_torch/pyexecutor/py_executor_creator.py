@@ -12,8 +12,13 @@ from typing import Any
 
 from .model_engine import PyTorchModelEngine
 from .py_executor import PyExecutor
-from .resource_manager import (KVCacheManager, ResourceManager, ResourceManagerType, SeqSlotManager,
-                               check_free_gpu_memory_fraction)
+from .resource_manager import (
+    KVCacheManager,
+    ResourceManager,
+    ResourceManagerType,
+    SeqSlotManager,
+    check_free_gpu_memory_fraction,
+)
 from .sampler import TorchSampler
 from .scheduler import SimpleScheduler
 
@@ -38,7 +43,8 @@ def create_py_executor(llm_args: Any, checkpoint_dir: str | None = None, tokeniz
     model_engine = PyTorchModelEngine(_model, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                                       batch_size=max_batch_size, kv_cache_manager=kv,
                                       max_num_sequences=max_num_sequences)
-    scheduler = SimpleScheduler(max_num_sequences, max_num_tokens, chunked_prefill=bool(llm_args.enable_chunked_prefill),
+    scheduler = SimpleScheduler(max_num_sequences, max_num_tokens,
+                                chunked_prefill=bool(llm_args.enable_chunked_prefill),
                                 chunk_unit=llm_args.kv_cache_config.tokens_per_block)
     return PyExecutor(resource_manager, scheduler, model_engine,
                       TorchSampler(max_seq_len, max_num_sequences), dist=None,
