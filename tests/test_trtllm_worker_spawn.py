@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,17 @@ def test_generate_mode_starts_without_the_single_process_variable(tmp_path: Path
         assert out[0]["ok"] and isinstance(out[0]["outputs"][0]["token"], int)
     finally:
         assert process.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_exits_in_time_when_llm_shutdown_hangs(tmp_path: Path, tiny_model: Path) -> None:
+    config = write_config(tmp_path, tiny_model, engine="tensorrt_llm", execution_mode="generate")
+    process = spawn(config, env={**double_env(), "PIE_TRTLLM_DOUBLE_SHUTDOWN_HANG_S": "3600"})
+    try:
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(timeout=60) == 0  # the hour-long hang was cut at SHUTDOWN_TIMEOUT_S
+        assert "LLM.shutdown() did not return" in process.stderr()
+    finally:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()

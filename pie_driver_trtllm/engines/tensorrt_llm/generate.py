@@ -11,12 +11,31 @@ promises.
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Any
 
 from pie_driver_trtllm.config import DriverConfig
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
 from pie_driver_trtllm.engines.sampling import row_result
 from pie_driver_trtllm.sampler import ALL_SAMPLERS, Sampler
+
+
+# `LLM.shutdown()` sometimes never returns (TensorRT-LLM's own tests carry a FIXME for it); the driver's
+# exit must not wait on it longer than this.
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def bounded_shutdown(llm: Any, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
+    """Call `llm.shutdown()` on a daemon thread; False when it did not return in time."""
+    thread = threading.Thread(target=llm.shutdown, name="trtllm-shutdown", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        print(f"engine tensorrt_llm: LLM.shutdown() did not return within {timeout_s} s; exiting without it",
+              file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 class SamplingParamsBuilder:
@@ -86,7 +105,7 @@ class GenerateEngine:
             self._salt.pop(context, None)
 
     def close(self) -> None:
-        self.llm.shutdown()
+        bounded_shutdown(self.llm)
 
 
 def _read(row: Row, output: Any) -> RowResult:
