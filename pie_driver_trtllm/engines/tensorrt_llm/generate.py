@@ -20,7 +20,6 @@ from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
 from pie_driver_trtllm.engines.sampling import row_result
 from pie_driver_trtllm.sampler import ALL_SAMPLERS, Sampler
 
-
 # `LLM.shutdown()` sometimes never returns (TensorRT-LLM's own tests carry a FIXME for it); the driver's
 # exit must not wait on it longer than this.
 SHUTDOWN_TIMEOUT_S = 10.0
