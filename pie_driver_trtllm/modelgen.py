@@ -12,6 +12,9 @@ SIZES: dict[str, dict[str, Any]] = {
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=4096, max_position_embeddings=4096),
+    # head size 64 in bf16: what TensorRT-LLM's attention kernels serve (selftest)
+    "selftest": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
 }

@@ -325,6 +325,7 @@ app.command()(cli_run.serve)
 app.command("make-model")(cli_run.make_model_command)
 app.command()(cli_run.demo)
 app.command()(cli_run.bench)
+app.command()(cli_run.selftest)
 
 
 def main() -> None:

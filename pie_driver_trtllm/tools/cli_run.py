@@ -77,3 +77,17 @@ def bench(workload: Annotated[list[str] | None, typer.Option(
     argv += ["--quick"] if quick else []
     argv += ["--plot", str(plot)] if plot else []
     raise typer.Exit(bench_main(argv))
+
+
+def selftest(engine: Annotated[str, typer.Option(help="tensorrt_llm or reference")] = "tensorrt_llm",
+             model: Annotated[Path | None, typer.Option(help="checkpoint (default: bf16 random weights)")] = None,
+             execution_mode: Annotated[str, typer.Option(help="generate or pyexecutor")] = "generate",
+             double: Annotated[Path | None, typer.Option(help="the TensorRT-LLM test double's folder")] = None,
+             json_path: Annotated[Path | None, typer.Option("--json", help="the JSON report's path")] = None) -> None:
+    """Run the protocol scenarios against a driver subprocess: a PASS/FAIL table and a JSON report.
+
+    Example: pie-driver-trtllm selftest --engine tensorrt_llm --execution-mode pyexecutor --json report.json
+    """
+    from pie_driver_trtllm.tools.selftest import run_selftest
+
+    raise typer.Exit(run_selftest(engine, model, execution_mode, double, json_path, echo=typer.echo))
