@@ -72,6 +72,7 @@ def probe_main() -> None:
         except subprocess.TimeoutExpired:
             out["trt"]["error"] = "`import tensorrt_llm` did not finish within the timeout (a known hang)"
     out["missing_reference"] = [p for p in REFERENCE_PACKAGES if importlib.util.find_spec(p) is None]
+    out["wheels"] = probe_wheels()
     try:
         import torch
 
@@ -192,6 +193,8 @@ def run_checks(config: Path | None = None, engine: str | None = None, min_free_g
                             "run `pie-driver-trtllm exec -- python -c 'import torch'` to see why"))
         return _finish(report, checks + config_checks)
     checks += _probe_checks(probe, trt, bad)
+    if trt or probe.get("trt", {}).get("installed"):
+        checks += trtllm_runtime_checks(probe, dict(os.environ), nvidia_driver_version())
     mpi = ctypes.util.find_library("mpi")
     inherited = sorted(k for k in os.environ if k.startswith(("OMPI_", "PMIX_", "PMI_", "SLURM_")))
     if mpi:
@@ -300,3 +303,72 @@ def format_report(report: dict[str, Any], color: bool = False, started: float | 
     else:
         lines.append(f"✓ All checks passed ({s['pass']} checks){took}.")
     return "\n".join(lines)
+
+
+# What TensorRT-LLM 1.2.1 (the release Pie 0.4.0 pins) was built against; a mismatch is the usual cause of
+# an `import tensorrt_llm` that fails with undefined symbols or a first CUDA call that fails.
+TRTLLM_TORCH = "2.9.1"
+CUDA13_MIN_DRIVER = 580  # CUDA 13.0 needs an NVIDIA driver of the 580 series or newer
+LAUNCHER_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "SLURM_")
+
+
+def probe_wheels() -> dict[str, str]:
+    """Versions of the installed NVIDIA cuBLAS wheels (run in the driver's interpreter)."""
+    from importlib.metadata import distributions
+
+    found = {}
+    for dist in distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-cublas"):
+            found[name] = dist.version
+    return found
+
+
+def nvidia_driver_version() -> str | None:
+    """The kernel driver's version, from /proc (no NVML needed), else nvidia-smi; None when neither."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        for word in text.split():
+            if word[:3].isdigit() and word.count(".") >= 1:
+                return word
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=20, check=False)
+            lines = done.stdout.strip().splitlines()
+            return lines[0].strip() if done.returncode == 0 and lines else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return None
+
+
+def trtllm_runtime_checks(probe: dict[str, Any], environ: dict[str, str], driver: str | None) -> list[Check]:
+    """The known real-world start failures of TensorRT-LLM 1.2.1 beyond `import tensorrt_llm`."""
+    checks = []
+    launcher = sorted(k for k in environ if k.startswith(LAUNCHER_PREFIXES))
+    checks.append(Check("MPI launcher variables", "WARN" if launcher else "PASS",
+                        ", ".join(launcher[:6]) + (" ..." if len(launcher) > 6 else "") if launcher else "none set",
+                        "unset them for the driver (verl clears PMI/PMIX/OMPI/SLURM variables before starting "
+                        "TensorRT-LLM): a single-GPU LLM() then tries to join the outer job and hangs"
+                        if launcher else ""))
+    torch_version = str(probe.get("torch", {}).get("version", ""))
+    if torch_version:
+        same = torch_version.split("+")[0] == TRTLLM_TORCH
+        checks.append(Check("torch for TensorRT-LLM", "PASS" if same else "WARN",
+                            f"torch {torch_version}; TensorRT-LLM 1.2.1 was built against {TRTLLM_TORCH}",
+                            "" if same else f"install torch=={TRTLLM_TORCH} from the CUDA 13 index "
+                            "(https://download.pytorch.org/whl/cu130), or use NVIDIA's TensorRT-LLM container"))
+    wheels = probe.get("wheels", {})
+    cuda13 = {n: v for n, v in wheels.items() if v.split(".")[0] == "13"}
+    checks.append(Check("cuBLAS (CUDA 13) wheel", "PASS" if cuda13 else "WARN",
+                        ", ".join(f"{n} {v}" for n, v in sorted(wheels.items())) or "no nvidia-cublas wheel",
+                        "" if cuda13 else "TensorRT-LLM 1.2.1 links CUDA 13's cuBLAS: `pip install "
+                        "'nvidia-cublas>=13,<14'` in the driver's environment (NVIDIA's container has it)"))
+    major = int(driver.split(".")[0]) if driver and driver.split(".")[0].isdigit() else None
+    checks.append(Check("NVIDIA driver", "PASS" if major and major >= CUDA13_MIN_DRIVER else "FAIL" if major
+                        else "WARN", driver or "not found (no /proc/driver/nvidia/version, no nvidia-smi)",
+                        "" if major and major >= CUDA13_MIN_DRIVER else
+                        f"CUDA 13 needs NVIDIA driver {CUDA13_MIN_DRIVER} or newer: upgrade the driver"))
+    return checks
