@@ -47,9 +47,9 @@ def double_env() -> dict[str, str]:
     return {"PYTHONPATH": path, TEST_DOUBLE_ENV: "1"}
 
 
-def trt_config(model: Path, **options: Any) -> DriverConfig:
+def trt_config(model: Path, dtype: str = "float32", **options: Any) -> DriverConfig:
     return parse_config({"model": {"snapshot_dir": str(model)},
-                         "driver": {"device": ["cpu"], "activation_dtype": "float32",
+                         "driver": {"device": ["cpu"], "activation_dtype": dtype,
                                     "options": {"engine": "tensorrt_llm", **options}}})
 
 
