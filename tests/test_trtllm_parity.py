@@ -18,10 +18,10 @@ import torch
 from trtllm_support import DOUBLE_DIR, CoreHarness, trt_config
 
 from pie_driver_trtllm.config import parse_config
-from pie_driver_trtllm.modelgen import make_model
-from pie_driver_trtllm.tools.selftest import NEAR_TIE_LOGIT_GAP
 from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
 from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV, TensorRTLLMEngine
+from pie_driver_trtllm.modelgen import make_model
+from pie_driver_trtllm.tools.selftest import NEAR_TIE_LOGIT_GAP
 
 MODES = ["generate", "pyexecutor"]
 
