@@ -157,3 +157,9 @@ def test_free_gpu_memory_fraction_of_one_is_refused_at_config_time(tiny_model: A
                     {"llm_kwargs": {"kv_cache_config": {"free_gpu_memory_fraction": 1.0}}}):
         with pytest.raises(StartupError, match=r"must be smaller than 1\.0"):
             trt_config(tiny_model, **options)
+
+
+def test_a_resident_context_keeps_decoding_past_the_token_budget(double: None, tiny_model: Any) -> None:
+    harness, _ = load_double_engine(tiny_model, execution_mode="pyexecutor", lookahead_tokens=1, max_num_tokens=8)
+    prompt = [3, 4, 5, 6, 7, 8]
+    assert greedy_decode(harness, [prompt], 6) == [hf_greedy(tiny_model, prompt, 6)]  # history grows to 11

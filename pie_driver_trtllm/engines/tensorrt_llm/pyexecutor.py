@@ -105,12 +105,20 @@ class PyExecutorEngine:
         return results  # type: ignore[return-value]
 
     def _refusal(self, row: Row) -> RowResult | None:
-        if not self._chunked and self._max_num_tokens and row.length > self._max_num_tokens:
-            # The scheduler never admits a prompt over its token budget unless it may chunk it.
-            return RowResult(error=f"a history of {row.length} tokens exceeds TensorRT-LLM's max_num_tokens "
-                                   f"({self._max_num_tokens}) and enable_chunked_prefill is off",
-                             code="OUT_OF_RANGE")
-        return None
+        if self._chunked or not self._max_num_tokens or row.length <= self._max_num_tokens:
+            return None
+        if self._resident(row) is not None:
+            return None  # only the new tokens run
+        # The scheduler never admits a prompt over its token budget unless it may chunk it.
+        return RowResult(error=f"a history of {row.length} tokens exceeds TensorRT-LLM's max_num_tokens "
+                               f"({self._max_num_tokens}) and enable_chunked_prefill is off", code="OUT_OF_RANGE")
+
+    def _resident(self, row: Row) -> _Session | None:
+        """The context's request when its tokens are exactly the row's prompt and it can still generate."""
+        session = self._sessions.get(row.context)
+        if session is None or _finished(session.request) or session.request.get_tokens(0) != row.tokens[: row.length]:
+            return None
+        return session
 
     def fork(self, src: int, dst: int, length: int) -> None:
         self._end_session(dst)  # dst's history was replaced; its next step recreates its request
@@ -195,8 +203,8 @@ class PyExecutorEngine:
 
     def _session_for(self, row: Row) -> _Session:
         prompt = row.tokens[: row.length]
-        session = self._sessions.get(row.context)
-        if session is not None and not _finished(session.request) and session.request.get_tokens(0) == prompt:
+        session = self._resident(row)
+        if session is not None:
             self._sessions.move_to_end(row.context)
             return session
         self._end_session(row.context)
