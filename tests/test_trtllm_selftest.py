@@ -13,9 +13,10 @@ from pie_driver_trtllm.tools.selftest import run_selftest
 pytestmark = pytest.mark.slow
 
 
-def test_selftest_passes_on_the_double_in_pyexecutor_mode(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize("mode", ["generate", "pyexecutor"])
+def test_selftest_passes_on_the_double(tmp_path: Path, tiny_model: Path, mode: str) -> None:
     lines: list[str] = []
-    code = run_selftest("tensorrt_llm", tiny_model, "pyexecutor", DOUBLE_DIR, tmp_path / "report.json",
+    code = run_selftest("tensorrt_llm", tiny_model, mode, DOUBLE_DIR, tmp_path / "report.json",
                         tmp_path / "work", echo=lines.append)
     report = json.loads((tmp_path / "report.json").read_text())
     assert code == 0, [s for s in report["scenarios"] if not s["ok"]]
