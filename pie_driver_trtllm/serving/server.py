@@ -41,6 +41,13 @@ class Backend(Protocol):
     def count_error(self, code: str) -> None: ...
 
 
+class Delimited(bytes):
+    """The routing identity of a peer whose message carried an empty delimiter frame (a `REQ` socket, or
+    a `DEALER` speaking like one): its reply goes back with the delimiter, or a `REQ` drops it."""
+
+    __slots__ = ()
+
+
 class Wakeup:
     """A pipe polled next to the socket; any thread may `set` it to interrupt the poll."""
 
@@ -212,6 +219,9 @@ class DriverServer:
             except zmq.Again:
                 return
             identity = parts[0].bytes
+            if len(parts) > 2 and not parts[1].buffer:  # an empty delimiter: kept in the reply's envelope
+                identity = Delimited(identity)
+                del parts[1]
             if len(parts) != 2:
                 self._reject(identity, None, DriverError(
                     ErrorCode.BAD_FRAME, f"expected one frame per message, got {len(parts) - 1}"))
@@ -266,7 +276,8 @@ class DriverServer:
     def _send(self, identity: bytes, payload: bytes) -> None:
         self._spin_until = time.perf_counter() + self.busy_poll_s
         try:
-            self._router.send_multipart([identity, payload], zmq.NOBLOCK, copy=False)
+            frames = [identity, b"", payload] if type(identity) is Delimited else [identity, payload]
+            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:  # host gone (ROUTER_MANDATORY) or its queue is full: drop, never block
             self.dropped_replies += 1
 
