@@ -10,6 +10,7 @@ position 0, while the other replicas keep serving. `stats` counts what the host 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 from collections import Counter
@@ -358,11 +359,13 @@ class ReplicaSet:
 
     def _fork(self, body: Fork) -> dict[str, Any]:
         source = self._owner_of(body.src)
-        target = self._owner.get(body.dst)
-        if target is not None and target != source.index:  # dst moves to src's replica, history copied there
-            self._call(self.replicas[target], "release", contexts=[body.dst])
-            self._forget(body.dst)
+        # The source's replica checks the fork first, so a refused fork leaves dst where it was, intact.
         reply = self._call(source, "fork", src=body.src, dst=body.dst, length=body.length)
+        target = self._owner.get(body.dst)
+        if target is not None and target != source.index:  # dst moved to src's replica: drop the old copy
+            self._forget(body.dst)
+            with contextlib.suppress(DriverError):  # a replica that is down holds nothing any more
+                self._call(self.replicas[target], "release", contexts=[body.dst])
         with self._lock:
             self._lost.discard(body.dst)
             self._owner[body.dst] = source.index
