@@ -60,7 +60,7 @@ class DriverOptions:
                                      nullable=True)
     max_num_tokens: int | None = opt(None, "TensorRT-LLM runtime token cap.", (int,), minimum=1, nullable=True)
     kv_cache_free_gpu_memory_fraction: float | None = opt(
-        None, "Fraction of free GPU memory TensorRT-LLM gives its KV cache.", (float, int),
+        None, "Fraction of free GPU memory TensorRT-LLM gives its KV cache; must be below 1.0.", (float, int),
         minimum=0.01, maximum=1.0, nullable=True)
     llm_kwargs: dict = opt({}, "Passed through to `tensorrt_llm.LLM(...)`; wins over curated keys.", (dict,))  # noqa: RUF009
     pyexecutor_max_tokens: int = opt(4096, "Continuation window of one private executor request.", (int,),
@@ -96,7 +96,8 @@ class DriverOptions:
         (int,), minimum=0, maximum=100_000)
     engine_step_timeout_s: float = opt(
         300.0, "Deadline of one engine call; past it the forward's requests get ENGINE_ERROR and the engine "
-        "is fenced off (health `degraded`) until the call returns. 0 waits forever.", (float, int),
+        "is fenced off (health `degraded`) until the call returns. 0 waits forever; a deadline acts no sooner "
+        "than 10 ms after the call starts.", (float, int),
         minimum=0.0)
     curve_secret_key_file: str | None = opt(
         None, "File (mode 0600) holding the server's Z85 CURVE secret key: encrypts the socket and allows a "
@@ -123,10 +124,11 @@ class ModelSection:
 class DriverSection:
     """`[driver]`."""
 
-    device: list = opt(["cuda:0"], "Devices, one data-parallel replica each: `cpu`, `cuda` or `cuda:N`.",  # noqa: RUF009
-                       (list,))
+    device: list = opt(["cuda:0"], "Devices, each `cpu`, `cuda` or `cuda:N`: one runs the engine in the driver "  # noqa: RUF009
+                       "process, several run one data-parallel replica subprocess each.", (list,))
     group_id: int = opt(0, "Group id echoed in the handshake line.", (int,), minimum=0)
-    activation_dtype: str = opt("bfloat16", "Activation dtype.", (str,), choices=DTYPES)
+    activation_dtype: str = opt("bfloat16", "Activation dtype; the reference engine resolves `auto` to "
+                                "bfloat16 on CUDA and float32 on CPU.", (str,), choices=DTYPES)
     random_seed: int | None = opt(None, "Seed of the driver's own randomness (unseeded samplers); "
                                   "unset draws from the OS.", (int,), minimum=0, nullable=True)
     tensor_parallel_size: int = opt(1, "Must be 1: use several devices for data parallelism.", (int,),
@@ -270,10 +272,23 @@ def load_config(path: str | Path) -> DriverConfig:
 
 def option_table_markdown() -> str:
     """The `[driver.options]` table of docs/configuration.md, generated from the dataclass."""
-    rows = ["| key | default | type | meaning |", "|---|---|---|---|"]
+    rows = ["| key | default | type | allowed | meaning |", "|---|---|---|---|---|"]
     for cls, section in ((ModelSection, "model"), (DriverSection, "driver"), (DriverOptions, "driver.options")):
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
             shown = "unset" if default is None else _toml(default)
-            rows.append(f"| `{section}.{f.name}` | `{shown}` | {_kinds(dict(f.metadata))} | {f.metadata['doc']} |")
+            meta = dict(f.metadata)
+            rows.append(f"| `{section}.{f.name}` | `{shown}` | {_kinds(meta)} | {_allowed(meta)} | {meta['doc']} |")
     return "\n".join(rows) + "\n"
+
+
+def _allowed(meta: dict[str, Any]) -> str:
+    """The rule `_check` applies beyond the type, as the table shows it."""
+    if meta["choices"]:
+        return ", ".join(f"`{_toml(c)}`" for c in meta["choices"])
+    lo, hi = meta["minimum"], meta["maximum"]
+    if lo is not None and hi is not None:
+        return f"{lo:g} to {hi:g}"
+    if lo is not None:
+        return f"at least {lo:g}"
+    return f"at most {hi:g}" if hi is not None else ""
