@@ -333,3 +333,13 @@ def test_stats_fields_are_the_documented_ones(driver_replies) -> None:
     table = section(page_text(DOCS / "protocol.md"), "5.7 stats")
     documented = set(first_column(table))
     assert documented - {"replicas"} == set(driver_replies["stats"]), "`replicas` comes with several devices"
+
+
+def test_health_fields_are_the_documented_ones(driver_replies) -> None:
+    health = driver_replies["health"]
+    documented = first_column(section(page_text(DOCS / "protocol.md"), "5.6 health"))
+    top, entry = documented[:3], set(documented[3:])
+    assert set(top) == set(health) and top[2] == "replicas"
+    one_device_only_sometimes = {"stuck_s"}  # while a call is stuck
+    several_devices_only = {"restarts", "pid"}
+    assert set(health["replicas"][0]) == entry - one_device_only_sometimes - several_devices_only

@@ -136,6 +136,12 @@ def test_a_refused_fork_leaves_dst_on_another_replica_intact(pair):
     assert [r["contexts"] for r in client.call("health")["replicas"]] == [2, 0]
 
 
+def test_replica_health_has_the_documented_fields(pair):
+    health = pair.client().call("health").result
+    assert [set(entry) for entry in health["replicas"]] == [
+        {"device", "alive", "contexts", "inflight", "restarts", "pid"}] * 2
+
+
 def test_each_replica_counts_its_own_step_timeouts(pair):
     client = pair.client()
     hung = client.forward([prefill(9, [4, HANG], sample=True)])[0]
