@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,6 @@ def test_startup_toml_examples_parse(page: Path) -> None:
     for block in re.findall(r"```toml\n(.*?)```", page_text(page), re.S):
         if "[driver]" not in block or "[model]\n" not in block:
             continue  # a Pie config, not the driver's startup file
-        import tomllib
-
         parse_config(tomllib.loads(block))
 
 
