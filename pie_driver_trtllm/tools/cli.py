@@ -25,7 +25,22 @@ app = typer.Typer(
          "Set up a machine with `install --run`, `set venv` and `doctor`; check a Pie config with "
          "`validate`; Pie starts the driver itself (`serve`). User guide: docs/user-guide.md.\n\n"
          "Example: pie-driver-trtllm install --run && pie-driver-trtllm set venv ~/.pie/venvs/tensorrt_llm",
-    no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+    no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from pie_driver_trtllm import __version__
+
+        typer.echo(f"pie-driver-trtllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", "-V", callback=_show_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Pie driver for NVIDIA TensorRT-LLM (with a PyTorch reference engine)."""
 
 
 class Kind(StrEnum):
@@ -329,6 +344,8 @@ app.command()(cli_run.selftest)
 
 
 def main() -> None:
+    # transformers draws progress bars on every model write and load; a driver's stderr is the host's.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 
