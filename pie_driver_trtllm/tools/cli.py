@@ -62,11 +62,13 @@ def install(
             help="venv folder [default: $PIE_HOME/venvs/tensorrt_llm; PIE_HOME defaults to ~/.pie]", metavar="PATH",
             show_default=False)] = None,
         run: Annotated[bool, typer.Option("--run", help="do it, instead of printing the recipe")] = False,
-        extra: Annotated[str, typer.Option(help="extra to install: tensorrt (TensorRT-LLM), reference "
-                                                "(PyTorch only) or none")] = "tensorrt",
+        extra: Annotated[str | None, typer.Option(help="extra to install: tensorrt (TensorRT-LLM), reference "
+                                                       "(PyTorch only) or none [default: tensorrt with an NVIDIA "
+                                                       "GPU, else reference with CPU torch]",
+                                                  show_default=False)] = None,
         source: Annotated[str | None, typer.Option(
-            "--from", help="install from a local checkout or wheel instead of the package index", metavar="PATH",
-            show_default=False)] = None,
+            "--from", help="a source checkout or wheel to install [default: where this copy came from]",
+            metavar="PATH", show_default=False)] = None,
         no_deps: Annotated[bool, typer.Option("--no-deps", help="install only this package, no dependencies "
                                               "(fast; for tests and pre-built venvs)")] = False,
         python: Annotated[str | None, typer.Option(help="Python version or interpreter path for a new venv "
@@ -75,8 +77,9 @@ def install(
     """Print the venv recipe, or create the venv with --run.
 
     Without --run: print copy-pasteable commands. With --run: create the venv (uv when present, else
-    python -m venv; Python 3.12 preferred), install pie-driver-trtllm with the extra, check that it
-    imports, and say how to register it.
+    python -m venv; Python 3.12 preferred), install pie-driver-trtllm from where this copy came from
+    (its checkout or wheel) with the extra, check that it imports, and say how to register it. Without
+    an NVIDIA GPU the reference extra is the default and the CPU build of torch is installed first.
 
     \b
     Examples:
@@ -84,9 +87,10 @@ def install(
       pie-driver-trtllm install --run                # make ~/.pie/venvs/tensorrt_llm
       pie-driver-trtllm install /tmp/v --run --from . --extra none --no-deps   # from a checkout, fast
     """
-    from pie_driver_trtllm.tools.install import EXTRAS, recipe, run_install
+    from pie_driver_trtllm.tools.install import EXTRAS, default_extra, recipe, run_install
     from pie_driver_trtllm.tools.pie_home import default_venv
 
+    extra = extra or default_extra()
     if extra not in EXTRAS:
         raise _fail(f"--extra {extra!r} is not one of {', '.join(EXTRAS)}", 2)
     venv = Path(os.path.abspath(os.path.expanduser(str(path)))) if path else default_venv()
@@ -190,7 +194,8 @@ def doctor(config: Annotated[Path | None, typer.Option("--config", "-c", help="a
            min_free_gib: Annotated[float, typer.Option(help="disk room below this is a warning")] = 20.0) -> None:
     """Check this machine is ready to serve: PASS / WARN / FAIL.
 
-    Each line says what was found and, when it is not a PASS, the fix.
+    Each line says what was found and, when it is not a PASS, the fix. Colours on a terminal only,
+    and never with NO_COLOR set.
 
     Checks: the interpreter and its version, this package and tensorrt_llm importable in it (with the
     library-path bootstrap), MPI runtime, torch / CUDA and each GPU's free memory, the reference engine,
@@ -203,7 +208,7 @@ def doctor(config: Annotated[Path | None, typer.Option("--config", "-c", help="a
       pie-driver-trtllm doctor --engine reference
     """
     from pie_driver_trtllm.config import ENGINE_ALIASES
-    from pie_driver_trtllm.tools.doctor import format_report, run_checks
+    from pie_driver_trtllm.tools.doctor import print_report, run_checks
 
     if engine is not None and engine not in ENGINE_ALIASES:
         raise _fail(f"--engine {engine!r} is not one of tensorrt_llm, reference", 2)
@@ -212,7 +217,7 @@ def doctor(config: Annotated[Path | None, typer.Option("--config", "-c", help="a
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
-        typer.echo(format_report(report, color=sys.stdout.isatty(), started=started))
+        print_report(report, started=started)
     raise typer.Exit(0 if report["ok"] else 1)
 
 
