@@ -24,7 +24,6 @@ The exit status is 1 when a target is not met (each one is named), 2 for a usage
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import statistics
@@ -217,7 +216,7 @@ def bench(workload: Annotated[list[Workload] | None, typer.Option(
     if plot is not None:
         if "overhead" not in names:
             _usage("--plot draws the overhead workload: add `-w overhead`")
-        if importlib.util.find_spec("matplotlib") is None:
+        if not _has_matplotlib():
             _usage("--plot needs matplotlib: pip install 'pie-driver-trtllm[bench]' (or drop --plot)")
     repeats = repeat or (1 if quick else 3)
     results = run_benchmarks(names, size=size.value, device=device, dtype=dtype.value, out_dir=out, quick=quick,
@@ -234,6 +233,14 @@ def bench(workload: Annotated[list[Workload] | None, typer.Option(
         detail = "; ".join(f"{t.label} {t.value:.3f} (wanted {t.op} {t.bound})" for t in missed)
         console.print(f"✗ {len(missed)} target(s) not met: {detail}", markup=False)
         raise typer.Exit(1)
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _usage(message: str) -> None:

@@ -87,10 +87,14 @@ def install(
       pie-driver-trtllm install --run                # make ~/.pie/venvs/tensorrt_llm
       pie-driver-trtllm install /tmp/v --run --from . --extra none --no-deps   # from a checkout, fast
     """
-    from pie_driver_trtllm.tools.install import EXTRAS, default_extra, recipe, run_install
+    from pie_driver_trtllm.tools.install import EXTRAS, choose_python, default_extra, recipe, run_install
     from pie_driver_trtllm.tools.pie_home import default_venv
 
     extra = extra or default_extra()
+    if run and python:
+        found, _, notice = choose_python(python)
+        if not found:
+            raise _fail(str(notice), 2)
     if extra not in EXTRAS:
         raise _fail(f"--extra {extra!r} is not one of {', '.join(EXTRAS)}", 2)
     venv = Path(os.path.abspath(os.path.expanduser(str(path)))) if path else default_venv()
@@ -302,39 +306,25 @@ def validate(config: Annotated[Path, typer.Argument(help="a Pie config ([[model]
                                                          "startup TOML", metavar="CONFIG")]) -> None:
     """Check a Pie config, pointing at each offending line.
 
-    Each problem is printed as FILE:LINE: message, followed by the line itself.
+    Every problem is printed as FILE:LINE: message, followed by the line itself.
 
     For a Pie config, every [[model]] whose [model.driver] type is tensorrt_llm (or tensorrt-llm,
-    trtllm) is checked with the driver's own rules plus Pie's. Exit status 1 when anything is wrong.
+    trtllm) is checked with the driver's own rules plus Pie's. A driver startup TOML gets the checks
+    `serve` runs, its model directory included. Exit status 1 when anything is wrong.
 
     Example: pie-driver-trtllm validate ~/.pie/config.toml
     """
-    import tomllib
+    from pie_driver_trtllm.tools.validate import validate_file
 
-    from pie_driver_trtllm.config import StartupError, load_config
-    from pie_driver_trtllm.tools.pie_config import format_problem, load_pie_config
-
-    try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
-        startup = isinstance(data.get("model"), dict) and "driver" in data
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        startup = False
-    if startup:  # the driver's own startup file: [model] + [driver]
-        try:
-            load_config(config)
-        except StartupError as exc:
-            raise _fail(str(exc)) from None
-        typer.echo(f"✓ {config}: a valid driver startup file")
-        return
-    cfg = load_pie_config(config)
-    for problem in cfg.problems:
-        typer.echo(format_problem(cfg, problem), err=True)
-    for warning in cfg.warnings:
-        typer.echo(f"! {config}: {warning}")
-    if cfg.problems:
+    problems, warnings, verdict = validate_file(config)
+    for problem in problems:
+        typer.echo(problem, err=True)
+    for warning in warnings:
+        typer.echo(warning)
+    if problems:
+        typer.echo(f"✗ {len(problems)} problem(s) in {config}", err=True)
         raise typer.Exit(1)
-    ours = [m for m in cfg.models if m.ours]
-    typer.echo(f"✓ {config}: {len(cfg.models)} [[model]] entry(ies), {len(ours)} for this driver, no problems")
+    typer.echo(verdict)
 
 
 # --- running: serve, make-model, demo ------------------------------------------------------------------

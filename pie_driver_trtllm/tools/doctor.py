@@ -402,8 +402,12 @@ def print_report(report: dict[str, Any], started: float | None = None) -> None:
     from rich.text import Text
 
     console = Console(highlight=False, soft_wrap=True)
+    text = format_report(report, started=started)
+    if console.no_color or not console.is_terminal:
+        print(text)
+        return
     styles = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
-    for line in format_report(report, started=started).splitlines():
+    for line in text.splitlines():
         text = Text(line)
         status = line[2:6]
         if status in styles and line.startswith("  "):
