@@ -130,8 +130,9 @@ def test_install_run_creates_a_venv_with_the_package(installed_venv: tuple[Path,
     assert f"! Installed pie-driver-trtllm 0.1.0 into {venv}, but it cannot serve yet: zmq, msgspec missing" in output
     assert f"pie-driver-trtllm install {venv} --run --extra reference --from" in output
     assert f"pie-driver-trtllm set venv {venv}" in output
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's own copy, not this tree
     done = subprocess.run([str(venv / "bin" / "python"), "-c", "import pie_driver_trtllm as p; print(p.__file__)"],
-                          capture_output=True, text=True, cwd=venv, check=True)
+                          capture_output=True, text=True, cwd=venv, env=env, check=True)
     assert done.stdout.strip().startswith(str(venv)), "imported from the venv, not the checkout"
 
 
