@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pie_driver_trtllm.engines.tensorrt_llm.startup import INSTALL_HINT
 from pie_driver_trtllm.tools import pie_home
 from pie_driver_trtllm.tools.cli import app
+from pie_driver_trtllm.tools.doctor import trt_install_fix
 from pie_driver_trtllm.tools.pie_home import PieHomeError, resolve_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,7 +302,8 @@ def test_doctor_fails_without_tensorrt_llm_and_gives_the_remedy(home: Path, monk
     lines = result.output.splitlines()
     trt = next(i for i, line in enumerate(lines) if line.split()[1:2] == ["tensorrt_llm"])
     assert lines[trt].split()[0] == "FAIL" and "not importable" in lines[trt]
-    assert lines[trt + 1].strip() == f"fix: {INSTALL_HINT}"
+    assert lines[trt + 1].strip() == f"fix: {trt_install_fix()}"
+    assert f"pip install '{ROOT}[tensorrt]'" in lines[trt + 1]  # from this checkout, not a name no index has
     assert any(line.split()[:2] == ["PASS", "pie-driver-trtllm"] for line in lines)
     assert any(line.split()[:3] == ["PASS", "reference", "engine"] for line in lines)
     assert lines[-1].startswith("✗ ") and "failed" in lines[-1]

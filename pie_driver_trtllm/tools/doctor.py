@@ -249,10 +249,17 @@ def _package_fix(step: int, config: Path | None, trt: bool) -> str:
     return f"install it into that interpreter: {install}"
 
 
+def trt_install_fix() -> str:
+    """Installing TensorRT-LLM into the driver's interpreter, from where this tool came from."""
+    from pie_driver_trtllm.tools.install import NVIDIA_INDEX, package_spec
+
+    return (f"install it with `pie-driver-trtllm exec -- pip install '{package_spec(None, 'tensorrt')}' "
+            f"--extra-index-url {NVIDIA_INDEX}` on Python 3.10/3.12 with an NVIDIA GPU and an MPI runtime, "
+            "or set engine = \"reference\"")
+
+
 def _probe_checks(probe: dict[str, Any], trt: bool, bad: str) -> list[Check]:
-    from pie_driver_trtllm.engines.tensorrt_llm.startup import (
-        INSTALL_HINT,  # the one install remedy, shared with the engine
-    )
+    from pie_driver_trtllm.tools.install import package_spec
 
     checks = []
     info = probe.get("trt", {})
@@ -264,7 +271,7 @@ def _probe_checks(probe: dict[str, Any], trt: bool, bad: str) -> list[Check]:
     else:
         checks.append(Check("tensorrt_llm", bad if trt else "WARN",
                             "not importable" + ("" if trt else " (not needed for engine reference)"),
-                            INSTALL_HINT if trt else ""))
+                            trt_install_fix() if trt else ""))
     torch = probe.get("torch", {})
     devices = torch.get("devices", [])
     if "error" in torch:
@@ -284,7 +291,7 @@ def _probe_checks(probe: dict[str, Any], trt: bool, bad: str) -> list[Check]:
                         "torch, transformers, safetensors importable" if not missing else
                         f"missing {', '.join(missing)}",
                         "" if not missing else
-                        "`pie-driver-trtllm exec -- pip install 'pie-driver-trtllm[reference]'`"))
+                        f"`pie-driver-trtllm exec -- pip install '{package_spec(None, 'reference')}'`"))
     return checks
 
 
