@@ -53,6 +53,8 @@ if ! "$VPY" -c 'import torch' >/dev/null 2>&1; then
 fi
 
 echo "==> installing pie-driver-trtllm[$extras]"
-"$VPY" -m pip install -q -e ".[$extras]" || die "pip could not install .[$extras]; see the messages above"
+# setuptools boxes an informational note about editable installs on every run; it asks nothing of anyone.
+PYTHONWARNINGS="ignore:Editable installation${PYTHONWARNINGS:+,$PYTHONWARNINGS}" \
+  "$VPY" -m pip install -q -e ".[$extras]" || die "pip could not install .[$extras]; see the messages above"
 "$VPY" -c 'import pie_driver_trtllm, torch, transformers, zmq, msgspec' || die "installed, but imports fail"
 echo "==> ready: .venv/bin/pie-driver-trtllm --help"
