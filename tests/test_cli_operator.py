@@ -213,15 +213,17 @@ def test_validate_names_every_problem_in_one_run(env: dict[str, str], tmp_path: 
 def test_validate_startup_file_runs_the_checks_serve_runs(env: dict[str, str], tmp_path: Path) -> None:
     config = tmp_path / "driver.toml"
     config.write_text('[model]\nsnapshot_dir = "missing-model"\n\n[driver]\ndevice = ["cpu"]\n\n'
-                      '[driver.options]\nlookahead_tokns = 3\n')
+                      '[driver.options]\nlookahead_tokns = 3\n\n[drivers]\nx = 1\n')
     done = cli(env, "validate", str(config))
     assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{config}:10: unknown table [drivers]" in done.stderr
     assert f"{config}:2: model.snapshot_dir {tmp_path / 'missing-model'} does not exist" in done.stderr
     assert f"{config}:8: unknown key driver.options.lookahead_tokns; did you mean `lookahead_tokens`?" \
         in done.stderr
     (tmp_path / "missing-model").mkdir()
     (tmp_path / "missing-model" / "config.json").write_text("{}")
-    config.write_text(config.read_text().replace("lookahead_tokns", "lookahead_tokens"))
+    config.write_text(config.read_text().replace("lookahead_tokns", "lookahead_tokens").replace("[drivers]\nx = 1\n",
+                                                                                              ""))
     done = cli(env, "validate", str(config))
     assert done.returncode == 0 and done.stdout.strip() == f"✓ {config}: a valid driver startup file"
 

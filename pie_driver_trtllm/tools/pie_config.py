@@ -152,6 +152,11 @@ def startup_problems(data: dict[str, Any]) -> list[tuple[str, str, str]]:
             if unknown:
                 section, key, allowed = unknown.groups()
                 message = f"unknown key {section}.{key}{did_you_mean(key, allowed.split(', '))}"
+            table_name = re.search(r"unknown table \[(\w+)\]", message)
+            if table_name and table_name.group(1) in data:
+                found.append((table_name.group(1), "", message))
+                del data[table_name.group(1)]
+                continue
             where = _KEY.search(message)
             if not where:
                 found.append(("driver", "", message))
