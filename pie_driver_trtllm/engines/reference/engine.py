@@ -191,8 +191,20 @@ def kv_budget_cpu() -> int:
 
     The cache is allocated up front (slots x max_model_len), so the configured limits size it; this
     only keeps large limits from taking the machine's memory."""
+    available = available_memory()
+    return available // 4 if available else 1 << 30
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could hand out now without swapping (page cache included), None when unknown."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
-        return 1 << 30
-    return available // 4
+        return None
