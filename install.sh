@@ -34,17 +34,27 @@ VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 
 # torch 2.13.0 has a local CPU wheel for Python 3.11 on this project's machines; installing it first keeps
-# pip from pulling a multi-GB CUDA build. Elsewhere pip picks the platform's default torch.
+# pip from pulling a multi-GB CUDA build. Elsewhere: PyTorch's CPU index without an NVIDIA GPU, else pip's
+# default (CUDA) torch. This is the long step, so pip shows its own progress here.
 if ! "$VPY" -c 'import torch' >/dev/null 2>&1; then
-  echo "==> installing torch"
-  if [ "$("$VPY" -c 'import sys; print(sys.version_info[:2] == (3, 11))')" = "True" ]; then
-    "$VPY" -m pip install -q torch==2.13.0 || "$VPY" -m pip install -q torch || die "torch install failed"
+  if ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
+    echo "==> installing torch (CUDA build: a few GB to download)"
+    "$VPY" -m pip install --progress-bar on torch || die "torch install failed"
   else
-    "$VPY" -m pip install -q torch || die "torch install failed"
+    echo "==> installing torch (CPU build, about 200 MB; no NVIDIA GPU here)"
+    if [ "$("$VPY" -c 'import sys; print(sys.version_info[:2] == (3, 11))')" = "True" ] \
+        && "$VPY" -m pip install --progress-bar on torch==2.13.0+cpu; then
+      :
+    else
+      "$VPY" -m pip install --progress-bar on torch --index-url https://download.pytorch.org/whl/cpu \
+        || die "torch install failed"
+    fi
   fi
 fi
 
 echo "==> installing pie-driver-trtllm[$extras]"
-"$VPY" -m pip install -q -e ".[$extras]" || die "pip could not install .[$extras]; see the messages above"
+# setuptools boxes an informational note about editable installs on every run; it asks nothing of anyone.
+PYTHONWARNINGS="ignore:Editable installation${PYTHONWARNINGS:+,$PYTHONWARNINGS}" \
+  "$VPY" -m pip install -q -e ".[$extras]" || die "pip could not install .[$extras]; see the messages above"
 "$VPY" -c 'import pie_driver_trtllm, torch, transformers, zmq, msgspec' || die "installed, but imports fail"
 echo "==> ready: .venv/bin/pie-driver-trtllm --help"

@@ -1,4 +1,4 @@
-"""The benchmark workloads (issue 7): the quick set runs on CPU and writes sound JSON."""
+"""The benchmark workloads: the quick set runs on CPU and writes sound JSON."""
 
 from __future__ import annotations
 

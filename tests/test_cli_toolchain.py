@@ -1,4 +1,4 @@
-"""The setup tool chain: install, set, unset, show, doctor, exec, list, validate (issue 5).
+"""The setup tool chain: install, set, unset, show, doctor, exec, list, validate.
 
 Every test runs against a temporary PIE_HOME with PIE_PYTHON and VIRTUAL_ENV cleared; the real ~/.pie is
 never read or written.
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pie_driver_trtllm.engines.tensorrt_llm.startup import INSTALL_HINT
 from pie_driver_trtllm.tools import pie_home
 from pie_driver_trtllm.tools.cli import app
+from pie_driver_trtllm.tools.doctor import trt_install_fix
 from pie_driver_trtllm.tools.pie_home import PieHomeError, resolve_interpreter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def test_typer_app_is_exposed_through_the_pie_drivers_entry_point_group() -> Non
 
 
 def test_install_prints_a_copy_pasteable_recipe(home: Path) -> None:
-    result = invoke("install")
+    result = invoke("install", "--extra", "tensorrt")
     assert result.exit_code == 0, result.output
     venv = home / "venvs" / "tensorrt_llm"
     quoted = f"'{venv}'"  # PIE_HOME has a space: paths are shell-quoted
@@ -85,7 +85,7 @@ def test_install_prints_a_copy_pasteable_recipe(home: Path) -> None:
     assert lines[0].startswith("# Recipe for the tensorrt_llm driver")
     assert "apt-get install -y libopenmpi-dev openmpi-bin" in result.output
     assert f"uv venv {quoted} --python 3.12" in lines
-    assert (f"uv pip install --python '{venv}/bin/python' 'pie-driver-trtllm[tensorrt]' "
+    assert (f"uv pip install --python '{venv}/bin/python' '{ROOT}[tensorrt]' "  # the checkout it runs from
             "--extra-index-url https://pypi.nvidia.com") in lines
     assert f"python3.12 -m venv {quoted}" in lines
     assert f"pie-driver-trtllm set venv {quoted}" in lines
@@ -96,7 +96,7 @@ def test_install_prints_a_copy_pasteable_recipe(home: Path) -> None:
 def test_install_recipe_for_reference_extra_and_explicit_path(home: Path, tmp_path: Path) -> None:
     result = invoke("install", str(tmp_path / "v"), "--extra", "reference")
     assert result.exit_code == 0
-    assert f"uv pip install --python {tmp_path}/v/bin/python 'pie-driver-trtllm[reference]'" in result.output
+    assert f"uv pip install --python {tmp_path}/v/bin/python '{ROOT}[reference]'" in result.output
     assert "pypi.nvidia.com" not in result.output and "openmpi" not in result.output
     assert invoke("install", "--extra", "bogus").exit_code == 2
 
@@ -126,10 +126,13 @@ def test_install_run_creates_a_venv_with_the_package(installed_venv: tuple[Path,
     venv, output = installed_venv
     assert "==> [1/3] creating" in output and "==> [2/3] installing" in output and "==> [3/3]" in output
     assert ("Python 3.12" in output) or ("falling back to Python" in output)  # 3.12 preferred, else a notice
-    assert f"✓ Installed pie-driver-trtllm 0.1.0 into {venv}" in output
+    # --extra none --no-deps leaves a venv that cannot serve: said, with the command that completes it
+    assert f"! Installed pie-driver-trtllm 0.1.0 into {venv}, but it cannot serve yet: zmq, msgspec missing" in output
+    assert f"pie-driver-trtllm install {venv} --run --extra reference --from" in output
     assert f"pie-driver-trtllm set venv {venv}" in output
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's own copy, not this tree
     done = subprocess.run([str(venv / "bin" / "python"), "-c", "import pie_driver_trtllm as p; print(p.__file__)"],
-                          capture_output=True, text=True, cwd=venv, check=True)
+                          capture_output=True, text=True, cwd=venv, env=env, check=True)
     assert done.stdout.strip().startswith(str(venv)), "imported from the venv, not the checkout"
 
 
@@ -299,7 +302,8 @@ def test_doctor_fails_without_tensorrt_llm_and_gives_the_remedy(home: Path, monk
     lines = result.output.splitlines()
     trt = next(i for i, line in enumerate(lines) if line.split()[1:2] == ["tensorrt_llm"])
     assert lines[trt].split()[0] == "FAIL" and "not importable" in lines[trt]
-    assert lines[trt + 1].strip() == f"fix: {INSTALL_HINT}"
+    assert lines[trt + 1].strip() == f"fix: {trt_install_fix()}"
+    assert f"pip install '{ROOT}[tensorrt]'" in lines[trt + 1]  # from this checkout, not a name no index has
     assert any(line.split()[:2] == ["PASS", "pie-driver-trtllm"] for line in lines)
     assert any(line.split()[:3] == ["PASS", "reference", "engine"] for line in lines)
     assert lines[-1].startswith("✗ ") and "failed" in lines[-1]

@@ -109,9 +109,11 @@ def test_validate_without_this_driver_warns_and_passes(tmp_path: Path) -> None:
 
 
 def test_validate_accepts_a_driver_startup_file(tmp_path: Path) -> None:
-    path = write(tmp_path, '[model]\nsnapshot_dir = "/m"\n\n[driver]\ndevice = ["cpu"]\n')
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    path = write(tmp_path, '[model]\nsnapshot_dir = "m"\n\n[driver]\ndevice = ["cpu"]\n')
     assert run("validate", str(path)).exit_code == 0
-    path.write_text('[model]\nsnapshot_dir = "/m"\n\n[driver]\ndevice = ["tpu"]\n')
+    path.write_text('[model]\nsnapshot_dir = "m"\n\n[driver]\ndevice = ["tpu"]\n')
     result = run("validate", str(path))
     assert result.exit_code == 1 and "driver.device entry 'tpu'" in result.output
 

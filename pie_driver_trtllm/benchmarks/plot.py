@@ -26,7 +26,9 @@ def plot_overhead(overhead_json: str | Path, png: str | Path, title: str | None 
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size (contexts per decode step)")
     ax.set_ylabel("tokens/s")
-    ax.set_title(title or f"{data['engine']} engine, {data['size']} model, {data['device']} {data['dtype']}")
+    quick = " (--quick: smoke test, not a measurement)" if data.get("quick") else ""
+    ax.set_title(title or f"{data['engine']} engine, {data['size']} model, {data['device']} {data['dtype']}{quick}",
+                 fontsize=9 if quick else None)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
         return 2
 
+    stopped_by: list[int] = []
+
     def request_stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
         server.stop_requested.set()
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         server.serve()
     finally:
         close()
-    return 0
+    # Ctrl-C is the shell's 130; SIGTERM is how a host stops its driver, an ordinary 0.
+    return 128 + signal.SIGINT if signal.SIGINT in stopped_by else 0
 
 
 def select_replica(config: DriverConfig, index: int) -> None:

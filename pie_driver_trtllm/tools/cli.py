@@ -25,7 +25,22 @@ app = typer.Typer(
          "Set up a machine with `install --run`, `set venv` and `doctor`; check a Pie config with "
          "`validate`; Pie starts the driver itself (`serve`). User guide: docs/user-guide.md.\n\n"
          "Example: pie-driver-trtllm install --run && pie-driver-trtllm set venv ~/.pie/venvs/tensorrt_llm",
-    no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+    no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from pie_driver_trtllm import __version__
+
+        typer.echo(f"pie-driver-trtllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", "-V", callback=_show_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Pie driver for NVIDIA TensorRT-LLM (with a PyTorch reference engine)."""
 
 
 class Kind(StrEnum):
@@ -47,11 +62,13 @@ def install(
             help="venv folder [default: $PIE_HOME/venvs/tensorrt_llm; PIE_HOME defaults to ~/.pie]", metavar="PATH",
             show_default=False)] = None,
         run: Annotated[bool, typer.Option("--run", help="do it, instead of printing the recipe")] = False,
-        extra: Annotated[str, typer.Option(help="extra to install: tensorrt (TensorRT-LLM), reference "
-                                                "(PyTorch only) or none")] = "tensorrt",
+        extra: Annotated[str | None, typer.Option(help="extra to install: tensorrt (TensorRT-LLM), reference "
+                                                       "(PyTorch only) or none [default: tensorrt with an NVIDIA "
+                                                       "GPU, else reference with CPU torch]",
+                                                  show_default=False)] = None,
         source: Annotated[str | None, typer.Option(
-            "--from", help="install from a local checkout or wheel instead of the package index", metavar="PATH",
-            show_default=False)] = None,
+            "--from", help="a source checkout or wheel to install [default: where this copy came from]",
+            metavar="PATH", show_default=False)] = None,
         no_deps: Annotated[bool, typer.Option("--no-deps", help="install only this package, no dependencies "
                                               "(fast; for tests and pre-built venvs)")] = False,
         python: Annotated[str | None, typer.Option(help="Python version or interpreter path for a new venv "
@@ -60,8 +77,9 @@ def install(
     """Print the venv recipe, or create the venv with --run.
 
     Without --run: print copy-pasteable commands. With --run: create the venv (uv when present, else
-    python -m venv; Python 3.12 preferred), install pie-driver-trtllm with the extra, check that it
-    imports, and say how to register it.
+    python -m venv; Python 3.12 preferred), install pie-driver-trtllm from where this copy came from
+    (its checkout or wheel) with the extra, check that it imports, and say how to register it. Without
+    an NVIDIA GPU the reference extra is the default and the CPU build of torch is installed first.
 
     \b
     Examples:
@@ -69,9 +87,14 @@ def install(
       pie-driver-trtllm install --run                # make ~/.pie/venvs/tensorrt_llm
       pie-driver-trtllm install /tmp/v --run --from . --extra none --no-deps   # from a checkout, fast
     """
-    from pie_driver_trtllm.tools.install import EXTRAS, recipe, run_install
+    from pie_driver_trtllm.tools.install import EXTRAS, choose_python, default_extra, recipe, run_install
     from pie_driver_trtllm.tools.pie_home import default_venv
 
+    extra = extra or default_extra()
+    if run and python:
+        found, _, notice = choose_python(python)
+        if not found:
+            raise _fail(str(notice), 2)
     if extra not in EXTRAS:
         raise _fail(f"--extra {extra!r} is not one of {', '.join(EXTRAS)}", 2)
     venv = Path(os.path.abspath(os.path.expanduser(str(path)))) if path else default_venv()
@@ -175,7 +198,8 @@ def doctor(config: Annotated[Path | None, typer.Option("--config", "-c", help="a
            min_free_gib: Annotated[float, typer.Option(help="disk room below this is a warning")] = 20.0) -> None:
     """Check this machine is ready to serve: PASS / WARN / FAIL.
 
-    Each line says what was found and, when it is not a PASS, the fix.
+    Each line says what was found and, when it is not a PASS, the fix. Colours on a terminal only,
+    and never with NO_COLOR set.
 
     Checks: the interpreter and its version, this package and tensorrt_llm importable in it (with the
     library-path bootstrap), MPI runtime, torch / CUDA and each GPU's free memory, the reference engine,
@@ -188,7 +212,7 @@ def doctor(config: Annotated[Path | None, typer.Option("--config", "-c", help="a
       pie-driver-trtllm doctor --engine reference
     """
     from pie_driver_trtllm.config import ENGINE_ALIASES
-    from pie_driver_trtllm.tools.doctor import format_report, run_checks
+    from pie_driver_trtllm.tools.doctor import print_report, run_checks
 
     if engine is not None and engine not in ENGINE_ALIASES:
         raise _fail(f"--engine {engine!r} is not one of tensorrt_llm, reference", 2)
@@ -197,7 +221,7 @@ def doctor(config: Annotated[Path | None, typer.Option("--config", "-c", help="a
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
-        typer.echo(format_report(report, color=sys.stdout.isatty(), started=started))
+        print_report(report, started=started)
     raise typer.Exit(0 if report["ok"] else 1)
 
 
@@ -282,39 +306,25 @@ def validate(config: Annotated[Path, typer.Argument(help="a Pie config ([[model]
                                                          "startup TOML", metavar="CONFIG")]) -> None:
     """Check a Pie config, pointing at each offending line.
 
-    Each problem is printed as FILE:LINE: message, followed by the line itself.
+    Every problem is printed as FILE:LINE: message, followed by the line itself.
 
     For a Pie config, every [[model]] whose [model.driver] type is tensorrt_llm (or tensorrt-llm,
-    trtllm) is checked with the driver's own rules plus Pie's. Exit status 1 when anything is wrong.
+    trtllm) is checked with the driver's own rules plus Pie's. A driver startup TOML gets the checks
+    `serve` runs, its model directory included. Exit status 1 when anything is wrong.
 
     Example: pie-driver-trtllm validate ~/.pie/config.toml
     """
-    import tomllib
+    from pie_driver_trtllm.tools.validate import validate_file
 
-    from pie_driver_trtllm.config import StartupError, load_config
-    from pie_driver_trtllm.tools.pie_config import format_problem, load_pie_config
-
-    try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
-        startup = isinstance(data.get("model"), dict) and "driver" in data
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        startup = False
-    if startup:  # the driver's own startup file: [model] + [driver]
-        try:
-            load_config(config)
-        except StartupError as exc:
-            raise _fail(str(exc)) from None
-        typer.echo(f"✓ {config}: a valid driver startup file")
-        return
-    cfg = load_pie_config(config)
-    for problem in cfg.problems:
-        typer.echo(format_problem(cfg, problem), err=True)
-    for warning in cfg.warnings:
-        typer.echo(f"! {config}: {warning}")
-    if cfg.problems:
+    problems, warnings, verdict = validate_file(config)
+    for problem in problems:
+        typer.echo(problem, err=True)
+    for warning in warnings:
+        typer.echo(warning)
+    if problems:
+        typer.echo(f"✗ {len(problems)} problem(s) in {config}", err=True)
         raise typer.Exit(1)
-    ours = [m for m in cfg.models if m.ours]
-    typer.echo(f"✓ {config}: {len(cfg.models)} [[model]] entry(ies), {len(ours)} for this driver, no problems")
+    typer.echo(verdict)
 
 
 # --- running: serve, make-model, demo ------------------------------------------------------------------
@@ -329,6 +339,8 @@ app.command()(cli_run.selftest)
 
 
 def main() -> None:
+    # transformers draws progress bars on every model write and load; a driver's stderr is the host's.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pie_driver_trtllm.benchmarks.cli import Size
+from pie_driver_trtllm.benchmarks.cli import bench as bench  # registered by cli.py
+
+
+class ModelDtype(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
 
 def serve(config: Annotated[Path, typer.Option("--config", help="startup TOML written by the host")],
-          handshake_fd: Annotated[int | None, typer.Option("--handshake-fd")] = None,
-          endpoint: Annotated[str | None, typer.Option("--endpoint")] = None) -> None:
+          handshake_fd: Annotated[int | None, typer.Option("--handshake-fd", help="an open fd for the two "
+                                                           "handshake lines [default: stdout]",
+                                                           show_default=False)] = None,
+          endpoint: Annotated[str | None, typer.Option("--endpoint", help="ipc:// or tcp:// URL [default: a "
+                                                       "private ipc socket]", show_default=False)] = None) -> None:
     """Run the driver (Pie does this for you).
 
-    The same as `python -m pie_driver_trtllm`.
+    The same as `python -m pie_driver_trtllm`. Exit status 130 after Ctrl-C, 0 after SIGTERM.
 
     Example: pie-driver-trtllm serve --config driver.toml --handshake-fd 3
     """
     from pie_driver_trtllm.serving.driver import main as driver_main
 
+    problem = _serve_problem(config, handshake_fd)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
     argv = ["--config", str(config)]
     if handshake_fd is not None:
         argv += ["--handshake-fd", str(handshake_fd)]
@@ -27,56 +44,62 @@ def serve(config: Annotated[Path, typer.Option("--config", help="startup TOML wr
     raise typer.Exit(driver_main(argv))
 
 
+def _serve_problem(config: Path, handshake_fd: int | None) -> str | None:
+    """What makes `serve` fail before it starts, in one line; None when nothing does."""
+    import tomllib
+
+    if handshake_fd is not None:
+        try:
+            os.fstat(handshake_fd)
+        except OSError:
+            return (f"--handshake-fd {handshake_fd} is not an open file descriptor (the host opens it for the "
+                    "driver; leave the option out to write the handshake to stdout)")
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None  # the driver names these itself
+    if isinstance(data.get("model"), list):
+        return (f"{config} is a Pie config ([[model]] entries); `serve` takes the driver startup TOML Pie writes "
+                "for one model ([model] + [driver]). Start Pie with it instead, or check it with "
+                f"`pie-driver-trtllm validate {config}`")
+    return None
+
+
 def make_model_command(
-        directory: Annotated[Path, typer.Argument(help="where to write the checkpoint")],
-        size: Annotated[str, typer.Option(help="tiny (tests), small (demo) or 1b (GPU benchmarks)")] = "tiny",
+        directory: Annotated[Path, typer.Argument(help="where to write the checkpoint (a new or empty folder)")],
+        size: Annotated[Size, typer.Option(help="tiny (tests), small (demo) or 1b (GPU benchmarks)")] = Size.tiny,
         seed: Annotated[int, typer.Option(help="weights seed")] = 0,
-        dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32") -> None:
+        dtype: Annotated[ModelDtype, typer.Option(help="weights dtype")] = ModelDtype.float32) -> None:
     """Write a random-weight Llama checkpoint (no download needed).
 
     Example: pie-driver-trtllm make-model /tmp/tiny-llama --size tiny
     """
-    from pie_driver_trtllm.modelgen import SIZES, make_model, parameter_count
+    from pie_driver_trtllm.modelgen import make_model, parameter_count
 
-    if size not in SIZES:
-        typer.echo(f"error: --size {size!r} is not one of {', '.join(SIZES)}", err=True)
+    if directory.exists() and not directory.is_dir():
+        typer.echo(f"error: {directory} is a file; make-model writes a folder (give a new path)", err=True)
         raise typer.Exit(2)
-    path = make_model(directory, size, seed, dtype)
-    typer.echo(f"wrote {path} ({size}, {parameter_count(size) / 1e6:.1f}M parameters, seed {seed}, {dtype})")
+    try:
+        path = make_model(directory, size.value, seed, dtype.value)
+    except OSError as exc:
+        typer.echo(f"error: cannot write {directory}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {path} ({size.value}, {parameter_count(size.value) / 1e6:.1f}M parameters, seed {seed}, "
+               f"{dtype.value})")
 
 
-def demo(contexts: Annotated[int, typer.Option(help="host contexts to run (8 or more)")] = 8,
-         steps: Annotated[int, typer.Option(help="decode steps per context")] = 24,
-         size: Annotated[str, typer.Option(help="model size for make-model")] = "small",
-         workdir: Annotated[Path | None, typer.Option(help="where the model and config go")] = None) -> None:
+def demo(contexts: Annotated[int, typer.Option(min=8, help="host contexts to run")] = 8,
+         steps: Annotated[int, typer.Option(min=4, help="decode steps per context")] = 24,
+         size: Annotated[Size, typer.Option(help="model size for make-model")] = Size.small,
+         workdir: Annotated[Path | None, typer.Option(help="where the model and config go [default: ./.demo]",
+                                                      show_default=False)] = None) -> None:
     """Run a driver on a random-weight model and act as its host.
 
     Example: pie-driver-trtllm demo --contexts 8 --steps 24
     """
     from pie_driver_trtllm.tools.demo import run_demo
 
-    raise typer.Exit(run_demo(contexts=contexts, steps=steps, size=size, workdir=workdir))
-
-
-def bench(workload: Annotated[list[str] | None, typer.Option(
-              "--workload", "-w", help="transport, overhead, lookahead, history, codec (repeat; default all)")] = None,
-          size: Annotated[str, typer.Option(help="model size: tiny, small or 1b")] = "tiny",
-          device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
-          dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-          out: Annotated[Path, typer.Option(help="folder for <workload>.json")] = Path("bench-out"),
-          quick: Annotated[bool, typer.Option(help="small sizes, about a minute on a CPU")] = False,
-          plot: Annotated[Path | None, typer.Option(help="write the overhead PNG here")] = None) -> None:
-    """Measure the driver side by side with its floors; print tables, write JSON.
-
-    Example: pie-driver-trtllm bench -w transport -w codec --quick --out /tmp/bench
-    """
-    from pie_driver_trtllm.benchmarks.cli import main as bench_main
-
-    argv = ["--size", size, "--device", device, "--dtype", dtype, "--out", str(out)]
-    argv += ["--workloads", *workload] if workload else []
-    argv += ["--quick"] if quick else []
-    argv += ["--plot", str(plot)] if plot else []
-    raise typer.Exit(bench_main(argv))
+    raise typer.Exit(run_demo(contexts=contexts, steps=steps, size=size.value, workdir=workdir))
 
 
 def selftest(engine: Annotated[str, typer.Option(help="tensorrt_llm or reference")] = "tensorrt_llm",

@@ -22,6 +22,7 @@ from rich.table import Table
 from pie_driver_trtllm.client import DriverClient, DriverFailed, DriverProcess, RequestFailed, spawn
 
 FIRST_TOKEN = 3  # ids 0, 1 and 2 are pad, bos and eos in the generated checkpoints
+PROMPT_MAX = 6  # prompts are 3 to 6 tokens
 
 
 class DemoError(RuntimeError):
@@ -64,7 +65,7 @@ def make_contexts(count: int, vocab_size: int) -> list[Context]:
     contexts = []
     for i in range(count):
         rng = random.Random(1000 + i)
-        prompt = [rng.randrange(FIRST_TOKEN, vocab_size) for _ in range(3 + i % 4)]
+        prompt = [rng.randrange(FIRST_TOKEN, vocab_size) for _ in range(PROMPT_MAX - 3 + i % 4)]
         sampler: dict[str, Any] = {"type": "greedy"}
         if i % 2:
             sampler = {"type": "top_k_top_p", "temperature": 0.8, "top_k": 40, "top_p": 0.95}
@@ -74,11 +75,14 @@ def make_contexts(count: int, vocab_size: int) -> list[Context]:
     return contexts
 
 
-def write_config(workdir: Path, model: Path, device: str, dtype: str) -> Path:
+def write_config(workdir: Path, model: Path, device: str, dtype: str, contexts: int = 8, steps: int = 24) -> Path:
+    """The driver's startup TOML; its limits fit the demo, so the engine reserves KV for this much only."""
     # json.dumps writes strings and lists exactly as TOML reads them.
     lines = ["[model]", f"snapshot_dir = {json.dumps(str(model))}", "", "[driver]",
              f"device = {json.dumps([device])}", f"activation_dtype = {json.dumps(dtype)}", "",
-             "[driver.options]", 'engine = "reference"']
+             "[driver.options]", 'engine = "reference"',
+             f"max_concurrent_requests = {contexts + 1}",  # the contexts and the one fork
+             f"max_seq_len = {PROMPT_MAX + steps + 1}"]
     path = workdir / "driver.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -173,7 +177,7 @@ def run(contexts: int, steps: int, size: str, workdir: Path, console: Console) -
 
         logging.disable_progress_bar()  # its shard bar would garble our status line
         model = make_model(workdir / f"model-{size}", size, seed=0)
-    config = write_config(workdir, model, device, dtype)
+    config = write_config(workdir, model, device, dtype, contexts, steps)
     with console.status("starting the driver subprocess"):
         process: DriverProcess = spawn(config)
     client = process.client()

@@ -159,8 +159,8 @@ def run_checks(config: Path | None = None, engine: str | None = None, min_free_g
     python = resolved.python
     if not python.exists():
         checks.append(Check("interpreter", "FAIL", f"{python} does not exist (from {resolved.source})",
-                            "create it with `pie-driver-trtllm install --run`, or fix the setting with "
-                            "`pie-driver-trtllm set venv PATH`"))
+                            "create it with `pie-driver-trtllm install --run`, or " + _setting_fix(resolved.step,
+                                                                                                   config)))
         return _finish(report, checks + config_checks)
     checks.append(Check("interpreter", "PASS", f"{python} (from {resolved.source})"))
     code, out, err = _run(python, "import sys; print('%d.%d.%d' % sys.version_info[:3])", timeout=60)
@@ -179,11 +179,9 @@ def run_checks(config: Path | None = None, engine: str | None = None, min_free_g
     if code == 0:
         checks.append(Check("pie-driver-trtllm", "PASS", out.strip()))
     else:
-        checks.append(Check("pie-driver-trtllm", "FAIL", f"not importable: {_last_line(err)}",
-                            f"install it into that interpreter: `pie-driver-trtllm exec -- pip install "
-                            f"'pie-driver-trtllm[{'tensorrt' if trt else 'reference'}]'` "
-                            "(or `pie-driver-trtllm install --run`)"))
-        parent = str(Path(__file__).resolve().parent.parent)  # probe with this copy of the package
+        checks.append(Check("pie-driver-trtllm", "FAIL", f"not importable in {python}: {_last_line(err)}",
+                            _package_fix(resolved.step, config, trt)))
+        parent = str(Path(__file__).resolve().parents[2])  # probe with this copy of the package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (parent, os.environ.get("PYTHONPATH"))))}
     code, out, err = _run(python, _PROBE, env=env)
     try:
@@ -225,10 +223,43 @@ def run_checks(config: Path | None = None, engine: str | None = None, min_free_g
     return _finish(report, checks)
 
 
+def _setting_fix(step: int, config: Path | None) -> str:
+    """How to change the interpreter setting that won (a venv named in a config beats `set venv`)."""
+    if step == 1:
+        return f"fix venv/python under [model.driver.options] in {config}: it wins over `set venv` and $PIE_PYTHON"
+    if step == 2:
+        return "change or unset $PIE_PYTHON: it wins over `set venv`"
+    if step == 3:
+        return "deactivate the venv in $VIRTUAL_ENV, or install into it: it wins over `set venv`"
+    return "point the setting at a working venv with `pie-driver-trtllm set venv PATH`"
+
+
+def _package_fix(step: int, config: Path | None, trt: bool) -> str:
+    """The fix for a driver interpreter without this package: use the one this tool runs from when it can."""
+    from pie_driver_trtllm.tools.install import package_spec
+
+    here = sys.prefix != sys.base_prefix  # this tool runs from a venv, which has the package
+    if step >= 4 and here:
+        return (f"the interpreter running this tool has it: register its venv with "
+                f"`pie-driver-trtllm set venv {sys.prefix}`")
+    install = (f"`pie-driver-trtllm exec -- pip install '{package_spec(None, 'tensorrt' if trt else 'reference')}'`"
+               " or `pie-driver-trtllm install --run`")
+    if step < 4 and here:
+        return f"{_setting_fix(step, config)}; or install it there: {install}"
+    return f"install it into that interpreter: {install}"
+
+
+def trt_install_fix() -> str:
+    """Installing TensorRT-LLM into the driver's interpreter, from where this tool came from."""
+    from pie_driver_trtllm.tools.install import NVIDIA_INDEX, package_spec
+
+    return (f"install it with `pie-driver-trtllm exec -- pip install '{package_spec(None, 'tensorrt')}' "
+            f"--extra-index-url {NVIDIA_INDEX}` on Python 3.10/3.12 with an NVIDIA GPU and an MPI runtime, "
+            "or set engine = \"reference\"")
+
+
 def _probe_checks(probe: dict[str, Any], trt: bool, bad: str) -> list[Check]:
-    from pie_driver_trtllm.engines.tensorrt_llm.startup import (
-        INSTALL_HINT,  # the one install remedy, shared with the engine
-    )
+    from pie_driver_trtllm.tools.install import package_spec
 
     checks = []
     info = probe.get("trt", {})
@@ -240,7 +271,7 @@ def _probe_checks(probe: dict[str, Any], trt: bool, bad: str) -> list[Check]:
     else:
         checks.append(Check("tensorrt_llm", bad if trt else "WARN",
                             "not importable" + ("" if trt else " (not needed for engine reference)"),
-                            INSTALL_HINT if trt else ""))
+                            trt_install_fix() if trt else ""))
     torch = probe.get("torch", {})
     devices = torch.get("devices", [])
     if "error" in torch:
@@ -260,7 +291,7 @@ def _probe_checks(probe: dict[str, Any], trt: bool, bad: str) -> list[Check]:
                         "torch, transformers, safetensors importable" if not missing else
                         f"missing {', '.join(missing)}",
                         "" if not missing else
-                        "`pie-driver-trtllm exec -- pip install 'pie-driver-trtllm[reference]'`"))
+                        f"`pie-driver-trtllm exec -- pip install '{package_spec(None, 'reference')}'`"))
     return checks
 
 
@@ -284,13 +315,11 @@ def _finish(report: dict[str, Any], checks: list[Check]) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any], color: bool = False, started: float | None = None) -> str:
     """Human text: one line per check, the fix indented under it, then a summary line."""
-    paint = {"PASS": "\x1b[32m", "WARN": "\x1b[33m", "FAIL": "\x1b[31m"}
     lines = [f"pie-driver-trtllm doctor: driver tensorrt_llm, engine {report['engine']}"]
     width = max([len(c["name"]) for c in report["checks"]] + [12])
     for c in report["checks"]:
-        tag = f"{paint[c['status']]}{c['status']}\x1b[0m" if color else c["status"]
         found = c["found"].replace("\n", "\n" + " " * (width + 10))
-        lines.append(f"  {tag}  {c['name']:<{width}}  {found}")
+        lines.append(f"  {c['status']}  {c['name']:<{width}}  {found}")
         if c["fix"]:
             lines.append(f"  {'':4}  {'':<{width}}  fix: {c['fix']}")
     s = report["summary"]
@@ -372,3 +401,22 @@ def trtllm_runtime_checks(probe: dict[str, Any], environ: dict[str, str], driver
                         "" if major and major >= CUDA13_MIN_DRIVER else
                         f"CUDA 13 needs NVIDIA driver {CUDA13_MIN_DRIVER} or newer: upgrade the driver"))
     return checks
+
+
+def print_report(report: dict[str, Any], started: float | None = None) -> None:
+    """The report on standard output, statuses coloured on a terminal (rich: NO_COLOR is honoured)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(highlight=False, soft_wrap=True)
+    text = format_report(report, started=started)
+    if console.no_color or not console.is_terminal:
+        print(text)
+        return
+    styles = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
+    for line in text.splitlines():
+        text = Text(line)
+        status = line[2:6]
+        if status in styles and line.startswith("  "):
+            text.stylize(f"bold {styles[status]}", 2, 6)
+        console.print(text)

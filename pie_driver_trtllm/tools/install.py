@@ -2,18 +2,23 @@
 
 The venv is made with uv when it is on PATH, else with `python -m venv`; Python 3.12 is preferred
 (TensorRT-LLM 1.2.1 publishes wheels for 3.10 and 3.12), and when it cannot be found the current
-interpreter is used with a notice. The package is then installed with the chosen extra.
+interpreter is used with a notice (a version asked for with --python must exist). The package comes from
+where this copy came from (its source checkout, or the wheel or folder it was installed from), with the
+tensorrt extra on a machine with an NVIDIA GPU and the reference extra (CPU torch first) without one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from pie_driver_trtllm import __version__
 from pie_driver_trtllm.tools.pie_home import DRIVER_TYPE
@@ -22,16 +27,57 @@ PACKAGE = "pie-driver-trtllm"
 NVIDIA_INDEX = "https://pypi.nvidia.com"
 EXTRAS = ("tensorrt", "reference", "none")
 PREFERRED_PYTHON = "3.12"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 MPI_NOTE = "TensorRT-LLM imports mpi4py: it needs a system MPI runtime, e.g. " \
            "`sudo apt-get install -y libopenmpi-dev openmpi-bin` (NVIDIA's TensorRT-LLM container has one)."
 
 
+def gpu_present() -> bool:
+    """An NVIDIA GPU on this machine (its device nodes), without importing torch."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def default_extra() -> str:
+    return "tensorrt" if gpu_present() else "reference"
+
+
+def default_source() -> tuple[str, str]:
+    """(what to install, where that is): this copy's source checkout, else the wheel or folder it was
+    installed from, else the package name on the index."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and f'name = "{PACKAGE}"' in pyproject.read_text(encoding="utf-8"):
+        return str(root), "the source checkout this tool runs from"
+    try:
+        direct = json.loads(metadata.distribution(PACKAGE).read_text("direct_url.json") or "null")
+    except (metadata.PackageNotFoundError, ValueError):
+        direct = None
+    url = direct.get("url", "") if isinstance(direct, dict) else ""
+    if url.startswith("file://") and Path(unquote(urlparse(url).path)).exists():
+        return unquote(urlparse(url).path), "the wheel or folder this copy was installed from"
+    return PACKAGE, "the package index"
+
+
 def package_spec(source: str | None, extra: str) -> str:
     """What to install: the package name (or a local checkout/wheel path) with the extra."""
-    base = source or PACKAGE
-    if source and (os.sep in source or source.startswith(".") or Path(source).exists()):
-        base = os.path.abspath(os.path.expanduser(source))
+    base = source or default_source()[0]
+    if os.sep in base or base.startswith(".") or Path(base).exists():
+        base = os.path.abspath(os.path.expanduser(base))
     return base if extra == "none" else f"{base}[{extra}]"
+
+
+def cpu_torch(venv_python_version: str | None = None) -> list[str]:
+    """pip arguments for the CPU build of torch: the one this tool runs with when it is a CPU build for the
+    same Python (found where that one was), else PyTorch's CPU index."""
+    try:
+        mine = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        mine = ""
+    same_python = venv_python_version is None or venv_python_version.split(".")[:2] == \
+        [str(x) for x in sys.version_info[:2]]
+    if mine.endswith("+cpu") and same_python:
+        return [f"torch=={mine}"]
+    return ["torch", "--index-url", TORCH_CPU_INDEX]
 
 
 def install_flags(extra: str, no_deps: bool) -> list[str]:
@@ -47,19 +93,23 @@ def recipe(venv: Path, extra: str = "tensorrt", source: str | None = None, no_de
     """Copy-pasteable shell lines that do what `install --run` does."""
     vpy = str(venv / "bin" / "python")
     spec, flags = package_spec(source, extra), install_flags(extra, no_deps)
-    lines = [f"# Recipe for the {DRIVER_TYPE} driver ({PACKAGE} {__version__}, extra: {extra})"]
+    origin = "--from" if source else default_source()[1]
+    lines = [f"# Recipe for the {DRIVER_TYPE} driver ({PACKAGE} {__version__}, extra: {extra}, from {origin})"]
     if extra == "tensorrt":
         lines.append("# Requires a system MPI runtime, for example: sudo apt-get install -y libopenmpi-dev openmpi-bin")
+    torch = cpu_torch() if extra == "reference" and not no_deps and not gpu_present() else []
+    lines += ["# with uv:", _q(["uv", "venv", str(venv), "--python", PREFERRED_PYTHON])]
+    if torch:
+        lines.append(_q(["uv", "pip", "install", "--python", vpy, *torch]) + "   # no GPU here: CPU torch")
+    lines += [_q(["uv", "pip", "install", "--python", vpy, spec, *flags]),
+              "# or without uv:", _q([f"python{PREFERRED_PYTHON}", "-m", "venv", str(venv)])]
+    if torch:
+        lines.append(_q([vpy, "-m", "pip", "install", *torch]) + "   # no GPU here: CPU torch")
     lines += [
-        "# with uv:",
-        _q(["uv", "venv", str(venv), "--python", PREFERRED_PYTHON]),
-        _q(["uv", "pip", "install", "--python", vpy, spec, *flags]),
-        "# or without uv:",
-        _q([f"python{PREFERRED_PYTHON}", "-m", "venv", str(venv)]),
         _q([vpy, "-m", "pip", "install", spec, *flags]),
         "# then register the venv with Pie and check the machine:",
         _q(["pie-driver-trtllm", "set", "venv", str(venv)]),
-        "pie-driver-trtllm doctor",
+        "pie-driver-trtllm doctor" + ("" if extra == "tensorrt" else " --engine reference"),
         "",
         "# To run the steps above for you: " + _q(["pie-driver-trtllm", "install", str(venv), "--run"]),
     ]
@@ -77,12 +127,16 @@ def python_version(python: str) -> str | None:
 
 
 def choose_python(requested: str | None) -> tuple[str, str, str | None]:
-    """(interpreter, its version, notice or None): the requested one, else python3.12, else this one."""
+    """(interpreter, its version, notice or None): the requested one (which must exist), else python3.12,
+    else this one. An empty interpreter means the requested one was not found; the notice says so."""
     wanted = requested or PREFERRED_PYTHON
     candidate = wanted if os.sep in wanted else shutil.which(f"python{wanted}") or f"python{wanted}"
     version = python_version(candidate)
     if version:
         return candidate, version, None
+    if requested:
+        return "", "", (f"--python {requested}: not found (tried {candidate}); give an installed version "
+                        f"such as {sys.version_info[0]}.{sys.version_info[1]}, or a path to an interpreter")
     fallback = sys.executable
     version = python_version(fallback) or ".".join(map(str, sys.version_info[:3]))
     notice = (f"! Python {wanted} was not found (tried {candidate}); falling back to Python {version} "
@@ -91,12 +145,25 @@ def choose_python(requested: str | None) -> tuple[str, str, str | None]:
     return fallback, version, notice
 
 
+MISSING_CHECK = """import importlib.util as u, sys
+names = sys.argv[1:]
+print(' '.join(n for n in names if u.find_spec(n) is None))"""
+NEEDED = {"none": ("zmq", "msgspec"), "reference": ("zmq", "msgspec", "torch", "transformers"),
+          "tensorrt": ("zmq", "msgspec", "torch", "tensorrt_llm")}
+
+
 def run_install(venv: Path, *, extra: str = "tensorrt", source: str | None = None, no_deps: bool = False,
                 python: str | None = None, echo: Callable[[str], None] = print) -> int:
     """Create the venv and install the package into it, showing each step; 0 on success."""
+    uv = shutil.which("uv")
+    venv = Path(os.path.abspath(os.path.expanduser(str(venv))))
+    vpy = venv / "bin" / "python"
+    torch_first = extra == "reference" and not no_deps and not gpu_present()
+    steps = 4 if torch_first else 3
+    counter = iter(range(1, steps + 1))
 
-    def step(n: int, text: str) -> None:
-        echo(f"==> [{n}/3] {text}")
+    def step(text: str) -> None:
+        echo(f"==> [{next(counter)}/{steps}] {text}")
 
     def call(command: list[str]) -> int:
         echo("    $ " + _q(command))
@@ -107,42 +174,64 @@ def run_install(venv: Path, *, extra: str = "tensorrt", source: str | None = Non
             echo(f"✗ could not start {command[0]}: {exc.strerror or exc}")
             return 127
 
-    uv = shutil.which("uv")
-    venv = Path(os.path.abspath(os.path.expanduser(str(venv))))
-    vpy = venv / "bin" / "python"
+    def pip(*args: str) -> list[str]:
+        return [uv, "pip", "install", "--python", str(vpy), *args] if uv else [str(vpy), "-m", "pip", "install", *args]
+
     if vpy.exists():
-        step(1, f"reusing the existing venv {venv}")
+        step(f"reusing the existing venv {venv}")
+        version = python_version(str(vpy))
     else:
         interpreter, version, notice = choose_python(python)
+        if not interpreter:
+            echo(f"✗ {notice}")
+            return 2
         if notice:
             echo(notice)
         tool = "uv" if uv else "python -m venv"
-        step(1, f"creating {venv} with {tool} (Python {version})")
+        step(f"creating {venv} with {tool} (Python {version})")
         command = [uv, "venv", str(venv), "--python", interpreter] if uv else [interpreter, "-m", "venv", str(venv)]
         code = call(command)
         if code != 0:
             echo(f"✗ {tool} exited with {code}; see the messages above "
                  "(on Debian/Ubuntu `python -m venv` needs: sudo apt-get install python3-venv)")
             return code or 1
+    if torch_first:
+        step("installing the CPU build of torch (no NVIDIA GPU here; about 0.2 GB instead of several GB for "
+             "a CUDA build)")
+        code = call(pip(*cpu_torch(version)))
+        if code != 0:
+            echo(f"✗ the torch install exited with {code}; see the messages above, or install a CPU torch into "
+                 f"{venv} yourself and run this again")
+            return code or 1
     spec = package_spec(source, extra)
-    step(2, f"installing {spec} ({'uv pip' if uv else 'pip'}; this can take a while for the tensorrt extra)")
-    flags = install_flags(extra, no_deps)
-    command = [uv, "pip", "install", "--python", str(vpy), spec, *flags] if uv else \
-        [str(vpy), "-m", "pip", "install", spec, *flags]
-    code = call(command)
+    origin = "--from" if source else default_source()[1]
+    step(f"installing {spec} ({origin}; {'uv pip' if uv else 'pip'}"
+         f"{', this can take a while' if extra == 'tensorrt' else ''})")
+    code = call(pip(spec, *install_flags(extra, no_deps)))
     if code != 0:
-        echo(f"✗ the install exited with {code}; see the messages above")
+        echo(f"✗ the install exited with {code}; see the messages above. To install from a source checkout or "
+             f"a wheel: pie-driver-trtllm install {_q([str(venv)])} --run --from PATH")
         return code or 1
-    step(3, "checking that the package imports in the venv")
+    step("checking that the package imports in the venv")
     check = subprocess.run([str(vpy), "-c", "import pie_driver_trtllm as p; print(p.__version__, p.__file__)"],
                            capture_output=True, text=True, cwd=venv, check=False)
     if check.returncode != 0:
         echo(f"✗ installed, but `import pie_driver_trtllm` fails in {vpy}:\n{check.stderr.strip()}")
         return 1
-    echo(f"✓ Installed {PACKAGE} {check.stdout.split()[0]} into {venv}")
+    missing = subprocess.run([str(vpy), "-c", MISSING_CHECK, *NEEDED[extra]], capture_output=True, text=True,
+                             cwd=venv, check=False).stdout.split()
+    installed = check.stdout.split()[0]
+    if missing:
+        wanted = "reference" if extra == "none" else extra
+        echo(f"! Installed {PACKAGE} {installed} into {venv}, but it cannot serve yet: {', '.join(missing)} "
+             f"missing (--extra {extra}{' --no-deps' if no_deps else ''}), so `doctor` fails. Add them with: "
+             + _q(["pie-driver-trtllm", "install", str(venv), "--run", "--extra", wanted]
+                  + (["--from", source] if source else [])))
+    else:
+        echo(f"✓ Installed {PACKAGE} {installed} into {venv}")
     echo("Register it as this driver's interpreter, then check the machine:")
     echo("  " + _q(["pie-driver-trtllm", "set", "venv", str(venv)]))
-    echo("  pie-driver-trtllm doctor")
+    echo("  pie-driver-trtllm doctor" + ("" if extra == "tensorrt" else " --engine reference"))
     if extra == "tensorrt":
         echo(MPI_NOTE)
     return 0

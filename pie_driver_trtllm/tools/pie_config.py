@@ -10,6 +10,8 @@ numbers, so the key's line is found in the text).
 
 from __future__ import annotations
 
+import copy
+import difflib
 import re
 import sys
 from dataclasses import dataclass, field
@@ -121,14 +123,53 @@ def find_line(text: str, model_index: int | None, table: str, key: str | None = 
     return fallback
 
 
-def _line_for_error(text: str, index: int, message: str) -> int | None:
-    """Map a config.py message (`config: driver.options.x = ...`) to a line of the n-th model."""
-    found = re.search(r"(?:key |config: )(model|driver(?:\.options)?)\.([A-Za-z0-9_]+)", message)
-    if not found:
-        return find_line(text, index, "model.driver") or find_line(text, index, "model")
-    table, key = found.groups()
-    line = find_line(text, index, f"model.{table}" if table != "model" else "model", key)
-    return line or find_line(text, index, f"model.{table}") or find_line(text, index, "model")
+def did_you_mean(name: str, choices: list[str] | set[str]) -> str:
+    """"; did you mean `x`?" for a close match, else where the allowed names are listed."""
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean `{close[0]}`?"
+    return f"; allowed: {', '.join(sorted(choices))}" if len(choices) <= 10 else "; see docs/configuration.md"
+
+
+_UNKNOWN = re.compile(r"unknown key ([\w.]+)\.(\w+); allowed keys: (.*)$")
+_KEY = re.compile(r"(?:key |config: |\b)(model|driver(?:\.options)?)\.([A-Za-z0-9_]+)")
+
+
+def startup_problems(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Every problem config.py finds in a startup table, as (table, key, message).
+
+    config.py stops at the first problem; each offending key is dropped in turn and the rest checked
+    again, so that one run names them all."""
+    data = copy.deepcopy(data)
+    found: list[tuple[str, str, str]] = []
+    for _ in range(64):
+        try:
+            parse_config(data)
+            break
+        except StartupError as exc:
+            message = str(exc).removeprefix("config: ")
+            unknown = _UNKNOWN.search(message)
+            if unknown:
+                section, key, allowed = unknown.groups()
+                message = f"unknown key {section}.{key}{did_you_mean(key, allowed.split(', '))}"
+            table_name = re.search(r"unknown table \[(\w+)\]", message)
+            if table_name and table_name.group(1) in data:
+                found.append((table_name.group(1), "", message))
+                del data[table_name.group(1)]
+                continue
+            where = _KEY.search(message)
+            if not where:
+                found.append(("driver", "", message))
+                break
+            table, key = where.groups()
+            found.append((table, key, message))
+            holder: Any = data
+            for part in table.split("."):
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            if not isinstance(holder, dict) or key not in holder:
+                break
+            del holder[key]
+    return found
 
 
 def _check_model(cfg: PieConfig, index: int, model: Any) -> None:
@@ -142,7 +183,7 @@ def _check_model(cfg: PieConfig, index: int, model: Any) -> None:
         problem("must be a table")
         return
     for key in sorted(set(model) - MODEL_KEYS):
-        problem(f"unknown key `{key}`; allowed: {', '.join(sorted(MODEL_KEYS))}", "model", key)
+        problem(f"unknown key `{key}`{did_you_mean(key, MODEL_KEYS)}", "model", key)
     name = model.get("name", "")
     driver = model.get("driver")
     if not isinstance(driver, dict):
@@ -157,8 +198,7 @@ def _check_model(cfg: PieConfig, index: int, model: Any) -> None:
     if not is_this_driver(kind):
         return
     for key in sorted(set(driver) - DRIVER_KEYS):
-        problem(f"unknown key `{key}` in [model.driver]; allowed: {', '.join(sorted(DRIVER_KEYS))}",
-                "model.driver", key)
+        problem(f"unknown key `{key}` in [model.driver]{did_you_mean(key, DRIVER_KEYS)}", "model.driver", key)
     if driver.get("ipc_profile", "balanced") not in IPC_PROFILES:
         problem(f"ipc_profile = {driver['ipc_profile']!r} is not one of {', '.join(IPC_PROFILES)}",
                 "model.driver", "ipc_profile")
@@ -177,14 +217,15 @@ def _check_model(cfg: PieConfig, index: int, model: Any) -> None:
     if isinstance(startup_driver.get("device"), str):
         startup_driver["device"] = [startup_driver["device"]]
     startup_options = {k: v for k, v in options.items() if k not in CAPACITY_KEYS}
-    try:
-        parse_config({"model": {"snapshot_dir": "<resolved by Pie>", "name": str(name)},
-                      "driver": {**startup_driver, "options": startup_options}})
-    except StartupError as exc:
-        message = re.sub(r"(?<![\w.])driver\.", "model.driver.", str(exc).removeprefix("config: "))
+    startup = {"model": {"snapshot_dir": "<resolved by Pie>", "name": str(name)},
+               "driver": {**startup_driver, "options": startup_options}}
+    for table, key, message in startup_problems(startup):
+        line = (find_line(text, index, f"model.{table}", key) if key else None) \
+            or find_line(text, index, f"model.{table}") or find_line(text, index, "model")
+        message = re.sub(r"(?<![\w.])driver\.", "model.driver.", message)
         if "driver.tensor_parallel_size" in message:
             message = "tensor_parallel_size must be 1 for tensorrt_llm; list several devices for data parallelism"
-        cfg.problems.append(Problem(_line_for_error(text, index, str(exc)), f"[[model]] #{index + 1}: {message}"))
+        cfg.problems.append(Problem(line, f"[[model]] #{index + 1}: {message}"))
 
 
 def load_pie_config(path: str | Path) -> PieConfig:

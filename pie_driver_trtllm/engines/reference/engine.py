@@ -6,6 +6,7 @@ steps, so a decode step only runs the tokens the cache does not already hold.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ class ReferenceEngine:
         try:
             import torch
             from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as transformers_logging
         except ImportError as exc:
             raise StartupError(f"reference engine: {exc}; install it with "
                                "`pip install 'pie-driver-trtllm[reference]'`") from None
@@ -60,6 +62,7 @@ class ReferenceEngine:
         if dtype_name == "auto":
             dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
         dtype = getattr(torch, _DTYPES[dtype_name])
+        transformers_logging.disable_progress_bar()  # a driver's stderr is the host's: no bars on every start
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 config.model.snapshot_dir, dtype=dtype, local_files_only=True,
@@ -179,5 +182,29 @@ def _slot_count(model: Any, info: ModelInfo, device: str, wanted: int) -> int:
     import torch
 
     per_slot = slot_bytes(model, info.max_model_len)
-    budget = int(torch.cuda.mem_get_info()[0] * 0.5) if device.startswith("cuda") else 2 << 30
+    budget = int(torch.cuda.mem_get_info()[0] * 0.5) if device.startswith("cuda") else kv_budget_cpu()
     return max(0, min(wanted, 256, budget // per_slot))
+
+
+def kv_budget_cpu() -> int:
+    """The most KV cache to reserve on CPU: a quarter of the memory available now (1 GiB when unknown).
+
+    The cache is allocated up front (slots x max_model_len), so the configured limits size it; this
+    only keeps large limits from taking the machine's memory."""
+    available = available_memory()
+    return available // 4 if available else 1 << 30
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could hand out now without swapping (page cache included), None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
