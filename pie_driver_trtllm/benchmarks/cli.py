@@ -42,7 +42,7 @@ from rich.table import Table
 
 from pie_driver_trtllm.benchmarks.common import Bench, machine
 
-WORKLOADS = ("transport", "overhead", "lookahead", "history", "codec")
+WORKLOADS = ("transport", "overhead", "lookahead", "history", "codec", "driver_cost")
 QUICK_NOTE = "--quick: smoke-test sizes, not a measurement"
 # A one-minute load average above this share of the CPUs means other work competes with the measurement.
 LOADED_SHARE = 0.5

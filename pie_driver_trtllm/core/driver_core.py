@@ -13,10 +13,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pie_driver_trtllm.core.decode_step import DecodePlan, finish_decode, plan_decode
 from pie_driver_trtllm.core.histories import ContextStore, MergeResult
 from pie_driver_trtllm.core.lookahead import LookaheadBuffer
 from pie_driver_trtllm.engines.base import Engine, Row, RowResult
-from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardItem, Release, Truncate
+from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardItem, ForwardTokens, Release, Truncate
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 
@@ -68,10 +69,24 @@ class DriverCore:
 
     # ------------------------------------------------------------------ forward
 
+    fast_decode = True  # decode steps take `decode_step`'s loop; off, every forward takes the general one
+
     def forward(self, body: Forward) -> dict[str, Any]:
         """Plan, run and answer a forward on the calling thread."""
+        step = self.plan_decode(body)
+        if step is not None:
+            reply = self.finish_decode(step, self.run_rows(step.rows) if step.rows else [])
+            return reply.as_map() if isinstance(reply, ForwardTokens) else reply
         plan = self.plan_forward(body)
         return self.finish_forward(plan, self.run_rows(plan.rows) if plan.rows else [])
+
+    def plan_decode(self, body: Forward) -> DecodePlan | None:
+        """A decode step's plan (every request one token at its history's end, one token sampler), or
+        None, having changed nothing, for any other forward."""
+        return plan_decode(self, body.items) if self.fast_decode else None
+
+    def finish_decode(self, plan: DecodePlan, results: list[RowResult]) -> ForwardTokens | dict[str, Any]:
+        return finish_decode(self, plan, results)
 
     def plan_forward(self, body: Forward) -> ForwardPlan:
         """Merge every request into its history and serve what the lookahead buffer holds; the rest

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pie_driver_trtllm.core.decode_step import DecodePlan
 from pie_driver_trtllm.core.driver_core import DriverCore, ForwardPlan
 from pie_driver_trtllm.serving.engine_guard import GuardedEngine
-from pie_driver_trtllm.wire.codec import Fork, Forward, Limits, Release, Request, Truncate, decode_frame
+from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardTokens, Limits, Release, Request, Truncate, decode_frame
 from pie_driver_trtllm.wire.errors import ErrorCode
 
 
@@ -39,7 +40,7 @@ class LocalBackend:
     def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request:
         return decode_frame(frame, limits)
 
-    def begin(self, request: Request) -> dict[str, Any] | Pending:
+    def begin(self, request: Request) -> dict[str, Any] | ForwardTokens | Pending:
         body = request.body
         if isinstance(body, Forward):
             return self._forward(body)
@@ -51,8 +52,11 @@ class LocalBackend:
             return self.core.release(body)
         raise AssertionError(f"op {request.op!r} reached the backend")  # the server answers the others
 
-    def _forward(self, body: Forward) -> dict[str, Any] | Pending:
+    def _forward(self, body: Forward) -> dict[str, Any] | ForwardTokens | Pending:
         core, engine = self.core, self.engine
+        step = core.plan_decode(body)
+        if step is not None:
+            return self._decode(step)
         plan = core.plan_forward(body)
         if not plan.rows:  # everything served from the lookahead buffer (or failed validation)
             return core.finish_forward(plan, [])
@@ -63,6 +67,25 @@ class LocalBackend:
         return Pending(run=lambda: engine.call(lambda: core.run_rows(plan.rows), contexts),
                        finish=lambda results: core.finish_forward(plan, results),
                        expire=lambda: self._expire(plan), deadline=engine.deadline())
+
+    def _decode(self, step: DecodePlan) -> dict[str, Any] | ForwardTokens | Pending:
+        """`_forward` for a decode step: the same, with the fast path's plan and reply."""
+        core, engine = self.core, self.engine
+        if not step.rows:
+            return core.finish_decode(step, [])
+        refused = engine.refusal()
+        if refused is not None:
+            return core.finish_decode(step, core.fail_rows(step.rows, refused))
+        rows = step.rows
+        return Pending(run=lambda: engine.call(lambda: core.run_rows(rows), step.contexts),
+                       finish=lambda results: core.finish_decode(step, results),
+                       expire=lambda: self._expire_decode(step), deadline=engine.deadline())
+
+    def _expire_decode(self, step: DecodePlan) -> dict[str, Any] | ForwardTokens | None:
+        error = self.engine.expire()
+        if error is None:
+            return None
+        return self.core.finish_decode(step, self.core.fail_rows(step.rows, error))
 
     def _expire(self, plan: ForwardPlan) -> dict[str, Any] | None:
         error = self.engine.expire()

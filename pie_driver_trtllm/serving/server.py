@@ -24,7 +24,7 @@ from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.serving.backend import Pending
 from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint, remove_endpoint_files
 from pie_driver_trtllm.serving.engine_guard import Abandoned
-from pie_driver_trtllm.wire.codec import FrameRejected, Limits, Request, encode_error, encode_ok
+from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, Request, encode_error, encode_ok
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
@@ -35,7 +35,7 @@ class Backend(Protocol):
     """What the transport serves: the core of one replica, or a router over several."""
 
     def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request: ...
-    def begin(self, request: Request) -> dict[str, Any] | Pending: ...
+    def begin(self, request: Request) -> dict[str, Any] | ForwardTokens | Pending: ...
     def health(self) -> dict[str, Any]: ...
     def stats(self) -> dict[str, Any]: ...
     def count_error(self, code: str) -> None: ...
@@ -291,7 +291,7 @@ class DriverServer:
             self._reply(identity, request, lambda: self.backend.begin(request))
 
     def _reply(self, identity: bytes, request: Request,
-               step: Callable[[], dict[str, Any] | Pending | None]) -> bool:
+               step: Callable[[], dict[str, Any] | ForwardTokens | Pending | None]) -> bool:
         """Send the reply that `step` gives, running its slow part first if it has one. False when `step`
         had no reply (an expiry that found the engine call just returned)."""
         try:

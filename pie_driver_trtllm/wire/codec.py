@@ -193,8 +193,45 @@ def _forward_item(wire: _WireRequest, limits: Limits) -> ForwardItem:
 
 # ---------------------------------------------------------------- encoding
 
-def encode_ok(request_id: int, result: dict[str, Any]) -> bytes:
+class ForwardTokens:
+    """A forward's result when every request got one token: `{"results": [{"ok": true, "outputs":
+    [{"token": t}]}, ...]}`, kept as the list of tokens and encoded without building those maps."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def as_map(self) -> dict[str, Any]:
+        return {"results": [{"ok": True, "outputs": [{"token": t}]} for t in self.tokens]}
+
+
+class _TokenResults(dict[int, bytes]):
+    """The encoding of one request's result `{"ok": true, "outputs": [{"token": t}]}`, per token t."""
+
+    def __missing__(self, token: int) -> bytes:
+        if len(self) >= 1 << 20:  # bounded; a model's vocabulary is far smaller
+            self.clear()
+        encoded = self[token] = _encoder.encode({"ok": True, "outputs": [{"token": token}]})
+        return encoded
+
+
+_token_results = _TokenResults()
+
+
+def encode_ok(request_id: int, result: dict[str, Any] | ForwardTokens) -> bytes:
+    if type(result) is ForwardTokens:
+        return _encode_tokens(request_id, result.tokens)
     return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **result})
+
+
+def _encode_tokens(request_id: int, tokens: list[int]) -> bytes:
+    """The bytes `encode_ok(request_id, ForwardTokens(tokens).as_map())` gives, joined from pieces."""
+    head = _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "results": []})[:-1]
+    n = len(tokens)
+    count = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 \
+        else b"\xdd" + n.to_bytes(4, "big")
+    return b"".join((head, count, *map(_token_results.__getitem__, tokens)))
 
 
 def encode_error(request_id: int | None, error: DriverError) -> bytes:

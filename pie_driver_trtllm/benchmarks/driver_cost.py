@@ -1,0 +1,283 @@
+"""driver_cost: the driver's own work per decode step, around an engine that costs nothing.
+
+    python -m pie_driver_trtllm.benchmarks.driver_cost [--batches 1 16 64 256] [--reps 5] [--steps 200]
+                                                       [--profile BATCH]
+
+The engine hands back a precomputed token per row, so what is timed is the driver alone: decoding the
+frame, merging into histories, lookahead, building rows, the engine call's own Python, assembling and
+encoding the reply. Two views, at each batch size (every context +1 token, one greedy sampler):
+
+- `socket`: a real `DriverServer` in a subprocess, a host sending decode forwards back to back (frames
+  encoded before the clock starts, replies read but not parsed, so the host adds only its socket calls).
+  Microseconds per round trip.
+- `stages`: the same backend in this process, each stage timed alone: `decode` (`decode_frame`), `core`
+  (the backend's plan, engine call and result assembly) and `encode` (the reply bytes).
+
+Each of `reps` repetitions runs `steps` steps; its median is one sample. Reported: the median of the
+repetitions and their spread (min, max). `--profile` prints cProfile's top functions for the in-process
+step at one batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import multiprocessing
+import pstats
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import msgspec
+
+from pie_driver_trtllm.benchmarks.common import Bench, header, table, write_result
+from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
+
+VOCAB = 32000
+BATCHES = (1, 16, 64, 256)
+PROMPT = 8
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+class NullEngine:
+    """An engine whose step does nothing: a precomputed token per row, built once per batch size."""
+
+    kind = "null"
+    version = "0"
+    execution_mode = "none"
+    samplers = frozenset({"greedy"})
+
+    def __init__(self) -> None:
+        self.model = ModelInfo(name="null", arch_name="NullForBenchmarks", vocab_size=VOCAB, max_model_len=1 << 24,
+                               eos_token_id=None, pad_token_id=None)
+        self._results: list[RowResult] = []
+
+    def step(self, rows: list[Row]) -> list[RowResult]:
+        n = len(rows)
+        if len(self._results) < n:
+            self._results += [RowResult(tokens=[(i * 7919) % (VOCAB - 3) + 3]) for i in range(len(self._results), n)]
+        return self._results[:n]
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        pass
+
+    def drop(self, contexts: list[int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def build(max_requests: int) -> tuple[Any, Any, Any]:
+    """(backend, limits, handshake) around the null engine, wired as the driver wires one device."""
+    from pie_driver_trtllm.config import parse_config
+    from pie_driver_trtllm.core.driver_core import DriverCore
+    from pie_driver_trtllm.serving.backend import LocalBackend
+    from pie_driver_trtllm.serving.driver import _wrap_engine, build_caps, build_handshake, build_limits
+
+    config = parse_config({"model": {"snapshot_dir": "/nonexistent/null"},
+                           "driver": {"device": ["cpu"], "options": {
+                               "engine": "reference", "lookahead_tokens": 1,
+                               "max_concurrent_requests": max_requests,
+                               "max_batched_tokens": max(8192, max_requests * PROMPT)}}})
+    engine = _wrap_engine(NullEngine(), config)
+    core = DriverCore(engine, max_contexts=config.options.max_session_histories,
+                      lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed)
+    limits = build_limits(config, engine)
+    handshake = build_handshake(config, engine, build_caps(config, engine, limits))
+    return LocalBackend(core, "cpu"), limits, handshake
+
+
+def serve(url: str, max_requests: int, ready: Any) -> None:
+    """The driver's server around the null engine, until the host sends `shutdown`."""
+    from pie_driver_trtllm.serving.endpoint import resolve_endpoint
+    from pie_driver_trtllm.serving.server import DriverServer
+
+    backend, limits, handshake = build(max_requests)
+    server = DriverServer(resolve_endpoint(url), limits, backend, handshake, busy_poll_s=200e-6)
+    ready.set()
+    server.serve()
+
+
+class Frames:
+    """Decode-step frames for a batch of contexts: a prefill, then one token per context per step."""
+
+    def __init__(self, batch: int, first_context: int) -> None:
+        self.contexts = list(range(first_context, first_context + batch))
+        self.length = 0
+        self.ids = 0
+
+    def _frame(self, requests: list[dict[str, Any]]) -> bytes:
+        self.ids += 1
+        return _ENCODER.encode({"v": 1, "id": self.ids, "op": "forward", "requests": requests})
+
+    def prefill(self) -> bytes:
+        self.length = PROMPT
+        return self._frame([{"context": c, "tokens": [(c + i) % 500 + 3 for i in range(PROMPT)],
+                             "positions": list(range(PROMPT)), "samplers": [{"at": PROMPT - 1, "type": "greedy"}]}
+                            for c in self.contexts])
+
+    def steps(self, n: int) -> list[bytes]:
+        frames = []
+        for _ in range(n):
+            frames.append(self._frame([{"context": c, "tokens": [(c + self.length) % 500 + 3],
+                                        "positions": [self.length], "samplers": [{"at": 0, "type": "greedy"}]}
+                                       for c in self.contexts]))
+            self.length += 1
+        return frames
+
+
+def _check(reply: bytes, batch: int) -> None:
+    data = msgspec.msgpack.decode(reply)
+    if not data.get("ok") or len(data["results"]) != batch or not all(r["ok"] for r in data["results"]):
+        raise RuntimeError(f"benchmark forward failed: {str(data)[:300]}")
+
+
+def stage_times(backend: Any, limits: Any, frames: list[bytes]) -> list[tuple[float, float, float]]:
+    """(decode, core, encode) seconds of each frame, through the functions the server calls."""
+    from pie_driver_trtllm.serving.backend import Pending
+    from pie_driver_trtllm.wire.codec import decode_frame, encode_ok
+
+    clock = time.perf_counter
+    times = []
+    reply = b""
+    for frame in frames:
+        t0 = clock()
+        request = decode_frame(frame, limits)
+        t1 = clock()
+        outcome = backend.begin(request)
+        if isinstance(outcome, Pending):
+            outcome = outcome.finish(outcome.run())
+        t2 = clock()
+        reply = encode_ok(request.id, outcome)
+        t3 = clock()
+        times.append((t1 - t0, t2 - t1, t3 - t2))
+    _check(reply, len(request.body.items))
+    return times
+
+
+def socket_times(client: Any, frames: list[bytes]) -> list[float]:
+    """Round-trip seconds of each frame sent back to back by a host that only sends and receives."""
+    socket = client.socket
+    clock = time.perf_counter
+    times = []
+    replies = []
+    for frame in frames:
+        start = clock()
+        socket.send(frame)
+        replies.append(socket.recv())
+        times.append(clock() - start)
+    return times
+
+
+def _spread(samples: list[float]) -> dict[str, float]:
+    """Median and spread (min, max) of per-repetition medians, in microseconds."""
+    us = [s * 1e6 for s in samples]
+    return {"median_us": statistics.median(us), "min_us": min(us), "max_us": max(us)}
+
+
+def measure(batches: tuple[int, ...] = BATCHES, reps: int = 5, steps: int = 200,
+            warmup: int = 50) -> list[dict[str, Any]]:
+    from pie_driver_trtllm.client import DriverClient
+    from pie_driver_trtllm.wire.codec import Release, Request
+
+    max_requests = max(batches)
+    directory = tempfile.mkdtemp(prefix="pie-bench-", dir="/tmp")
+    url = f"ipc://{directory}/d.sock"
+    mp = multiprocessing.get_context("spawn")
+    ready = mp.Event()
+    worker = mp.Process(target=serve, args=(url, max_requests, ready), daemon=True)
+    worker.start()
+    backend, limits, _ = build(max_requests)
+    rows = []
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("benchmark driver did not start within 60 s")
+        client = DriverClient(url, timeout_s=30)
+        for batch in batches:
+            remote, local = Frames(batch, batch * 10_000), Frames(batch, batch * 10_000)
+            _check(_round_trip(client, remote.prefill()), batch)
+            stage_times(backend, limits, [local.prefill()])
+            socket_times(client, remote.steps(warmup))
+            stage_times(backend, limits, local.steps(warmup))
+            samples: dict[str, list[float]] = {"socket": [], "decode": [], "core": [], "encode": [], "in_process": []}
+            for _ in range(reps):  # the two views alternate, so that machine noise hits both alike
+                remote_frames, local_frames = remote.steps(steps), local.steps(steps)
+                samples["socket"].append(statistics.median(socket_times(client, remote_frames)))
+                staged = stage_times(backend, limits, local_frames)
+                for index, name in enumerate(("decode", "core", "encode")):
+                    samples[name].append(statistics.median(t[index] for t in staged))
+                samples["in_process"].append(statistics.median(sum(t) for t in staged))
+            client.call("release", contexts=remote.contexts)
+            backend.begin(Request(0, "release", Release(tuple(local.contexts))))
+            rows.append({"batch": batch, "steps": steps, "reps": reps,
+                         **{name: _spread(values) for name, values in samples.items()}})
+        client.call("shutdown")
+        client.close()
+    finally:
+        worker.join(10)
+        if worker.is_alive():
+            worker.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+    return rows
+
+
+def _round_trip(client: Any, frame: bytes) -> bytes:
+    client.socket.send(frame)
+    return client.socket.recv()
+
+
+def profile(batch: int, steps: int = 400) -> str:
+    """cProfile's top functions (by own time) over `steps` in-process decode steps at `batch`."""
+    backend, limits, _ = build(batch)
+    frames = Frames(batch, 0)
+    stage_times(backend, limits, [frames.prefill(), *frames.steps(50)])
+    work = frames.steps(steps)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    stage_times(backend, limits, work)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
+    return out.getvalue()
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    def cell(r: dict[str, Any], name: str) -> str:
+        s = r[name]
+        return f"{s['median_us']:.1f} ({s['min_us']:.1f}-{s['max_us']:.1f})"
+
+    return table(f"driver_cost: us per decode step, null engine, median (min-max) of {rows[0]['reps']} repetitions "
+                 f"of {rows[0]['steps']} steps",
+                 ["batch", "socket round trip", "in-process", "decode", "core", "encode"],
+                 [[r["batch"], cell(r, "socket"), cell(r, "in_process"), cell(r, "decode"), cell(r, "core"),
+                   cell(r, "encode")] for r in rows])
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    rows = measure(reps=2, steps=20, warmup=5) if bench.quick else measure()
+    print(report(rows))
+    result = {**header(bench, "driver_cost"), "engine": "null", "batches": rows, "target_batch_256_us_max": 1000.0}
+    write_result(bench, "driver_cost", result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--profile", type=int, default=None, metavar="BATCH",
+                        help="print cProfile's top functions for the in-process step at this batch size instead")
+    args = parser.parse_args()
+    if args.profile is not None:
+        print(profile(args.profile))
+        return
+    print(report(measure(tuple(args.batches), args.reps, args.steps)))
+
+
+if __name__ == "__main__":
+    main()
