@@ -327,3 +327,36 @@ def test_repeated_requests_key_keeps_the_general_paths_answer() -> None:
              + msgspec.msgpack.encode("requests") + bad + msgspec.msgpack.encode("requests") + good)
     check_paths_agree(frame, LIMITS)
     assert decoded(frame, LIMITS) == summary(general(frame, LIMITS))
+
+
+# ---------------------------------------------------------------- frames of short requests (decode steps)
+
+
+@pytest.mark.parametrize("samplers", [GREEDY, [{"at": 0, "type": "top_k", "top_k": 3, "seed": 2}],
+                                      [{"at": 0, "type": "greedy"}, {"at": 0, "type": "dist", "k": 2}]])
+def test_decode_steps_take_the_fast_path_with_their_samplers_remembered_by_bytes(samplers: Any) -> None:
+    frame = frame_of(*(req(c, [c + 1], [c + 40], samplers=samplers) for c in range(5)))
+    fast = check_paths_agree(frame, LIMITS)
+    assert fast is not None and len(fast.body.items) == 5
+    assert msgspec.msgpack.encode(samplers) in fast_forward._fast_path(LIMITS).raw_samplers
+
+
+@pytest.mark.parametrize("second", [
+    [("context", 2), ("tokens", [1]), ("positions", [0]), ("samplers", [{"at": 5, "type": "greedy"}]),
+     ("samplers", GREEDY)],
+    [("context", 2), ("tokens", [1]), ("positions", [0]), ("samplers", [{"at": 0, "type": "nope"}]),
+     ("samplers", GREEDY)],
+    [("context", 2), ("tokens", [1]), ("positions", [0]), ("samplers", None), ("samplers", GREEDY)],
+    [("context", 2), ("tokens", [1]), ("positions", [0]), ("samplers", GREEDY), ("samplers", None)],
+])
+def test_repeated_samplers_key_among_short_requests_keeps_the_general_paths_answer(second: Any) -> None:
+    """Sampler lists stay raw in a frame of short requests: a repeated key must not hide a bad list."""
+    for first in (req(1, [1], [0], samplers=GREEDY), req(1, [1], [0])):
+        frame = frame_of(first, raw_map(*second))
+        check_paths_agree(frame, LIMITS)
+        assert decoded(frame, LIMITS) == summary(general(frame, LIMITS))
+
+
+def test_short_requests_with_bad_sampler_bytes_are_declined() -> None:
+    for samplers in (None, {}, [{"at": 0}], [{"at": 0, "type": "greedy", "extra": 1}]):
+        assert check_paths_agree(frame_of(req(1, [1], [0], samplers=samplers)), LIMITS) is None

@@ -10,15 +10,14 @@ exactly what the general path would do.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from pie_driver_trtllm.core.histories import ContextStore
+from pie_driver_trtllm.core.lookahead import LookaheadBuffer
 from pie_driver_trtllm.engines.base import Row, RowResult
 from pie_driver_trtllm.sampler import TOKEN_SAMPLERS
 from pie_driver_trtllm.wire.codec import ForwardItem, ForwardTokens
-
-if TYPE_CHECKING:
-    from pie_driver_trtllm.core.driver_core import DriverCore, ForwardPlan
 
 _TOKEN_SAMPLERS = frozenset(TOKEN_SAMPLERS)
 
@@ -33,41 +32,54 @@ class DecodePlan:
     contexts: set[int]
 
 
-def plan_decode(core: DriverCore, items: list) -> DecodePlan | None:
+def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, max_len: int,
+                rng: random.Random) -> DecodePlan | None:
     """The plan of a decode step, or None (nothing changed) when `items` is not one."""
-    histories = core.store._histories
-    get = histories.get
-    lives = []
     for item in items:
         if type(item) is not ForwardItem or len(item.tokens) != 1 or len(item.samplers) != 1 \
                 or item.samplers[0].type not in _TOKEN_SAMPLERS:
             return None
-        live = get(item.context)
-        if live is None or item.positions[0] != len(live):
-            return None
-        lives.append(live)
-    n = len(items)
-    contexts = {item.context for item in items}
-    if len(contexts) != n:
+    contexts = [item.context for item in items]
+    unique = set(contexts)
+    histories = store._histories
+    lives = list(map(histories.get, contexts))
+    if len(unique) != len(contexts) or None in lives \
+            or list(map(len, lives)) != [item.positions[0] for item in items]:
         return None
-    # From here on the forward is a decode step: the same changes as the general path, in its order.
-    counters, lookahead = core.counters, core.lookahead
-    counters.requests += n
-    counters.tokens_in += n
-    predictions = lookahead._predictions
-    size, max_len, rng = lookahead.size, core._max_len, core._rng
+    # From here on the forward is a decode step: the same changes as the general path. Each request
+    # touches only its own context, so appending all first, then refreshing the LRU order in request
+    # order, ends where the general path's request-by-request merge ends.
+    for item, live in zip(items, lives, strict=True):
+        live.append(item.tokens[0])
     move_to_end = histories.move_to_end
-    tokens: list[int | None] = [None] * n
+    for context in contexts:
+        move_to_end(context)
+    if lookahead._predictions or lookahead.size > 1:
+        return _plan_with_lookahead(items, lives, lookahead, max_len, rng)
+    rows = []
+    for item, live, context in zip(items, lives, contexts, strict=True):
+        sampler = item.samplers[0]
+        if sampler.type == "greedy" or sampler.temperature == 0.0:  # is_greedy, for a token sampler
+            rows.append(Row(context, live, len(live), sampler, None, 1))
+        else:
+            rows.append(Row(context, live, len(live), sampler,
+                            sampler.seed if sampler.seed is not None else rng.getrandbits(63), 1))
+    return DecodePlan([None] * len(rows), rows, None, unique)
+
+
+def _plan_with_lookahead(items: list, lives: list[list[int]], lookahead: LookaheadBuffer, max_len: int,
+                         rng: random.Random) -> DecodePlan:
+    """The rows of a decode step when the lookahead buffer may serve some or greedy rows ask for more."""
+    predictions, size = lookahead._predictions, lookahead.size
+    tokens: list[int | None] = [None] * len(items)
     rows: list[Row] = []
     slots: list[int] | None = None
     for index, (item, live) in enumerate(zip(items, lives, strict=True)):
         context = item.context
-        live.append(item.tokens[0])
-        move_to_end(context)
         length = len(live)
         sampler = item.samplers[0]
         if sampler.is_greedy:
-            if predictions and context in predictions:
+            if context in predictions:
                 buffered = lookahead.take(context, live, length)
                 if buffered is not None:
                     tokens[index] = buffered
@@ -83,37 +95,26 @@ def plan_decode(core: DriverCore, items: list) -> DecodePlan | None:
         rows.append(Row(context, live, length, sampler, seed, steps))
         if slots is not None:
             slots.append(index)
-    if slots is not None:  # the engine call concerns only the contexts it has rows for
-        contexts = {row.context for row in rows}
-    return DecodePlan(tokens, rows, slots, contexts)
+    # The engine call concerns only the contexts it has rows for.
+    return DecodePlan(tokens, rows, slots, {row.context for row in rows})
 
 
-def finish_decode(core: DriverCore, plan: DecodePlan, results: list[RowResult]) -> ForwardTokens | dict:
-    """The reply of a decode step: its tokens, or the general path's reply when an engine row failed."""
-    tokens, slots, lookahead = plan.tokens, plan.slots, core.lookahead
+def finish_decode(plan: DecodePlan, results: list[RowResult], lookahead: LookaheadBuffer) -> ForwardTokens | None:
+    """The reply of a decode step, or None (nothing changed) when an engine row failed or made no token:
+    the general path assembles that one."""
+    tokens, slots = plan.tokens, plan.slots
     try:
         made = [result.tokens[0] for result in results if result.error is None]  # type: ignore[index]
     except TypeError:  # a row without tokens
-        made = []
+        return None
     if len(made) != len(plan.rows) or len(results) != len(plan.rows):
-        return core.finish_forward(general_plan(plan), results)
-    for row, result in zip(plan.rows, results, strict=True):
-        if row.steps > 1:
-            lookahead.fill(row.context, row.length, result.tokens)  # type: ignore[arg-type]
+        return None
+    if lookahead.size > 1:  # otherwise every row asked for one token
+        for row, result in zip(plan.rows, results, strict=True):
+            if row.steps > 1:
+                lookahead.fill(row.context, row.length, result.tokens)  # type: ignore[arg-type]
     if slots is None:
-        tokens = made  # type: ignore[assignment]
-    else:
-        for index, token in zip(slots, made, strict=True):
-            tokens[index] = token
-    core.counters.tokens_out += len(tokens)
+        return ForwardTokens(made)
+    for index, token in zip(slots, made, strict=True):
+        tokens[index] = token
     return ForwardTokens(tokens)  # type: ignore[arg-type]
-
-
-def general_plan(plan: DecodePlan) -> ForwardPlan:
-    """The same step as the general path plans it, for the general path's assembly of results."""
-    from pie_driver_trtllm.core.driver_core import ForwardPlan
-
-    n = len(plan.tokens)
-    slots = plan.slots if plan.slots is not None else range(n)
-    return ForwardPlan([[None if t is None else {"token": t}] for t in plan.tokens], [None] * n, plan.rows,
-                       [(index, 0) for index in slots])

@@ -83,10 +83,25 @@ class DriverCore:
     def plan_decode(self, body: Forward) -> DecodePlan | None:
         """A decode step's plan (every request one token at its history's end, one token sampler), or
         None, having changed nothing, for any other forward."""
-        return plan_decode(self, body.items) if self.fast_decode else None
+        if not self.fast_decode:
+            return None
+        plan = plan_decode(body.items, self.store, self.lookahead, self._max_len, self._rng)
+        if plan is not None:
+            self.counters.requests += len(plan.tokens)
+            self.counters.tokens_in += len(plan.tokens)
+        return plan
 
     def finish_decode(self, plan: DecodePlan, results: list[RowResult]) -> ForwardTokens | dict[str, Any]:
-        return finish_decode(self, plan, results)
+        """A decode step's reply: its tokens, or the general path's reply when an engine row failed."""
+        reply = finish_decode(plan, results, self.lookahead)
+        if reply is None:
+            n = len(plan.tokens)
+            slots = plan.slots if plan.slots is not None else range(n)
+            general = ForwardPlan([[None if t is None else {"token": t}] for t in plan.tokens], [None] * n,
+                                  plan.rows, [(index, 0) for index in slots])
+            return self.finish_forward(general, results)
+        self.counters.tokens_out += len(reply.tokens)
+        return reply
 
     def plan_forward(self, body: Forward) -> ForwardPlan:
         """Merge every request into its history and serve what the lookahead buffer holds; the rest

@@ -25,27 +25,33 @@ def fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
     Anything else returns None and takes the general path, which names each problem and keeps a bad
     request's failure to its own slot. Both paths accept exactly the same frames and build equal objects.
 
-    msgspec decodes the frame, checking every token against `vocab_size` in C. Positions come out as raw
-    msgpack: a run p0, p0+1, ... written canonically is recognised by comparing its bytes with the encoding
-    of that run and becomes a slice of shared int objects, so no int is allocated for it; other positions are
-    decoded and checked by msgspec. A request's sampler list is looked up in a memo of lists already checked
-    against these limits.
+    msgspec decodes the frame, checking every token against `vocab_size` in C. In a frame of short requests
+    (a decode step's), msgspec checks the positions too, and each sampler list, left as raw msgpack, is
+    looked up by its bytes in a memo of lists already checked against these limits. Otherwise positions
+    come out as raw msgpack: a run p0, p0+1, ... written canonically is recognised by comparing its bytes
+    with the encoding of that run and becomes a slice of shared int objects, so no int is allocated for it;
+    other positions are decoded and checked by msgspec; sampler lists are looked up decoded.
     """
     data = frame if type(frame) is bytes else bytes(frame)
     fast = _fast_path(limits)
-    try:
-        wire = fast.decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return None
-    requests = wire.requests
-    if (wire.op != "forward" or type(wire.v) is not int or wire.v != PROTOCOL_VERSION or not is_uint(wire.id, 64)
-            or len(requests) > limits.max_forward_requests):
-        return None
     # msgspec keeps the last of repeated keys; a typed field is checked at every occurrence, a raw one is
     # not. So each request must hold exactly one 'positions' key: the name cannot overlap itself, and
     # every request has at least one, hence a count equal to the number of requests means one each.
-    if data.count(b"positions") != len(requests):
+    named = data.count(b"positions")
+    short = len(data) < _SHORT_REQUEST_BYTES * named and data.count(b"samplers") == named
+    wire = fast.decode_short(data) if short else None
+    if wire is None:
+        short = False
+        try:
+            wire = fast.decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return None
+    requests = wire.requests
+    if (wire.op != "forward" or type(wire.v) is not int or wire.v != PROTOCOL_VERSION or not is_uint(wire.id, 64)
+            or len(requests) > limits.max_forward_requests or named != len(requests)):
         return None
+    if short:
+        return _short_requests(wire, fast, limits)
     ints, blob, offsets = fast.ints, fast.blob, fast.offsets
     n_ints = len(ints)
     known_samplers = fast.samplers
@@ -83,6 +89,30 @@ def fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
     return None if total_tokens > limits.max_forward_tokens else Request(wire.id, "forward", Forward(items))
 
 
+def _short_requests(wire: Any, fast: _FastPath, limits: Limits) -> Request | None:
+    """The requests of a frame of short ones (decode steps): positions came decoded and checked, and
+    each request's sampler list is looked up by its bytes (hashing the decoded list costs far more)."""
+    known_samplers, learn, make = fast.raw_samplers, fast.learn_raw_samplers, forward_item_unchecked
+    items: list[ForwardItem | DriverError] = []
+    total_tokens = 0
+    for request in wire.requests:
+        tokens = request.tokens
+        n_tokens = len(tokens)
+        if len(request.positions) != n_tokens:
+            return None
+        total_tokens += n_tokens
+        raw = bytes(request.samplers)
+        known = known_samplers.get(raw) or learn(raw)
+        if known is None or known[1] >= n_tokens:
+            return None
+        items.append(make(request.context, tokens, request.positions, known[0]))
+    return None if total_tokens > limits.max_forward_tokens else Request(wire.id, "forward", Forward(items))
+
+
+# A frame averaging fewer bytes per request than this (a decode step's request is about 70) has its
+# positions decoded as ints at once: too few per request for the shared-int run to pay for its checks.
+# Its requests must each name `samplers` once (counted like `positions`, since that field is raw there).
+_SHORT_REQUEST_BYTES = 256
 _POSITION_TABLE_MAX = 1 << 17  # shared position ints cover the first 128 Ki positions (about 6 MB)
 _MAX_MEMO_SAMPLERS = 4096  # distinct sampler lists remembered per Limits; a host rarely uses many
 
@@ -97,14 +127,20 @@ class _FastPath:
         "limits",
         "offsets",
         "positions_decoder",
+        "raw_samplers",
         "samplers",
+        "samplers_decoder",
+        "short_decoder",
     )
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.decoder, self.positions_decoder = _fast_decoders(limits.vocab_size, limits.max_model_len)
+        self.decoder, self.positions_decoder, self.short_decoder = _fast_decoders(limits.vocab_size,
+                                                                                  limits.max_model_len)
         self.ints, self.blob, self.offsets = _position_table(max(0, min(limits.max_model_len, _POSITION_TABLE_MAX)))
         self.samplers: dict[tuple[WireSampler, ...], tuple[tuple[Sampler, ...], int]] = {}
+        self.raw_samplers: dict[bytes, tuple[tuple[Sampler, ...], int]] = {}
+        self.samplers_decoder = msgspec.msgpack.Decoder(tuple[WireSampler, ...])
 
     def decode_positions(self, raw: msgspec.Raw) -> list[int] | None:
         """Positions that are not an unbroken run: decoded with their bounds checked by msgspec."""
@@ -112,6 +148,26 @@ class _FastPath:
             return self.positions_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
+
+    def decode_short(self, data: bytes) -> Any:
+        """The frame through the decoder for short requests, or None (a request without samplers, say)."""
+        try:
+            return self.short_decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return None
+
+    def learn_raw_samplers(self, raw: bytes) -> tuple[tuple[Sampler, ...], int] | None:
+        """`learn_samplers` for a sampler list still in its msgpack bytes, remembered by those bytes."""
+        try:
+            wire = self.samplers_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return None
+        known = self.samplers.get(wire) or self.learn_samplers(wire)
+        if known is not None:
+            if len(self.raw_samplers) >= _MAX_MEMO_SAMPLERS:
+                self.raw_samplers.clear()
+            self.raw_samplers[raw] = known
+        return known
 
     def learn_samplers(self, wire: tuple[WireSampler, ...]) -> tuple[tuple[Sampler, ...], int] | None:
         """Check a sampler list not seen before: (samplers, largest `at`), or None if one is bad."""
@@ -135,9 +191,10 @@ def _fast_path(limits: Limits) -> _FastPath:
 
 
 @functools.lru_cache(maxsize=8)
-def _fast_decoders(vocab_size: int, max_model_len: int) -> tuple[msgspec.msgpack.Decoder, msgspec.msgpack.Decoder]:
-    """The frame decoder (tokens checked against the model's bounds while decoding, positions left raw) and
-    the decoder of a raw positions list. Tokens and positions are u32 whatever the model says."""
+def _fast_decoders(vocab_size: int, max_model_len: int) -> tuple[msgspec.msgpack.Decoder, ...]:
+    """The frame decoder (tokens checked against the model's bounds while decoding, positions left raw),
+    the decoder of a raw positions list, and the frame decoder that checks positions too (for frames of
+    short requests). Tokens and positions are u32 whatever the model says."""
     token = Annotated[int, msgspec.Meta(ge=0, lt=min(vocab_size, 1 << 32))]
     position = Annotated[int, msgspec.Meta(ge=0, lt=min(max_model_len, 1 << 32))]
     request = msgspec.defstruct("FastRequest", [("context", U64), ("tokens", list[token]),
@@ -146,7 +203,13 @@ def _fast_decoders(vocab_size: int, max_model_len: int) -> tuple[msgspec.msgpack
                                 forbid_unknown_fields=True, gc=False)
     frame = msgspec.defstruct("FastForward", [("v", Any), ("id", Any), ("op", Any), ("requests", list[request])],
                               forbid_unknown_fields=True, gc=False)
-    return msgspec.msgpack.Decoder(frame), msgspec.msgpack.Decoder(list[position])
+    short = msgspec.defstruct("ShortRequest", [("context", U64), ("tokens", list[token]),
+                                               ("positions", list[position]), ("samplers", msgspec.Raw)],
+                              forbid_unknown_fields=True, gc=False)
+    short_frame = msgspec.defstruct("ShortForward", [("v", Any), ("id", Any), ("op", Any),
+                                                     ("requests", list[short])], forbid_unknown_fields=True, gc=False)
+    return (msgspec.msgpack.Decoder(frame), msgspec.msgpack.Decoder(list[position]),
+            msgspec.msgpack.Decoder(short_frame))
 
 
 @functools.lru_cache(maxsize=4)

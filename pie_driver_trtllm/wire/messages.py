@@ -6,20 +6,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from pie_driver_trtllm.sampler import Sampler
 from pie_driver_trtllm.wire.errors import DriverError
-from pie_driver_trtllm.wire.samplers import frozen_maker
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardItem:
+class ForwardItem(msgspec.Struct, frozen=True):
+    """One request of a forward. A struct rather than a dataclass: the codec builds one per request of
+    every forward, and a struct is built in C, several times faster."""
+
     context: int
     tokens: list[int]
     positions: list[int]
     samplers: tuple[Sampler, ...]
 
 
-forward_item_unchecked = frozen_maker(ForwardItem)  # ForwardItem(...) for the fast path: one per request
+forward_item_unchecked = ForwardItem  # what the fast path calls: the constructor checks nothing anyway
 
 
 @dataclass(frozen=True, slots=True)
