@@ -8,8 +8,8 @@ frame, merging into histories, lookahead, building rows, the engine call's own P
 encoding the reply. Two views, at each batch size (every context +1 token, one greedy sampler):
 
 - `socket`: a real `DriverServer` in a subprocess, a host sending decode forwards back to back (frames
-  encoded before the clock starts, replies read but not parsed, so the host adds only its socket calls).
-  Microseconds per round trip.
+  encoded before the clock starts, replies polled for without sleeping and read but not parsed, so the
+  host adds only its socket calls). Microseconds per round trip.
 - `stages`: the same backend in this process, each stage timed alone: `decode` (`decode_frame`), `core`
   (the backend's plan, engine call and result assembly) and `encode` (the reply bytes).
 
@@ -24,6 +24,7 @@ import argparse
 import cProfile
 import io
 import multiprocessing
+import os
 import pstats
 import shutil
 import statistics
@@ -160,15 +161,20 @@ def stage_times(backend: Any, limits: Any, frames: list[bytes]) -> list[tuple[fl
 
 
 def socket_times(client: Any, frames: list[bytes]) -> list[float]:
-    """Round-trip seconds of each frame sent back to back by a host that only sends and receives."""
+    """Round-trip seconds of each frame sent back to back by a host that only sends and receives. The
+    host polls for the reply without sleeping, as the driver does for the next request after a reply: a
+    thread's wake-up (hundreds of microseconds on a busy machine) is the scheduler's cost, not the driver's."""
     socket = client.socket
+    poll, recv = socket.poll, socket.recv
     clock = time.perf_counter
     times = []
     replies = []
     for frame in frames:
         start = clock()
         socket.send(frame)
-        replies.append(socket.recv())
+        while not poll(0):
+            pass
+        replies.append(recv())
         times.append(clock() - start)
     return times
 
@@ -250,8 +256,9 @@ def report(rows: list[dict[str, Any]]) -> str:
         s = r[name]
         return f"{s['median_us']:.1f} ({s['min_us']:.1f}-{s['max_us']:.1f})"
 
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return table(f"driver_cost: us per decode step, null engine, median (min-max) of {rows[0]['reps']} repetitions "
-                 f"of {rows[0]['steps']} steps",
+                 f"of {rows[0]['steps']} steps (load average {load})",
                  ["batch", "socket round trip", "in-process", "decode", "core", "encode"],
                  [[r["batch"], cell(r, "socket"), cell(r, "in_process"), cell(r, "decode"), cell(r, "core"),
                    cell(r, "encode")] for r in rows])

@@ -2,9 +2,11 @@
 
 Both sides run the reference engine on the same model with the same decode batches (batch 1, 16, 64;
 greedy; lookahead 1, so both call the engine every step). The in-process side is `ReferenceEngine` +
-`DriverCore` fed the validated objects directly (no socket, no codec). Rounds of the two sides alternate
-so that machine noise hits both alike. On a GPU the host busy-polls for replies (`HOST_BUSY_POLL_S`); on
-the 2-core CPU machine it does not, since a spinning host would take a core from the driver.
+`DriverCore` fed the validated objects directly (no socket, no codec). Each point is measured in `REPS`
+repetitions of `STEPS` steps a side; within a repetition, blocks of the two sides alternate so that
+machine noise hits both alike. A repetition gives one ratio and one driver cost; reported are their
+median and spread (min, max). On a GPU the host busy-polls for replies (`HOST_BUSY_POLL_S`); on the
+2-core CPU machine it does not, since a spinning host would take a core from the driver.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ BATCHES = (1, 16, 64)
 HOST_BUSY_POLL_S = 0.05
 
 
-def plan(bench: Bench, batch: int) -> tuple[int, int, int, int]:
-    """(prompt_len, warmup steps, rounds, steps per round) for one batch size."""
+REPS, STEPS, BLOCKS = 5, 400, 4  # repetitions per point, steps per side in each, blocks they alternate in
+
+
+def plan(bench: Bench, batch: int) -> tuple[int, int, int, int, int]:
+    """(prompt_len, warmup steps, repetitions, steps per side in each, alternating blocks) for one batch."""
     if bench.quick:
-        return 8, 1, 1, 2
-    return 32, 16, 5, max(8, 256 // batch)
+        return 8, 1, 2, 2, 1
+    return 32, 16, REPS, STEPS, BLOCKS
 
 
 def run(bench: Bench) -> dict[str, Any]:
@@ -55,11 +60,13 @@ def run(bench: Bench) -> dict[str, Any]:
               "target_ratio_min": 0.95}
     for overlap, measured in runs.items():
         print(table(f"overhead: reference engine through the driver vs in-process (greedy, lookahead 1, "
-                    f"reference_overlap {str(overlap).lower()})",
-                    ["batch", "steps", "driver tok/s", "in-proc tok/s", "ratio", "ratio p50", "driver ms",
-                     "in-proc ms", "driver cost us"],
-                    [[r["batch"], r["steps"], r["driver_tokens_per_s"], r["in_process_tokens_per_s"], r["ratio"],
-                      r["ratio_p50"], r["driver_step_ms"], r["in_process_step_ms"], r["driver_cost_us"]]
+                    f"reference_overlap {str(overlap).lower()}); median (min-max) of the repetitions",
+                    ["batch", "reps x steps", "driver tok/s", "in-proc tok/s", "ratio", "driver ms", "in-proc ms",
+                     "driver cost us"],
+                    [[r["batch"], f"{len(r['reps'])} x {r['steps'] // len(r['reps'])}", r["driver_tokens_per_s"],
+                      r["in_process_tokens_per_s"], f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
+                      r["driver_step_ms"], r["in_process_step_ms"],
+                      f"{r['driver_cost_us']:.0f} ({r['driver_cost_us_min']:.0f}-{r['driver_cost_us_max']:.0f})"]
                      for r in measured]))
     write_result(bench, "overhead", result)
     return result
@@ -100,25 +107,34 @@ def _measure(bench: Bench, model: Path, overlap: bool) -> list[dict[str, Any]]:
 
 
 def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
-    prompt_len, warmup, rounds, steps = plan(bench, batch)
+    prompt_len, warmup, reps, steps, blocks = plan(bench, batch)
     contexts = list(range(batch * 1000, batch * 1000 + batch))
     sides = {"driver": (Decode(contexts, prompt_len), client.forward),
              "in_process": (Decode(contexts, prompt_len), core_forward(core))}
-    times: dict[str, list[float]] = {"driver": [], "in_process": []}
     for decode, forward in sides.values():
         timed_steps(bench, decode, forward, 1 + warmup)  # prefill, then warm-up decode steps
-    for _ in range(rounds):
-        for name, (decode, forward) in sides.items():
-            times[name] += timed_steps(bench, decode, forward, steps)
+    repetitions = []
+    for _ in range(reps):
+        times: dict[str, list[float]] = {"driver": [], "in_process": []}
+        for _ in range(blocks):
+            for name, (decode, forward) in sides.items():
+                times[name] += timed_steps(bench, decode, forward, steps // blocks)
+        driver_step, inproc_step = statistics.fmean(times["driver"]), statistics.fmean(times["in_process"])
+        repetitions.append({"driver_step_ms": driver_step * 1e3, "in_process_step_ms": inproc_step * 1e3,
+                            "ratio": inproc_step / driver_step, "driver_cost_us": (driver_step - inproc_step) * 1e6,
+                            "ratio_p50": statistics.median(times["in_process"]) / statistics.median(times["driver"])})
     client.call("release", contexts=contexts)  # free both engines' caches before the next batch
     core.release(Release(tuple(contexts)))
-    driver_step = statistics.fmean(times["driver"])
-    inproc_step = statistics.fmean(times["in_process"])
-    return {"batch": batch, "steps": len(times["driver"]),
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in repetitions)
+
+    driver_step, inproc_step = median("driver_step_ms") / 1e3, median("in_process_step_ms") / 1e3
+    ratios, costs = [r["ratio"] for r in repetitions], [r["driver_cost_us"] for r in repetitions]
+    return {"batch": batch, "steps": reps * (steps // blocks) * blocks, "reps": repetitions,
             "driver_tokens_per_s": batch / driver_step, "in_process_tokens_per_s": batch / inproc_step,
-            "ratio": inproc_step / driver_step,
+            "ratio": median("ratio"), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_p50": median("ratio_p50"),
             "driver_step_ms": driver_step * 1e3, "in_process_step_ms": inproc_step * 1e3,
-            "driver_step_p50_ms": statistics.median(times["driver"]) * 1e3,
-            "in_process_step_p50_ms": statistics.median(times["in_process"]) * 1e3,
-            "ratio_p50": statistics.median(times["in_process"]) / statistics.median(times["driver"]),
-            "driver_cost_us": (driver_step - inproc_step) * 1e6}
+            "driver_cost_us": median("driver_cost_us"), "driver_cost_us_min": min(costs),
+            "driver_cost_us_max": max(costs)}
