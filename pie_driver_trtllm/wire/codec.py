@@ -225,13 +225,18 @@ def encode_ok(request_id: int, result: dict[str, Any] | ForwardTokens) -> bytes:
     return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **result})
 
 
+# {"v": 1, "id": <id>, "ok": true, "results": <array>} around the id, as msgspec writes that map.
+_REPLY_HEAD = b"\x84" + b"".join(map(_encoder.encode, ("v", PROTOCOL_VERSION, "id")))
+_REPLY_MIDDLE = b"".join(map(_encoder.encode, ("ok", True, "results")))
+
+
 def _encode_tokens(request_id: int, tokens: list[int]) -> bytes:
     """The bytes `encode_ok(request_id, ForwardTokens(tokens).as_map())` gives, joined from pieces."""
-    head = _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "results": []})[:-1]
     n = len(tokens)
     count = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 \
         else b"\xdd" + n.to_bytes(4, "big")
-    return b"".join((head, count, *map(_token_results.__getitem__, tokens)))
+    return b"".join((_REPLY_HEAD, _encoder.encode(request_id), _REPLY_MIDDLE, count,
+                     *map(_token_results.__getitem__, tokens)))
 
 
 def encode_error(request_id: int | None, error: DriverError) -> bytes:
