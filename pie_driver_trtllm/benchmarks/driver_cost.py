@@ -140,14 +140,14 @@ def _check(reply: bytes, batch: int) -> None:
 def stage_times(backend: Any, limits: Any, frames: list[bytes]) -> list[tuple[float, float, float]]:
     """(decode, core, encode) seconds of each frame, through the functions the server calls."""
     from pie_driver_trtllm.serving.backend import Pending
-    from pie_driver_trtllm.wire.codec import decode_frame, encode_ok
+    from pie_driver_trtllm.wire.codec import encode_ok
 
     clock = time.perf_counter
     times = []
     reply = b""
     for frame in frames:
         t0 = clock()
-        request = decode_frame(frame, limits)
+        request = backend.decode_frame(frame, limits)
         t1 = clock()
         outcome = backend.begin(request)
         if isinstance(outcome, Pending):
@@ -160,7 +160,7 @@ def stage_times(backend: Any, limits: Any, frames: list[bytes]) -> list[tuple[fl
     return times
 
 
-def socket_times(client: Any, frames: list[bytes]) -> list[float]:
+def socket_times(client: Any, frames: list[bytes], batch: int) -> list[float]:
     """Round-trip seconds of each frame sent back to back by a host that only sends and receives. The
     host polls for the reply without sleeping, as the driver does for the next request after a reply: a
     thread's wake-up (hundreds of microseconds on a busy machine) is the scheduler's cost, not the driver's."""
@@ -176,6 +176,7 @@ def socket_times(client: Any, frames: list[bytes]) -> list[float]:
             pass
         replies.append(recv())
         times.append(clock() - start)
+    _check(replies[-1], batch)
     return times
 
 
@@ -207,12 +208,12 @@ def measure(batches: tuple[int, ...] = BATCHES, reps: int = 5, steps: int = 200,
             remote, local = Frames(batch, batch * 10_000), Frames(batch, batch * 10_000)
             _check(_round_trip(client, remote.prefill()), batch)
             stage_times(backend, limits, [local.prefill()])
-            socket_times(client, remote.steps(warmup))
+            socket_times(client, remote.steps(warmup), batch)
             stage_times(backend, limits, local.steps(warmup))
             samples: dict[str, list[float]] = {"socket": [], "decode": [], "core": [], "encode": [], "in_process": []}
             for _ in range(reps):  # the two views alternate, so that machine noise hits both alike
                 remote_frames, local_frames = remote.steps(steps), local.steps(steps)
-                samples["socket"].append(statistics.median(socket_times(client, remote_frames)))
+                samples["socket"].append(statistics.median(socket_times(client, remote_frames, batch)))
                 staged = stage_times(backend, limits, local_frames)
                 for index, name in enumerate(("decode", "core", "encode")):
                     samples[name].append(statistics.median(t[index] for t in staged))
