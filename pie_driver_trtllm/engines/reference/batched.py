@@ -90,25 +90,16 @@ class BatchedReferenceEngine:
         self.ahead_launches = 0
 
     def step(self, rows: list[Row]) -> list[RowResult]:
+        contexts = len({row.context for row in rows})
+        if contexts > self.decoder.slots:
+            return self._step_in_rounds(rows)
         results: list[RowResult | None] = [None] * len(rows)
         decodes = _Decode()
-        contexts = len({row.context for row in rows})
-        # Prefills wait for one batched call only while no context of this step can lose its slot to
-        # another, and each context has one group of rows (a context's groups share its slot).
-        prefills: list[_Prefill] | None = [] if contexts <= self.decoder.slots else None
+        prefills: list[_Prefill] = []
         if contexts == len(rows):
             self._prepare_single(rows, decodes, prefills, results)
         else:
-            groups: dict[tuple[int, int], list[int]] = {}
-            for index, row in enumerate(rows):
-                groups.setdefault((row.context, id(row.tokens)), []).append(index)
-            if len(groups) != contexts:
-                prefills = None
-            for (context, _), indexes in groups.items():
-                try:
-                    self._prepare(context, [rows[i] for i in indexes], indexes, decodes, prefills, results)
-                except Exception as exc:  # one context's failure must not cost the others
-                    self._fail([context], indexes, exc, results)
+            self._prepare_groups(rows, decodes, prefills, results)
         if prefills:
             self._prefill(rows, prefills, decodes, results)
         if decodes.rows:
@@ -157,7 +148,20 @@ class BatchedReferenceEngine:
         for index in indexes:
             results[index] = RowResult(error=f"{type(exc).__name__}: {exc}")
 
-    def _prepare_single(self, rows: list[Row], decodes: _Decode, prefills: list[_Prefill] | None,
+    def _step_in_rounds(self, rows: list[Row]) -> list[RowResult]:
+        """More contexts than slots: a step's batched work runs at its end, so a context that lost its slot
+        to a later one before then would read another context's cache. Rounds of at most as many contexts
+        as there are slots, one after another, each a step of its own."""
+        contexts = list(dict.fromkeys(row.context for row in rows))
+        results: list[RowResult | None] = [None] * len(rows)
+        for first in range(0, len(contexts), self.decoder.slots):
+            chosen = set(contexts[first:first + self.decoder.slots])
+            indexes = [i for i, row in enumerate(rows) if row.context in chosen]
+            for index, result in zip(indexes, self.step([rows[i] for i in indexes]), strict=True):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _prepare_single(self, rows: list[Row], decodes: _Decode, prefills: list[_Prefill],
                         results: list[RowResult | None]) -> None:
         """Every row has a context of its own. The common case, a context whose slot holds exactly its
         history but the last token, joins the batch with a few list operations; others take `_prepare`."""
@@ -181,30 +185,70 @@ class BatchedReferenceEngine:
             except Exception as exc:  # one context's failure must not cost the others
                 self._fail([row.context], [index], exc, results)
 
-    def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
-                 prefills: list[_Prefill] | None, results: list[RowResult | None]) -> None:
-        tokens = rows[0].tokens
+    def _prepare_groups(self, rows: list[Row], decodes: _Decode, prefills: list[_Prefill],
+                        results: list[RowResult | None]) -> None:
+        """Rows grouped by the token list they read. Several groups of one context share its slot, so all
+        but the one holding the context's last row run now, in row order, and only that last one may join
+        the step's batches: no deferred work then reads a slot that another group rewrote."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        final: dict[int, tuple[int, int]] = {}
+        for index, row in enumerate(rows):
+            key = (row.context, id(row.tokens))
+            groups.setdefault(key, []).append(index)
+            final[row.context] = key
+        now = [key for key in groups if final[key[0]] != key]
+        for key in now + [key for key in groups if final[key[0]] == key]:
+            indexes = groups[key]
+            try:
+                if final[key[0]] == key:
+                    self._prepare(key[0], [rows[i] for i in indexes], indexes, decodes, prefills, results)
+                else:
+                    self._run_now(key[0], [rows[i] for i in indexes], indexes, results)
+            except Exception as exc:  # one context's failure must not cost the others
+                self._fail([key[0]], indexes, exc, results)
+
+    def _run_now(self, context: int, rows: list[Row], indexes: list[int], results: list[RowResult | None]) -> None:
+        """Rows of one token list, prefilled and answered at once (one token each: no lookahead)."""
+        slot, keep, end = self._crop(context, rows)
+        self._prefill_rows(slot, rows, indexes, keep, end, results)
+
+    def _crop(self, context: int, rows: list[Row]) -> tuple[_Slot, int, int]:
+        """The context's slot, cut back to what it shares with the rows' tokens (at least one token is left
+        to run); returns the slot, the tokens kept and the rows' end."""
         end = max(row.length for row in rows)
         first_needed = min(row.length for row in rows) - 1
         slot = self._slot(context)
         if self._ahead is not None:  # this context leaves the predicted loop: its cache may change below
             self._ahead.expect.pop(slot.index, None)
-        keep = min(common_prefix(slot.tokens, tokens, end), first_needed)
+        keep = min(common_prefix(slot.tokens, rows[0].tokens, end), first_needed)
         del slot.tokens[keep:]
-        if len(rows) == 1 and keep == end - 1:  # one new token: joins the step's batch
-            slot.tokens.append(tokens[end - 1])
-            decodes.add(indexes[0], slot, tokens[end - 1], end - 1)
-            return
-        if len(rows) == 1 and prefills is not None:  # several new tokens, one sampler: batched with others
-            prefills.append(_Prefill(indexes[0], slot, tokens[keep:end], keep))
-            return
+        return slot, keep, end
+
+    def _prefill_rows(self, slot: _Slot, rows: list[Row], indexes: list[int], keep: int, end: int,
+                      results: list[RowResult | None]) -> None:
+        tokens = rows[0].tokens
         wanted = sorted({row.length - 1 - keep for row in rows})
         logits = self.decoder.prefill(slot.index, tokens[keep:end], keep, wanted)
         slot.tokens.extend(tokens[keep:end])
         by_length = {offset + keep + 1: logits[i] for i, offset in enumerate(wanted)}
         for index, row in zip(indexes, rows, strict=True):
-            results[index] = result = row_result(by_length[row.length], row.sampler, row.seed)
-            if row.steps > 1 and row.length == end and result.tokens:
+            results[index] = row_result(by_length[row.length], row.sampler, row.seed)
+
+    def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
+                 prefills: list[_Prefill], results: list[RowResult | None]) -> None:
+        tokens = rows[0].tokens
+        slot, keep, end = self._crop(context, rows)
+        if len(rows) == 1 and keep == end - 1:  # one new token: joins the step's batch
+            slot.tokens.append(tokens[end - 1])
+            decodes.add(indexes[0], slot, tokens[end - 1], end - 1)
+            return
+        if len(rows) == 1:  # several new tokens, one sampler: batched with others
+            prefills.append(_Prefill(indexes[0], slot, tokens[keep:end], keep))
+            return
+        self._prefill_rows(slot, rows, indexes, keep, end, results)
+        for index, row in zip(indexes, rows, strict=True):
+            result = results[index]
+            if row.steps > 1 and row.length == end and result is not None and result.tokens:
                 decodes.add(index, slot, -1, end - 1)  # continues as lookahead only
 
     def _prefill(self, rows: list[Row], prefills: list[_Prefill], decodes: _Decode,
