@@ -3,3 +3,4 @@
 __version__ = "0.1.0"
 DRIVER_NAME = "pie-driver-trtllm"
 PROTOCOL_VERSION = 1
+PROTOCOL_MINOR = 1  # 1.1: token samplers may ask for a run of tokens (`max_tokens`)

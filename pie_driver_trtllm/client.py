@@ -37,6 +37,27 @@ class Reply:
         return self.result[key]
 
 
+@dataclass
+class Generated:
+    """What `DriverClient.generate` made: the tokens, why it stopped, and the forwards it took."""
+
+    tokens: list[int]
+    stop: str
+    round_trips: int
+    logprobs: list[float] | None = None
+
+
+def run_sampler(at: int, sampler: dict[str, Any], max_tokens: int, stop_token_ids: list[int] | tuple[int, ...] = (),
+                return_logprobs: bool = False) -> dict[str, Any]:
+    """`sampler` (a protocol sampler map without `at`) as a run of up to `max_tokens` tokens (protocol 1.1)."""
+    out = {**sampler, "at": at, "max_tokens": max_tokens}
+    if stop_token_ids:
+        out["stop_token_ids"] = list(stop_token_ids)
+    if return_logprobs:
+        out["return_logprobs"] = True
+    return out
+
+
 class DriverFailed(RuntimeError):
     """The driver exited before it was ready; the message holds its standard error."""
 
@@ -114,6 +135,35 @@ class DriverClient:
 
     def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.call("forward", requests=requests)["results"]
+
+    def generate(self, context: int, prompt: list[int], sampler: dict[str, Any], new_tokens: int, *,
+                 max_tokens: int = 16, stop_token_ids: list[int] | tuple[int, ...] = (), start: int = 0,
+                 return_logprobs: bool = False) -> Generated:
+        """Up to `new_tokens` tokens after `prompt` (sent at positions `start`...), `max_tokens` per forward,
+        each run's tokens fed back with the next. A seeded sampler's run that starts after g tokens gets the
+        seed plus g, so the whole generation equals the one-token loop fed back with the per-step seeds."""
+        made: list[int] = []
+        logprobs: list[float] = []
+        send, at, trips, stop = list(prompt), start, 0, "max_tokens"
+        while len(made) < new_tokens:
+            step = dict(sampler)
+            if "seed" in step:
+                step["seed"] = (step["seed"] + len(made)) % (1 << 64)
+            run = run_sampler(len(send) - 1, step, min(max_tokens, new_tokens - len(made)), stop_token_ids,
+                              return_logprobs)
+            (result,) = self.forward([{"context": context, "tokens": send,
+                                       "positions": list(range(at, at + len(send))), "samplers": [run]}])
+            trips += 1
+            if not result["ok"]:
+                error = dict(result["error"])
+                raise RequestFailed(Reply(None, False, {}, ErrorInfo(error.pop("code"), error.pop("message"), error)))
+            out = result["outputs"][0]
+            made += out["tokens"]
+            logprobs += out.get("logprobs", [])
+            at, send, stop = at + len(send), out["tokens"], out["stop"]
+            if stop != "max_tokens":
+                break
+        return Generated(made, stop, trips, logprobs if return_logprobs else None)
 
     def close(self) -> None:
         self.socket.close(0)

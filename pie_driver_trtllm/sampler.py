@@ -21,10 +21,18 @@ class Sampler:
     seed: int | None = None
     k: int = 0
     token_ids: tuple[int, ...] = ()
+    max_tokens: int = 0                 # 0: a one-token sampler answering {"token"}; n: a run of up to n tokens
+    stop_token_ids: tuple[int, ...] = ()
+    return_logprobs: bool = False
 
     @property
     def makes_token(self) -> bool:
         return self.type in TOKEN_SAMPLERS
+
+    @property
+    def is_run(self) -> bool:
+        """A protocol 1.1 token sampler: answers {"tokens", "stop"} (a run of one token included)."""
+        return self.max_tokens > 0
 
     @property
     def is_greedy(self) -> bool:

@@ -25,13 +25,14 @@ NUMBERS: dict[str, list[str]] = {
                 "long.step_ms", "long.step_p50_ms", "ratio", "p50_ratio"],
     "codec": ["requests", "tokens", "frame_bytes", "mean_ms", "p50_ms", "p99_ms", "decode_mean_ms",
               "encode_reply_mean_ms", "host_encode_mean_ms"],
+    "multitoken": ["rows.0.tokens_per_s", "rows.0.round_trips_per_token", "rows.1.tokens_per_s_ratio"],
 }
 OVERHEAD_ROW = ["driver_tokens_per_s", "in_process_tokens_per_s", "ratio", "driver_step_ms", "in_process_step_ms"]
 
 
-def dig(data: dict[str, Any], path: str) -> Any:
+def dig(data: Any, path: str) -> Any:
     for key in path.split("."):
-        data = data[key]
+        data = data[int(key)] if isinstance(data, list) else data[key]
     return data
 
 
@@ -60,6 +61,9 @@ def test_quick_set_writes_every_documented_number(tmp_path: Path) -> None:
     assert look["engine_calls_reduction"] == pytest.approx(16.0)  # one call per 16 steps of every context
     assert results["history"]["long"]["history_tokens"] > results["history"]["short"]["history_tokens"]
     assert (results["codec"]["requests"], results["codec"]["tokens"]) == (64, 8192)
+    multi = results["multitoken"]
+    assert multi["all_equal"] and len(multi["rows"]) == 2 * 2 * 2 * 2  # contexts x samplers x host times x runs
+    assert {r["round_trips_per_token"] for r in multi["rows"] if r["max_tokens"] == 16} == {2 / 32}
 
 
 def test_codec_frame_holds_64_requests_and_8192_tokens() -> None:

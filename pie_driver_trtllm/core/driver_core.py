@@ -16,6 +16,7 @@ from typing import Any
 from pie_driver_trtllm.core.decode_step import DecodePlan, finish_decode, plan_decode
 from pie_driver_trtllm.core.histories import ContextStore, MergeResult
 from pie_driver_trtllm.core.lookahead import LookaheadBuffer
+from pie_driver_trtllm.core.runs import check_at_end, run_output, run_steps
 from pie_driver_trtllm.engines.base import Engine, Row, RowResult
 from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardItem, ForwardTokens, Release, Truncate
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
@@ -120,7 +121,10 @@ class DriverCore:
                 continue
             plan.evicted += merged.evicted
             plan.outputs[index] = [None] * len(item.samplers)
-            self._plan_samplers(index, item, merged.snapshots, plan.outputs[index], plan)
+            try:
+                self._plan_samplers(index, item, merged.snapshots, plan.outputs[index], plan)
+            except DriverError as exc:  # a run that is not at the end of its history; its tokens stay merged
+                plan.failures[index] = exc
         return plan
 
     def run_rows(self, rows: list[Row]) -> list[RowResult]:
@@ -179,18 +183,31 @@ class DriverCore:
         for row in rows:
             if row.context == item.context and row.tokens is live and row.length > lowest:
                 row.tokens = live[: row.length]
-                row.steps = 1
+                if not row.sampler.is_run:  # a run reads its own copy; lookahead would not match the history
+                    row.steps = 1
 
     def _plan_samplers(self, index: int, item: ForwardItem, snapshots: dict[int, list[int]],
                        out: list[dict[str, Any] | None], plan: ForwardPlan) -> None:
         rows, slots, planned = plan.rows, plan.slots, plan.planned
         live = self.store.get(item.context) if item.context in self.store else []
+        for sampler in item.samplers:
+            if sampler.is_run:
+                length = item.positions[sampler.at] + 1
+                check_at_end(item.context, sampler, length,
+                             snapshots.get(sampler.at, live) is live and length == len(live))
         for position, sampler in enumerate(item.samplers):
             tokens = snapshots.get(sampler.at, live)
             length = item.positions[sampler.at] + 1
             at_end = tokens is live and length == len(live)
             steps = 1
-            if sampler.is_greedy:
+            if sampler.is_run:  # never served from the lookahead buffer: the engine keeps its run's cache
+                steps = run_steps(sampler, length, self._max_len)
+                if sampler.is_greedy:
+                    seed = None
+                else:
+                    self.lookahead.drop([item.context])
+                    seed = sampler.seed if sampler.seed is not None else self._rng.getrandbits(63)
+            elif sampler.is_greedy:
                 if tokens is live:
                     buffered = self.lookahead.take(item.context, live, length)
                     if buffered is not None:
@@ -212,6 +229,11 @@ class DriverCore:
         for (index, position), row, result in zip(plan.slots, plan.rows, results, strict=True):
             if result.error is not None:
                 failures[index] = DriverError(ErrorCode(result.code), result.error)
+            elif result.tokens is not None and row.sampler.is_run:
+                outputs[index][position] = out = run_output(row.sampler, self._max_len, row.length, result)
+                self.counters.tokens_out += len(out["tokens"]) - 1  # the request's outputs count one each
+                if row.sampler.is_greedy and row.context in self.store and row.tokens is self.store.get(row.context):
+                    self.lookahead.fill(row.context, row.length, result.tokens)  # the live history, not a copy
             elif result.tokens is not None:
                 outputs[index][position] = {"token": result.tokens[0]}
                 if row.steps > 1:

@@ -23,7 +23,8 @@ class Row:
     """One sampler to evaluate: the distribution after `tokens[:length]` of `context`.
 
     `tokens` is the context's live history (or a private snapshot); engines must not mutate it.
-    `steps` > 1 asks a greedy row for that many greedy tokens in a row (lookahead).
+    `steps` > 1 asks for that many tokens in a row, each sampled after appending the previous one: a greedy
+    row's lookahead, or a run (`sampler.max_tokens`); step i of a seeded row uses `step_seed(seed, i)`.
     """
 
     context: int
@@ -39,6 +40,7 @@ class RowResult:
     tokens: list[int] | None = None                          # token samplers
     dist: tuple[list[int], list[float]] | None = None         # dist
     logprobs: list[float] | None = None                      # logprobs
+    token_logprobs: list[float] | None = None                # a run with return_logprobs: one per token
     error: str | None = None                                 # the engine failed on this row alone
     code: str = "ENGINE_ERROR"                               # the protocol code for `error`
 

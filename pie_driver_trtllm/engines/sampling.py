@@ -41,6 +41,12 @@ def token_logprobs(logits: torch.Tensor, sampler: Sampler) -> list[float]:
     return logprobs[torch.tensor(sampler.token_ids, device=logits.device)].tolist()
 
 
+def emitted_logprob(logits: torch.Tensor, sampler: Sampler, token: int) -> float:
+    """log p(token) under softmax(logits / T), T the sampler's temperature (1 for greedy), before filtering."""
+    temperature = sampler.temperature if sampler.temperature > 0 else 1.0
+    return float(torch.log_softmax(logits.float() / temperature, dim=-1)[token])
+
+
 def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> Any:
     """The RowResult for one sampler from its logits row."""
     from pie_driver_trtllm.engines.base import RowResult
@@ -50,4 +56,7 @@ def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> Any:
         return RowResult(dist=(ids, probs))
     if sampler.type == "logprobs":
         return RowResult(logprobs=token_logprobs(logits, sampler))
-    return RowResult(tokens=[sample_token(logits, sampler, seed)])
+    token = sample_token(logits, sampler, seed)
+    if sampler.return_logprobs:
+        return RowResult(tokens=[token], token_logprobs=[emitted_logprob(logits, sampler, token)])
+    return RowResult(tokens=[token])

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from typing import Any, TextIO
 
-from pie_driver_trtllm import DRIVER_NAME, PROTOCOL_VERSION, __version__
+from pie_driver_trtllm import DRIVER_NAME, PROTOCOL_MINOR, PROTOCOL_VERSION, __version__
 from pie_driver_trtllm.config import DriverConfig, StartupError, load_config
 from pie_driver_trtllm.core.driver_core import DriverCore
 from pie_driver_trtllm.engines import load_engine
@@ -43,7 +43,8 @@ def build_caps(config: DriverConfig, engine: Engine, limits: Limits) -> dict[str
         "max_forward_tokens": limits.max_forward_tokens, "max_forward_requests": limits.max_forward_requests,
         "max_page_refs": o.virtual_total_pages, "max_logit_rows": o.max_batched_tokens,
         "max_prob_rows": o.max_batched_tokens, "max_custom_mask_bytes": 0, "max_sampler_rows": U32_MAX,
-        "max_logprob_labels": limits.max_logprob_labels, "activation_dtype": config.driver.activation_dtype,
+        "max_logprob_labels": limits.max_logprob_labels, "max_sampler_tokens": limits.max_sampler_tokens,
+        "activation_dtype": config.driver.activation_dtype,
         "supports_user_attention_mask": False, "supports_adapters": False,
         "samplers": sorted(engine.samplers), "lookahead_tokens": o.lookahead_tokens,
         "tensor_parallel_size": 1, "replicas": len(config.driver.device), "devices": list(config.driver.device),
@@ -56,6 +57,7 @@ def build_handshake(config: DriverConfig, engine: Engine, caps: dict[str, Any]) 
     m = engine.model
     return {
         "protocol": PROTOCOL_VERSION,
+        "protocol_version": [PROTOCOL_VERSION, PROTOCOL_MINOR],
         "driver": {"name": DRIVER_NAME, "version": __version__},
         "engine": {"kind": engine.kind, "version": engine.version, "execution_mode": engine.execution_mode},
         "model": {"name": m.name, "arch_name": m.arch_name, "vocab_size": m.vocab_size,
@@ -163,7 +165,7 @@ def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -
                         max_forward_requests=caps["max_forward_requests"],
                         max_forward_tokens=caps["max_forward_tokens"],
                         max_logprob_labels=caps["max_logprob_labels"], max_frame_bytes=config.options.max_frame_bytes,
-                        samplers=frozenset(caps["samplers"]))
+                        samplers=frozenset(caps["samplers"]), max_sampler_tokens=caps["max_sampler_tokens"])
         return replicas, handshake, limits, replicas.close
     engine = _wrap_engine(load_engine(config, config.driver.device[0]), config)
     core = DriverCore(engine, max_contexts=config.options.max_session_histories,

@@ -1,7 +1,8 @@
 """`pie-driver-trtllm demo`: start a real driver subprocess on a random-weight model and act as its host.
 
 It shows the protocol a host speaks: batched forwards over many contexts (greedy and sampled), the host
-sending each sampled token back as the next step's input, a fork, a rollback and the driver's counters.
+sending each sampled token back as the next step's input, a fork, a rollback and the driver's counters;
+then runs of up to 16 tokens per forward (protocol 1.1) next to the one-token loop they equal.
 """
 
 from __future__ import annotations
@@ -147,6 +148,24 @@ def decode(client: DriverClient, contexts: list[Context], steps: int, vocab_size
     return served, forwards, time.perf_counter() - start
 
 
+def show_runs(client: DriverClient, vocab_size: int, console: Console, tokens: int = 32) -> None:
+    """Protocol 1.1: each context gets up to 16 tokens per forward and feeds back the ones it keeps; a
+    seeded run equals the one-token loop given the per-step seeds (the seed plus the step)."""
+    rng = random.Random(7)
+    prompt = [rng.randrange(FIRST_TOKEN, vocab_size) for _ in range(5)]
+    for offset, sampler in enumerate(({"type": "greedy"}, {"type": "top_k", "top_k": 40, "seed": 5})):
+        context = 10_000 + offset
+        runs = client.generate(context, prompt, sampler, tokens, max_tokens=16)
+        loop = client.generate(context + 100, prompt, sampler, tokens, max_tokens=1)
+        same = "equal" if runs.tokens == loop.tokens else "DIFFERENT"
+        console.print(f"runs: {sampler['type']}, {len(runs.tokens)} tokens in {runs.round_trips} forwards "
+                      f"(max_tokens 16) against {loop.round_trips} one token at a time: {same}",
+                      highlight=False, soft_wrap=True)
+        if same != "equal":
+            raise DemoError(f"a {sampler['type']} run differs from its one-token loop")
+    client.call("release", contexts=[10_000, 10_001, 10_100, 10_101])
+
+
 def show_table(console: Console, contexts: list[Context]) -> None:
     table = Table(box=box.SIMPLE_HEAD, caption_justify="left",
                   caption="top-k/p: top_k_top_p, T 0.8, top_k 40, top_p 0.95. (n): tokens in all; "
@@ -195,6 +214,7 @@ def run(contexts: int, steps: int, size: str, workdir: Path, console: Console) -
                       f"({served / seconds:.1f} tokens/s), {forwards} forwards, {stats['engine_calls']} "
                       f"engine calls, {stats['lookahead_hits']} lookahead hits",
                       highlight=False, soft_wrap=True)
+        show_runs(client, vocab_size, console)
     except (DemoError, RequestFailed, TimeoutError) as exc:
         raise DemoError(f"{exc} (driver log: {process.stderr_path})") from exc
     finally:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
 
+MAX_SAMPLER_TOKENS = 64   # most tokens one sampler's run may ask for (`max_tokens`)
+MAX_STOP_TOKEN_IDS = 64   # most `stop_token_ids` of one sampler
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -18,3 +21,4 @@ class Limits:
     max_logprob_labels: int
     max_frame_bytes: int
     samplers: frozenset[str] = frozenset(ALL_SAMPLERS)
+    max_sampler_tokens: int = MAX_SAMPLER_TOKENS

@@ -15,7 +15,7 @@ import msgspec
 
 from pie_driver_trtllm.sampler import ALL_SAMPLERS, TOKEN_SAMPLERS, Sampler
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
-from pie_driver_trtllm.wire.limits import Limits
+from pie_driver_trtllm.wire.limits import MAX_STOP_TOKEN_IDS, Limits
 
 T = TypeVar("T")
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
@@ -34,7 +34,9 @@ class WireSampler(msgspec.Struct, forbid_unknown_fields=True, frozen=True):  # h
     seed: U64 | None = None
     k: U32 | None = None
     token_ids: tuple[U32, ...] | None = None
-
+    max_tokens: U32 | None = None               # protocol 1.1: any of these three makes the sampler a run
+    stop_token_ids: tuple[U32, ...] | None = None
+    return_logprobs: bool | None = None
 
 
 def frozen_maker(cls: type[T]) -> Callable[..., T]:
@@ -103,8 +105,31 @@ def normalize_sampler(s: WireSampler, limits: Limits) -> Sampler:
                               f"logprobs token id {max(token_ids)} is not below vocab_size {limits.vocab_size}")
     if s.type not in TOKEN_SAMPLERS and s.temperature in (None, 0.0):
         temperature = 1.0  # dist and logprobs report softmax(logits / T) with T = 1 when T is 0 or absent
+    max_tokens, stop_ids = _run_fields(s, limits)
     return _new_sampler(s.type, s.at, temperature, top_k or 0, 1.0 if top_p is None else top_p, min_p or 0.0, s.seed,
-                        k or 0, tuple(token_ids or ()))
+                        k or 0, tuple(token_ids or ()), max_tokens, stop_ids, bool(s.return_logprobs))
+
+
+def _run_fields(s: WireSampler, limits: Limits) -> tuple[int, tuple[int, ...]]:
+    """`max_tokens` (0 for a one-token sampler of protocol 1.0) and the stop ids of a run."""
+    if s.max_tokens is None and s.stop_token_ids is None and s.return_logprobs is None:
+        return 0, ()
+    if s.type not in TOKEN_SAMPLERS:
+        raise DriverError(ErrorCode.BAD_REQUEST,
+                          f"sampler type {s.type!r} makes no token: max_tokens, stop_token_ids and return_logprobs "
+                          "belong to token samplers")
+    max_tokens = 1 if s.max_tokens is None else s.max_tokens
+    if not 1 <= max_tokens <= limits.max_sampler_tokens:
+        raise DriverError(ErrorCode.OUT_OF_RANGE,
+                          f"max_tokens {max_tokens} must be in 1..{limits.max_sampler_tokens} (max_sampler_tokens)")
+    stop_ids = tuple(s.stop_token_ids or ())
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise DriverError(ErrorCode.OUT_OF_RANGE,
+                          f"{len(stop_ids)} stop_token_ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
+    if stop_ids and max(stop_ids) >= limits.vocab_size:
+        raise DriverError(ErrorCode.OUT_OF_RANGE,
+                          f"stop token id {max(stop_ids)} is not below vocab_size {limits.vocab_size}")
+    return max_tokens, stop_ids
 
 
 _new_sampler = frozen_maker(Sampler)
@@ -125,4 +150,6 @@ def wire_map(s: Sampler) -> dict[str, Any]:
         wire[name] = list(value) if name == "token_ids" else value
     if s.seed is not None:
         wire["seed"] = s.seed
+    if s.is_run:
+        wire.update(max_tokens=s.max_tokens, stop_token_ids=list(s.stop_token_ids), return_logprobs=s.return_logprobs)
     return wire

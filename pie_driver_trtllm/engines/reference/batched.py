@@ -23,6 +23,7 @@ from typing import Any
 
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
 from pie_driver_trtllm.engines.reference.batched_llama import BatchedLlama, DecodeOutput
+from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
 
@@ -92,7 +93,11 @@ class BatchedReferenceEngine:
     def step(self, rows: list[Row]) -> list[RowResult]:
         contexts = len({row.context for row in rows})
         if contexts > self.decoder.slots:
-            return self._step_in_rounds(rows)
+            return self._step_in_rounds(rows)  # each round a step of its own, runs included
+        return step_with_runs(self._step_once, rows, chained_in_engine)
+
+    def _step_once(self, rows: list[Row]) -> list[RowResult]:
+        contexts = len({row.context for row in rows})
         results: list[RowResult | None] = [None] * len(rows)
         decodes = _Decode()
         prefills: list[_Prefill] = []
@@ -248,7 +253,8 @@ class BatchedReferenceEngine:
         self._prefill_rows(slot, rows, indexes, keep, end, results)
         for index, row in zip(indexes, rows, strict=True):
             result = results[index]
-            if row.steps > 1 and row.length == end and result is not None and result.tokens:
+            if row.steps > 1 and chained_in_engine(row) and row.length == end and result is not None \
+                    and result.tokens:
                 decodes.add(index, slot, -1, end - 1)  # continues as lookahead only
 
     def _prefill(self, rows: list[Row], prefills: list[_Prefill], decodes: _Decode,
@@ -272,7 +278,7 @@ class BatchedReferenceEngine:
             p.slot.tokens.extend(p.chunk)
             results[p.row] = result = row_result(last, row.sampler, row.seed)
             end = p.start + len(p.chunk)
-            if row.steps > 1 and result.tokens:
+            if row.steps > 1 and chained_in_engine(row) and result.tokens:
                 decodes.add(p.row, p.slot, -1, end - 1)  # continues as lookahead only
             elif result.tokens:
                 decodes.prefilled.append((p.slot, result.tokens[0], end))  # its first decode step can be predicted
@@ -294,7 +300,7 @@ class BatchedReferenceEngine:
             logits = None
             for i, index in enumerate(indexes):
                 row = rows[index]
-                if row.sampler.is_greedy:  # the common case needs no per-row tensor work
+                if row.sampler.is_greedy and not row.sampler.return_logprobs:  # the common case: no tensor work
                     results[index] = RowResult(tokens=[greedy[i]])
                 else:
                     if logits is None:
@@ -302,7 +308,8 @@ class BatchedReferenceEngine:
                     results[index] = row_result(logits[i], row.sampler, row.seed)
         # Lookahead: greedy rows that want more tokens continue together (on CUDA one queued chain of passes).
         active = [i for i, index in enumerate(decodes.rows)
-                  if rows[index].steps > 1 and results[index] and results[index].tokens]  # type: ignore[union-attr]
+                  if rows[index].steps > 1 and chained_in_engine(rows[index])
+                  and results[index] and results[index].tokens]  # type: ignore[union-attr]
         if not active:
             if fresh and len(fresh) == len(decodes.rows):
                 self._predict(slots, positions, [results[i] for i in indexes], decodes.prefilled,

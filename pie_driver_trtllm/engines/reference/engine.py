@@ -14,6 +14,7 @@ from pie_driver_trtllm.config import DriverConfig, StartupError
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
 from pie_driver_trtllm.engines.model_facts import read_model_info
 from pie_driver_trtllm.engines.reference.batched_llama import slot_bytes, supports
+from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
 
@@ -83,6 +84,9 @@ class ReferenceEngine:
     # ------------------------------------------------------------------ the interface
 
     def step(self, rows: list[Row]) -> list[RowResult]:
+        return step_with_runs(self._step_once, rows, chained_in_engine)
+
+    def _step_once(self, rows: list[Row]) -> list[RowResult]:
         results: list[RowResult | None] = [None] * len(rows)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, row in enumerate(rows):
@@ -139,7 +143,7 @@ class ReferenceEngine:
         for row in rows:
             current = row_logits[row.length]
             result = row_result(current, row.sampler, row.seed)
-            if row.steps > 1 and row.length == end and result.tokens:
+            if row.steps > 1 and chained_in_engine(row) and row.length == end and result.tokens:
                 for _ in range(row.steps - 1):
                     current = self._forward(resident, result.tokens[-1:], [0])[0]
                     result.tokens.append(int(torch.argmax(current)))

@@ -17,6 +17,7 @@ from typing import Any
 
 from pie_driver_trtllm.config import DriverConfig
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
+from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result
 from pie_driver_trtllm.sampler import ALL_SAMPLERS, Sampler
 
@@ -47,10 +48,19 @@ class SamplingParamsBuilder:
         self.common = {"end_id": end, "pad_id": pad, "detokenize": False, "ignore_eos": True}
 
     def kwargs(self, sampler: Sampler, steps: int) -> dict[str, Any]:
-        if sampler.is_greedy:
-            return {**self.common, "max_tokens": steps, "temperature": 0.0}
+        if sampler.is_greedy and not sampler.return_logprobs:  # a greedy run: `steps` tokens in one request
+            return {**self.common, "max_tokens": steps, "temperature": 0.0, **stop_kwargs(sampler)}
         # One position's logits; the driver samples from them (see the module docstring).
         return {**self.common, "max_tokens": 1, "temperature": 0.0, "return_generation_logits": True}
+
+
+def stop_kwargs(sampler: Sampler) -> dict[str, Any]:
+    """A greedy run's stop ids. TensorRT-LLM drops stop words when `ignore_eos` is set, so such a run keeps
+    it off and sets `end_id` to -1 (no end token) instead; the stop token stays in the output."""
+    if not sampler.stop_token_ids:
+        return {}
+    return {"stop_token_ids": list(sampler.stop_token_ids), "include_stop_str_in_output": True,
+            "ignore_eos": False, "end_id": -1}
 
 
 class GenerateEngine:
@@ -68,6 +78,11 @@ class GenerateEngine:
         self._salt: dict[int, str] = {}  # a fork inherits its source's salt, so it reuses the shared prefix
 
     def step(self, rows: list[Row]) -> list[RowResult]:
+        # A greedy run is one request of max_tokens; any other run's later tokens take one generate call per
+        # token (every run of the forward in it), each sampled here with its per-step seed.
+        return step_with_runs(self._step_once, rows, chained_in_engine)
+
+    def _step_once(self, rows: list[Row]) -> list[RowResult]:
         if not rows:
             return []
         prompts = [row.tokens[: row.length] for row in rows]
@@ -109,7 +124,7 @@ class GenerateEngine:
 
 def _read(row: Row, output: Any) -> RowResult:
     completion = output.outputs[0]
-    if not row.sampler.is_greedy:
+    if not chained_in_engine(row):
         logits = getattr(completion, "generation_logits", None)
         if logits is None or len(logits) < 1:
             return RowResult(error="LLM.generate returned no generation logits")

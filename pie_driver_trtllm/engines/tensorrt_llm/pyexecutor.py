@@ -22,6 +22,7 @@ import torch
 
 from pie_driver_trtllm.config import DriverConfig, StartupError
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
+from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result
 from pie_driver_trtllm.engines.tensorrt_llm.generate import SamplingParamsBuilder
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
@@ -91,6 +92,11 @@ class PyExecutorEngine:
     # ------------------------------------------------------------------ the interface
 
     def step(self, rows: list[Row]) -> list[RowResult]:
+        # A greedy run is its request running n iterations; any other run's later tokens take one iteration
+        # per token (every run of the forward in it), each sampled here with its per-step seed.
+        return step_with_runs(self._step_once, rows, chained_in_engine)
+
+    def _step_once(self, rows: list[Row]) -> list[RowResult]:
         results: list[RowResult | None] = [self._refusal(row) for row in rows]
         runnable = [i for i, result in enumerate(results) if result is None]
         for wave in _waves([rows[i] for i in runnable], self.capacity):
@@ -137,9 +143,9 @@ class PyExecutorEngine:
 
     def _run_wave(self, rows: list[Row]) -> dict[int, RowResult]:
         requests = [self._session_for(row).request for row in rows]
-        targets = [row.length + (row.steps if row.sampler.is_greedy else 1) for row in rows]
+        targets = [row.length + (row.steps if chained_in_engine(row) else 1) for row in rows]
         wanted = {id(request): i for i, (request, row) in enumerate(zip(requests, rows, strict=True))
-                  if not row.sampler.is_greedy}
+                  if not chained_in_engine(row)}
         logits: dict[int, torch.Tensor] = {}
         pe = self._executor
         stalled = 0
@@ -163,7 +169,7 @@ class PyExecutorEngine:
             _discard_responses(pe)
         out: dict[int, RowResult] = {}
         for index, (request, row) in enumerate(zip(requests, rows, strict=True)):
-            if not row.sampler.is_greedy:
+            if not chained_in_engine(row):
                 if index not in logits:
                     raise RuntimeError(f"no logits for context {row.context}")
                 out[index] = row_result(logits[index], row.sampler, row.seed)
