@@ -213,3 +213,14 @@ def test_two_runs_after_one_prefix_each_equal_a_run_alone(reference) -> None:
     alone = [reference[1]().forward([{**prompt, "samplers": [s]}])[0]["outputs"][0]
              for s in (run(1), run(2), run(0, True))]
     assert both["outputs"] == [*alone, alone[2]]
+
+
+def test_a_run_after_one_fed_back_token_is_a_run(reference) -> None:
+    harness = reference[1]()
+    (first,) = harness.forward([{"context": 1, "tokens": [4, 4, 2], "positions": [0, 1, 2],
+                                 "samplers": [{"at": 2, "type": "greedy", "max_tokens": 3}]}])
+    kept = first["outputs"][0]["tokens"][0]
+    (second,) = harness.forward([{"context": 1, "tokens": [kept], "positions": [3],
+                                  "samplers": [{"at": 0, "type": "greedy", "max_tokens": 3}]}])
+    assert second["outputs"][0]["tokens"][:2] == first["outputs"][0]["tokens"][1:]
+    assert second["outputs"][0]["stop"] == "max_tokens"

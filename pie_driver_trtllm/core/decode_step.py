@@ -37,7 +37,7 @@ def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, ma
     """The plan of a decode step, or None (nothing changed) when `items` is not one."""
     for item in items:
         if type(item) is not ForwardItem or len(item.tokens) != 1 or len(item.samplers) != 1 \
-                or item.samplers[0].type not in _TOKEN_SAMPLERS:
+                or item.samplers[0].type not in _TOKEN_SAMPLERS or item.samplers[0].max_tokens:  # a run
             return None
     contexts = [item.context for item in items]
     unique = set(contexts)
