@@ -45,8 +45,8 @@ def test_demo_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "greedy" in rows["0"] and "top-k/p seed 101" in rows["1"]
     runs = [line for line in out.splitlines() if line.startswith("runs:")]
     assert [line.split(",")[0] for line in runs] == ["runs: greedy", "runs: top_k"]
-    assert all("32 tokens in 2 forwards (max_tokens 16) against 32 one token at a time: equal" in line
-               for line in runs), runs
+    for line in runs:  # the driver's max_model_len leaves room for 8 tokens after the 5-token prompt
+        assert line.endswith("8 tokens in 1 forwards (max_tokens 16) against 8 one token at a time: equal"), line
 
 
 def test_demo_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -214,7 +214,7 @@ def run(contexts: int, steps: int, size: str, workdir: Path, console: Console) -
                       f"({served / seconds:.1f} tokens/s), {forwards} forwards, {stats['engine_calls']} "
                       f"engine calls, {stats['lookahead_hits']} lookahead hits",
                       highlight=False, soft_wrap=True)
-        show_runs(client, vocab_size, console)
+        show_runs(client, vocab_size, console, tokens=min(32, int(hello["model"]["max_model_len"]) - 5))
     except (DemoError, RequestFailed, TimeoutError) as exc:
         raise DemoError(f"{exc} (driver log: {process.stderr_path})") from exc
     finally:
