@@ -1,15 +1,43 @@
 #!/usr/bin/env bash
-# Every single-GPU measurement in one go (one lent H100): the engine step, the driver benchmarks and
-# the GPU tests of the reference engine. Results land in $OUT (default ./gpu-results).
+# Every single-GPU measurement in one go (one lent H100): the driver's overhead next to the in-process
+# engine (this tree, and optionally an earlier tree measured by the same harness), the null-engine driver
+# cost, the multi-token workload and the GPU tests of the reference engine. Results land in $OUT.
+#   OUT=gpu-results BEFORE=path/to/earlier/tree bash benchmarks/gpu_h100.sh [overhead|tests|all]
 set -uo pipefail
 OUT=${OUT:-gpu-results}
-RESULTS=$(mktemp -d)/bench
-mkdir -p "$OUT" "$RESULTS" /tmp/pie-models
+PART=${1:-all}
+WORK=/tmp/pie-bench
+mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python -m pie_driver_trtllm.benchmarks.engine_step --size 1b --dtype bfloat16 --device cuda:0 --batches 1 16 64 \
-    --model-dir /tmp/pie-models/1b --out "$RESULTS/engine_step.json"
-python -m pie_driver_trtllm.benchmarks -w transport -w codec -w lookahead -w overhead -w history -w multitoken \
-    --size 1b --device cuda:0 --dtype bfloat16 --out "$RESULTS" --plot "$OUT/bench-overhead-gpu.png"
-python -m pytest -q -p no:cacheprovider tests/test_reference_gpu.py 2>&1 | tail -3
-tar -czf "$OUT/bench.tar.gz" -C "$(dirname "$RESULTS")" bench
+
+overhead() {  # $1: tree, $2: label. The harness is this tree's, so both trees are timed the same way.
+  local tree=$1 label=$2
+  if [ "$tree" != "." ]; then cp pie_driver_trtllm/benchmarks/{overhead,common}.py "$tree/pie_driver_trtllm/benchmarks/"; fi
+  (cd "$tree" && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python - "$OUT" "$label" "$WORK" <<'PY'
+import json, sys
+from pathlib import Path
+from pie_driver_trtllm.benchmarks import overhead
+from pie_driver_trtllm.benchmarks.common import Bench
+out, label, work = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+(work / label).mkdir(parents=True, exist_ok=True)
+bench = Bench(size="1b", device="cuda:0", dtype="bfloat16", out_dir=work / label, work_dir=work)
+result = overhead.run(bench)
+(out / f"overhead-{label}.json").write_text(json.dumps(result, indent=1))
+PY
+  )
+}
+
+if [ "$PART" = overhead ] || [ "$PART" = all ]; then
+  OUT=$(cd "$OUT" && pwd)
+  overhead . after
+  if [ -n "${BEFORE:-}" ]; then overhead "$BEFORE" before; fi
+  python -m pie_driver_trtllm.benchmarks -w driver_cost --out "$OUT/driver_cost" --repeat 1 || true
+fi
+if [ "$PART" = tests ] || [ "$PART" = all ]; then
+  python -m pytest -q -p no:cacheprovider tests/test_reference_gpu.py tests/test_runs_gpu.py 2>&1 | tail -15
+  if python -c "import pie_driver_trtllm.benchmarks.multitoken" 2>/dev/null; then
+    python -m pie_driver_trtllm.benchmarks -w multitoken --size 1b --device cuda:0 --dtype bfloat16 \
+        --out "$OUT/multitoken" --repeat 1 || true
+  fi
+fi
