@@ -7,6 +7,7 @@ fails with a single line naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ ENGINE_ALIASES = {"tensorrt_llm": "tensorrt_llm", "tensorrt-llm": "tensorrt_llm"
                   "reference": "reference"}
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
 MAX_LOOKAHEAD = 16
+U32_MAX = 2**32 - 1
 
 
 class StartupError(Exception):
@@ -49,24 +51,27 @@ class DriverOptions:
                                 "1 turns lookahead off.", (int,), minimum=1, maximum=MAX_LOOKAHEAD)
     execution_mode: str = opt("generate", "TensorRT-LLM path: public `LLM.generate` or the experimental "
                               "private `pyexecutor` loop.", (str,), choices=("generate", "pyexecutor"))
-    trust_remote_code: bool = opt(True, "Passed to the model loader.", (bool,))
+    trust_remote_code: bool | None = opt(
+        None, "Run a checkpoint's own Python code (`auto_map`) at load. Unset: false for the reference engine, "
+        "true for TensorRT-LLM (its documented default; a warning says so).", (bool,), nullable=True)
     skip_tokenizer_init: bool = opt(True, "Passed to `tensorrt_llm.LLM`; the host sends token ids.", (bool,))
     backend: str | None = opt(None, "TensorRT-LLM backend override.", (str,), nullable=True)
     attn_backend: str | None = opt(None, "TensorRT-LLM attention backend override.", (str,), nullable=True)
     enable_chunked_prefill: bool | None = opt(None, "TensorRT-LLM chunked prefill.", (bool,), nullable=True)
     max_seq_len: int | None = opt(None, "Runtime sequence cap; also clamps `max_model_len`.", (int,),
-                                  minimum=1, nullable=True)
+                                  minimum=1, maximum=U32_MAX, nullable=True)
     max_batch_size: int | None = opt(None, "TensorRT-LLM runtime batch-size cap.", (int,), minimum=1,
+                                     maximum=1 << 20, nullable=True)
+    max_num_tokens: int | None = opt(None, "TensorRT-LLM runtime token cap.", (int,), minimum=1, maximum=1 << 24,
                                      nullable=True)
-    max_num_tokens: int | None = opt(None, "TensorRT-LLM runtime token cap.", (int,), minimum=1, nullable=True)
     kv_cache_free_gpu_memory_fraction: float | None = opt(
         None, "Fraction of free GPU memory TensorRT-LLM gives its KV cache; must be below 1.0.", (float, int),
         minimum=0.01, maximum=1.0, nullable=True)
     llm_kwargs: dict = opt({}, "Passed through to `tensorrt_llm.LLM(...)`; wins over curated keys.", (dict,))  # noqa: RUF009
     pyexecutor_max_tokens: int = opt(4096, "Continuation window of one private executor request.", (int,),
-                                     minimum=1)
+                                     minimum=1, maximum=1 << 20)
     pyexecutor_worker_stop_timeout_s: float = opt(30.0, "Join timeout when stopping TensorRT-LLM's worker.",
-                                                  (float, int), minimum=0.0)
+                                                  (float, int), minimum=0.0, maximum=3600.0)
     enable_cache_salt: bool = opt(True, "Give each context its own TensorRT-LLM cache salt.", (bool,))
     reference_compile: bool = opt(True, "Reference engine on CUDA: `torch.compile` the per-layer elementwise "
                                   "work of the captured decode step (about 10% faster; the first step of each "
@@ -75,21 +80,29 @@ class DriverOptions:
                                   "previous one predicted (each context fed the token it was given), launch the "
                                   "next predicted step before replying, so the GPU works while the reply travels; "
                                   "a step that differs discards it.", (bool,))
-    max_concurrent_requests: int = opt(128, "Advertised `max_forward_requests`.", (int,), minimum=1)
-    max_batched_tokens: int = opt(8192, "Advertised `max_forward_tokens`, `max_logit_rows`, `max_prob_rows`.",
-                                  (int,), minimum=1)
-    virtual_kv_page_size: int = opt(16, "Advertised (virtual) `kv_page_size`.", (int,), minimum=1)
+    max_concurrent_requests: int = opt(128, "Advertised and enforced `max_forward_requests`.", (int,), minimum=1,
+                                       maximum=1 << 16)
+    max_batched_tokens: int = opt(8192, "Advertised and enforced `max_forward_tokens`; also the advertised "
+                                  "`max_logit_rows` and `max_prob_rows` (enforced: `logprobs` and `dist` samplers "
+                                  "per forward).", (int,), minimum=1, maximum=1 << 20)
+    max_sampler_rows: int = opt(8192, "Advertised and enforced `max_sampler_rows`: samplers of every type in one "
+                                "forward.", (int,), minimum=1, maximum=1 << 20)
+    max_output_elements: int = opt(1 << 20, "Advertised and enforced `max_output_elements`: the sum of `dist` "
+                                   "`k` and of `logprobs` `token_ids` counts in one forward (about 14 bytes of "
+                                   "reply each).", (int,), minimum=1, maximum=1 << 24)
+    virtual_kv_page_size: int = opt(16, "Advertised (virtual) `kv_page_size`.", (int,), minimum=1,
+                                    maximum=1 << 16)
     virtual_total_pages: int = opt(65536, "Advertised (virtual) `total_pages` and `max_page_refs`.", (int,),
-                                   minimum=1)
+                                   minimum=1, maximum=U32_MAX)
     max_logprob_labels: int = opt(1024, "Most `token_ids` of one `logprobs` sampler.",
-                                  (int,), minimum=0)
+                                  (int,), minimum=0, maximum=1 << 20)
     max_session_histories: int = opt(65536, "Context histories kept; the least recently used is evicted.",
-                                     (int,), minimum=1)
+                                     (int,), minimum=1, maximum=1 << 24)
     max_history_tokens: int | None = opt(None, "Longest history kept per context; positions past it are "
                                          "refused with OUT_OF_RANGE (it clamps `max_model_len`).", (int,),
-                                         minimum=1, nullable=True)
+                                         minimum=1, maximum=U32_MAX, nullable=True)
     max_frame_bytes: int = opt(64 << 20, "Largest request frame decoded; bigger ones get BAD_FRAME.", (int,),
-                               minimum=1024)
+                               minimum=1024, maximum=1 << 30)
     busy_poll_us: int = opt(
         200, "After each reply the socket is polled without sleeping for this long, since the host's next "
         "request usually follows within microseconds (a sleep and wake-up costs 100-300 us). 0 turns it off.",
@@ -98,7 +111,7 @@ class DriverOptions:
         300.0, "Deadline of one engine call; past it the forward's requests get ENGINE_ERROR and the engine "
         "is fenced off (health `degraded`) until the call returns. 0 waits forever; a deadline acts no sooner "
         "than 10 ms after the call starts.", (float, int),
-        minimum=0.0)
+        minimum=0.0, maximum=86400.0)
     curve_secret_key_file: str | None = opt(
         None, "File (mode 0600) holding the server's Z85 CURVE secret key: encrypts the socket and allows a "
         "`tcp://` bind beyond loopback. Hosts connect with the matching public key.", (str,), nullable=True)
@@ -126,11 +139,11 @@ class DriverSection:
 
     device: list = opt(["cuda:0"], "Devices, each `cpu`, `cuda` or `cuda:N`: one runs the engine in the driver "  # noqa: RUF009
                        "process, several run one data-parallel replica subprocess each.", (list,))
-    group_id: int = opt(0, "Group id echoed in the handshake line.", (int,), minimum=0)
+    group_id: int = opt(0, "Group id echoed in the handshake line.", (int,), minimum=0, maximum=2**63 - 1)
     activation_dtype: str = opt("bfloat16", "Activation dtype; the reference engine resolves `auto` to "
                                 "bfloat16 on CUDA and float32 on CPU.", (str,), choices=DTYPES)
     random_seed: int | None = opt(None, "Seed of the driver's own randomness (unseeded samplers); "
-                                  "unset draws from the OS.", (int,), minimum=0, nullable=True)
+                                  "unset draws from the OS.", (int,), minimum=0, maximum=2**64 - 1, nullable=True)
     tensor_parallel_size: int = opt(1, "Must be 1: use several devices for data parallelism.", (int,),
                                     choices=(1,))
     type: str = opt("tensorrt_llm", "Driver type as written by the host.", (str,), choices=tuple(ENGINE_ALIASES))
@@ -162,6 +175,8 @@ def _check(section: str, key: str, value: Any, meta: dict[str, Any]) -> Any:
     if meta["choices"] and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise StartupError(f"config: {name} = {value!r} is not allowed; expected one of {allowed}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise StartupError(f"config: {name} = {value!r} is not a finite number")
     lo, hi = meta["minimum"], meta["maximum"]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
@@ -243,6 +258,8 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> DriverCo
                             kv_table.get("free_gpu_memory_fraction") if isinstance(kv_table, dict) else None)):
         if isinstance(fraction, int | float) and fraction >= 1.0:  # TensorRT-LLM asserts it when sizing the cache
             raise StartupError(f"config: driver.options.{name} = {fraction} must be smaller than 1.0")
+    if options.trust_remote_code is None:  # TensorRT-LLM documents true as its default; the reference does not need it
+        options.trust_remote_code = ENGINE_ALIASES[options.engine] == "tensorrt_llm"
     if options.execution_mode == "pyexecutor" and options.max_history_tokens is not None:
         raise StartupError("config: driver.options.max_history_tokens must be unset with execution_mode = "
                            "\"pyexecutor\" (the executor needs full histories)")

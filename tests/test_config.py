@@ -307,3 +307,27 @@ def test_bad_config_exits_with_one_stderr_line_and_no_ready_line(tmp_path: Path)
     assert "driver.options.lookahead_tokens" in lines[0]
     assert "17" in lines[0]
     assert elapsed < 10
+
+
+@pytest.mark.parametrize("key", ["engine_step_timeout_s", "pyexecutor_worker_stop_timeout_s",
+                                 "kv_cache_free_gpu_memory_fraction"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_numbers_must_be_finite(key: str, value: float) -> None:
+    message = startup_error(config(options={key: value}))
+    assert f"driver.options.{key}" in message and "finite" in message
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_frame_bytes", 2**61), ("engine_step_timeout_s", 1e12), ("max_batched_tokens", 2**40),
+    ("max_concurrent_requests", 2**40), ("max_sampler_rows", 2**40), ("max_output_elements", 2**40),
+    ("max_session_histories", 2**40), ("max_history_tokens", 2**33), ("max_seq_len", 2**33),
+])
+def test_sizes_have_upper_bounds(key: str, value: float) -> None:
+    message = startup_error(config(options={key: value}))
+    assert f"driver.options.{key} = {value!r}" in message and "out of range" in message
+
+
+def test_trust_remote_code_defaults_to_false_for_the_reference_engine() -> None:
+    assert parse_config(config(options={"engine": "reference"})).options.trust_remote_code is False
+    assert parse_config(config(options={"engine": "trtllm"})).options.trust_remote_code is True
+    assert parse_config(config(options={"engine": "reference", "trust_remote_code": True})).options.trust_remote_code

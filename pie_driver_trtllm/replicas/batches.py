@@ -18,9 +18,10 @@ from pie_driver_trtllm.wire.messages import ForwardItem
 # sub-forwards within that replica's caps, so one forward may carry N times the requests and tokens, and
 # so N times the logit and prob rows (a sub-forward never has more rows than tokens, which stay within
 # the replica's `max_batched_tokens`, the value these rows are advertised at).
-# Kept as they are: `max_sampler_rows` already means "no limit" (2^32-1, a u32 for the host);
-# `max_logprob_labels` bounds one sampler; `total_pages` is a virtual page pool the driver does not manage
-# (a context's pages never leave its replica) and `max_page_refs` equals it by contract.
+# Kept as they are: `max_sampler_rows` and `max_output_elements` (a forward within one replica's bound
+# leaves every share within it); `max_logprob_labels` bounds one sampler; `total_pages` is a virtual page
+# pool the driver does not manage (a context's pages never leave its replica) and `max_page_refs` equals it
+# by contract.
 SCALED_CAPS = ("max_forward_tokens", "max_forward_requests", "max_logit_rows", "max_prob_rows")
 # One replica's own forward caps stay visible to the host under these keys.
 REPLICA_CAPS = ("max_forward_tokens", "max_forward_requests")

@@ -25,15 +25,15 @@ from pie_driver_trtllm.serving.engine_guard import GuardedEngine
 from pie_driver_trtllm.serving.server import DriverServer
 from pie_driver_trtllm.wire.codec import Limits
 
-U32_MAX = 2**32 - 1
-
 
 def build_limits(config: DriverConfig, engine: Engine) -> Limits:
     o = config.options
     return Limits(vocab_size=engine.model.vocab_size, max_model_len=engine.model.max_model_len,
                   max_forward_requests=o.max_concurrent_requests, max_forward_tokens=o.max_batched_tokens,
                   max_logprob_labels=o.max_logprob_labels if "logprobs" in engine.samplers else 0,
-                  max_frame_bytes=o.max_frame_bytes, samplers=engine.samplers)
+                  max_frame_bytes=o.max_frame_bytes, samplers=engine.samplers, max_sampler_rows=o.max_sampler_rows,
+                  max_prob_rows=o.max_batched_tokens, max_logit_rows=o.max_batched_tokens,
+                  max_output_elements=o.max_output_elements)
 
 
 def build_caps(config: DriverConfig, engine: Engine, limits: Limits) -> dict[str, Any]:
@@ -41,8 +41,9 @@ def build_caps(config: DriverConfig, engine: Engine, limits: Limits) -> dict[str
     return {
         "total_pages": o.virtual_total_pages, "kv_page_size": o.virtual_kv_page_size, "swap_pool_size": 0,
         "max_forward_tokens": limits.max_forward_tokens, "max_forward_requests": limits.max_forward_requests,
-        "max_page_refs": o.virtual_total_pages, "max_logit_rows": o.max_batched_tokens,
-        "max_prob_rows": o.max_batched_tokens, "max_custom_mask_bytes": 0, "max_sampler_rows": U32_MAX,
+        "max_page_refs": o.virtual_total_pages, "max_logit_rows": limits.max_logit_rows,
+        "max_prob_rows": limits.max_prob_rows, "max_custom_mask_bytes": 0, "max_sampler_rows": limits.max_sampler_rows,
+        "max_output_elements": limits.max_output_elements,
         "max_logprob_labels": limits.max_logprob_labels, "max_sampler_tokens": limits.max_sampler_tokens,
         "activation_dtype": config.driver.activation_dtype,
         "supports_user_attention_mask": False, "supports_adapters": False,
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
         return 2
+    if config.options.trust_remote_code:
+        print(f"{DRIVER_NAME}: warning: trust_remote_code is true: a checkpoint's own Python code (auto_map) "
+              "runs at load", file=sys.stderr)
     handshake_out = _handshake_stream(args.handshake_fd)
     endpoint = None
     try:
@@ -165,7 +169,10 @@ def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -
                         max_forward_requests=caps["max_forward_requests"],
                         max_forward_tokens=caps["max_forward_tokens"],
                         max_logprob_labels=caps["max_logprob_labels"], max_frame_bytes=config.options.max_frame_bytes,
-                        samplers=frozenset(caps["samplers"]), max_sampler_tokens=caps["max_sampler_tokens"])
+                        samplers=frozenset(caps["samplers"]), max_sampler_tokens=caps["max_sampler_tokens"],
+                        max_sampler_rows=caps["max_sampler_rows"],
+                        max_prob_rows=caps["max_prob_rows"], max_logit_rows=caps["max_logit_rows"],
+                        max_output_elements=caps["max_output_elements"])
         return replicas, handshake, limits, replicas.close
     engine = _wrap_engine(load_engine(config, config.driver.device[0]), config)
     core = DriverCore(engine, max_contexts=config.options.max_session_histories,

@@ -9,12 +9,13 @@ fields are known to be well typed and within the model's limits.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Annotated, Any
 
 import msgspec
 
 from pie_driver_trtllm import PROTOCOL_VERSION
-from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode, shown
 from pie_driver_trtllm.wire.fast_forward import fast_forward
 from pie_driver_trtllm.wire.limits import Limits
 from pie_driver_trtllm.wire.messages import (
@@ -61,7 +62,7 @@ class _Op(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class _Forward(_Op):
-    requests: list[msgspec.Raw]
+    requests: msgspec.Raw  # its length is checked before its entries are decoded
 
 
 class _Fork(_Op):
@@ -79,18 +80,11 @@ class _Release(_Op):
     contexts: list[U64]
 
 
-class _WireRequest(msgspec.Struct, forbid_unknown_fields=True):
-    context: U64
-    tokens: list[U32]
-    positions: list[U32]
-    samplers: list[WireSampler] = []
-
-
 _OP_TYPES: dict[str, type[_Op]] = {"forward": _Forward, "fork": _Fork, "truncate": _Truncate,
                                    "release": _Release}
 _header_decoder = msgspec.msgpack.Decoder(_Header)
 _op_decoders = {op: msgspec.msgpack.Decoder(t) for op, t in _OP_TYPES.items()}
-_request_decoder = msgspec.msgpack.Decoder(_WireRequest)
+_raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -119,11 +113,11 @@ def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
 
     request_id = header.id if is_uint(header.id, 64) else None
     if type(header.v) is not int or header.v != PROTOCOL_VERSION:
-        shown = "missing" if header.v is msgspec.UNSET else repr(header.v)
+        version = "missing" if header.v is msgspec.UNSET else shown(header.v)
         raise FrameRejected(request_id, DriverError(
-            ErrorCode.VERSION, f"protocol version {shown} is not supported; this driver speaks v=1"))
+            ErrorCode.VERSION, f"protocol version {version} is not supported; this driver speaks v=1"))
     if request_id is None:
-        what = "missing" if header.id is msgspec.UNSET else f"{header.id!r} is not an unsigned 64-bit integer"
+        what = "missing" if header.id is msgspec.UNSET else f"{shown(header.id)} is not an unsigned 64-bit integer"
         raise FrameRejected(None, DriverError(ErrorCode.BAD_REQUEST, f"request id {what}"))
     if not isinstance(header.op, str):
         raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, "field 'op' must be a string"))
@@ -132,7 +126,7 @@ def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
         return Request(request_id, op)
     if op not in _OP_TYPES:
         known = ", ".join(sorted(CONTROL_OPS | STATE_OPS))
-        raise FrameRejected(request_id, DriverError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; known: {known}"))
+        raise FrameRejected(request_id, DriverError(ErrorCode.UNKNOWN_OP, f"unknown op {shown(op)}; known: {known}"))
     try:
         wire = _op_decoders[op].decode(frame)
     except msgspec.ValidationError as exc:
@@ -150,32 +144,99 @@ def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
 
 
 def _forward_body(wire: _Forward, limits: Limits, request_id: int) -> Forward:
-    if len(wire.requests) > limits.max_forward_requests:
-        raise FrameRejected(request_id, DriverError(
-            ErrorCode.CAPACITY, f"forward has {len(wire.requests)} requests; max_forward_requests is "
-            f"{limits.max_forward_requests}"))
+    count = _array_length(wire.requests)
+    if count is None:
+        raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, "forward: Expected `array` - at "
+                                                    "`$.requests`"))
+    if count > limits.max_forward_requests:
+        raise _capacity(request_id, f"forward has {count} requests; max_forward_requests is "
+                        f"{limits.max_forward_requests}")
+    decoder = _request_decoder(limits.max_forward_tokens, limits.max_sampler_rows)
     items: list[ForwardItem | DriverError] = []
-    total_tokens = 0
-    for index, raw in enumerate(wire.requests):
+    total_tokens = total_samplers = 0
+    for index, raw in enumerate(_raw_list_decoder.decode(wire.requests)):
         try:
-            wire_request = _request_decoder.decode(raw)
+            wire_request = decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            if isinstance(exc, msgspec.ValidationError) and "of length <=" in str(exc):
+                raise _capacity(request_id, f"requests[{index}] alone is over a forward's caps "
+                                f"(max_forward_tokens {limits.max_forward_tokens}, max_sampler_rows "
+                                f"{limits.max_sampler_rows})") from None
             items.append(DriverError(ErrorCode.BAD_REQUEST, f"requests[{index}]: {exc}"))
             continue
-        total_tokens += len(wire_request.tokens)  # counted even when the request is refused below
+        # Counted even when the request is refused below, and checked as they add up, so that what a
+        # frame makes the driver hold stays within the caps however the frame is built.
+        total_tokens += len(wire_request.tokens)
+        total_samplers += len(wire_request.samplers)
+        if total_tokens > limits.max_forward_tokens:
+            raise _capacity(request_id, f"forward carries more than {limits.max_forward_tokens} tokens "
+                            "(max_forward_tokens)")
+        if total_samplers > limits.max_sampler_rows:
+            raise _capacity(request_id, f"forward carries more than {limits.max_sampler_rows} samplers "
+                            "(max_sampler_rows)")
         try:
             items.append(_forward_item(wire_request, limits))
         except DriverError as exc:
             exc.message = f"requests[{index}]: {exc.message}"
             items.append(exc)
-    if total_tokens > limits.max_forward_tokens:
-        raise FrameRejected(request_id, DriverError(
-            ErrorCode.CAPACITY, f"forward carries {total_tokens} tokens; max_forward_tokens is "
-            f"{limits.max_forward_tokens}"))
+    problem = output_problem([item.samplers for item in items if isinstance(item, ForwardItem)], limits)
+    if problem:
+        raise _capacity(request_id, problem)
     return Forward(items)
 
 
-def _forward_item(wire: _WireRequest, limits: Limits) -> ForwardItem:
+def output_problem(sampler_lists: list[tuple[Sampler, ...]], limits: Limits) -> str | None:
+    """What a forward with these samplers would exceed of the output caps, or None."""
+    prob_rows = logit_rows = elements = 0
+    for samplers in sampler_lists:
+        for s in samplers:
+            if s.type == "dist":
+                prob_rows += 1
+                elements += s.k
+            elif s.type == "logprobs":
+                logit_rows += 1
+                elements += len(s.token_ids)
+    if prob_rows > limits.max_prob_rows:
+        return f"forward has {prob_rows} dist samplers; max_prob_rows is {limits.max_prob_rows}"
+    if logit_rows > limits.max_logit_rows:
+        return f"forward has {logit_rows} logprobs samplers; max_logit_rows is {limits.max_logit_rows}"
+    if elements > limits.max_output_elements:
+        return (f"forward asks for {elements} output values (dist k plus logprobs token_ids); "
+                f"max_output_elements is {limits.max_output_elements}")
+    return None
+
+
+def _capacity(request_id: int, message: str) -> FrameRejected:
+    return FrameRejected(request_id, DriverError(ErrorCode.CAPACITY, message))
+
+
+def _array_length(raw: msgspec.Raw) -> int | None:
+    """The element count of a msgpack array, read from its header; None when it is not an array."""
+    data = memoryview(raw)
+    if not data:
+        return None
+    head = data[0]
+    if 0x90 <= head <= 0x9F:
+        return head & 0x0F
+    if head == 0xDC and len(data) >= 3:
+        return int.from_bytes(data[1:3], "big")
+    if head == 0xDD and len(data) >= 5:
+        return int.from_bytes(data[1:5], "big")
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _request_decoder(max_tokens: int, max_samplers: int) -> msgspec.msgpack.Decoder:
+    """A forward request's decoder; its lists are refused past the caps before their entries are read."""
+    request = msgspec.defstruct("WireRequest", [
+        ("context", U64), ("tokens", Annotated[list[U32], msgspec.Meta(max_length=max_tokens)]),
+        ("positions", Annotated[list[U32], msgspec.Meta(max_length=max_tokens)]),
+        ("samplers", Annotated[list[WireSampler], msgspec.Meta(max_length=max_samplers)], [])],
+        forbid_unknown_fields=True)
+    return msgspec.msgpack.Decoder(request)
+
+
+def _forward_item(wire: Any, limits: Limits) -> ForwardItem:
     tokens, positions = wire.tokens, wire.positions
     if len(tokens) != len(positions):
         raise DriverError(ErrorCode.BAD_REQUEST,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any
+
+MAX_MESSAGE_CHARS = 400  # an error message never grows with the input it describes
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class ErrorCode(StrEnum):
@@ -25,13 +29,32 @@ class DriverError(Exception):
     """An error that becomes one `{"code", "message", ...}` map on the wire."""
 
     def __init__(self, code: ErrorCode, message: str, **details: Any) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details
 
     def to_wire(self) -> dict[str, Any]:
-        return {"code": self.code.value, "message": self.message, **self.details}
+        return {"code": self.code.value, "message": bounded(self.message), **self.details}
+
+
+def bounded(text: str) -> str:
+    """`text` cut to `MAX_MESSAGE_CHARS`, without heap addresses (they tell a peer about the process)."""
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[:MAX_MESSAGE_CHARS - len(_CUT)] + _CUT
+    return _ADDRESS.sub("", text)
+
+
+_CUT = "... (shortened)"
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A peer's value as an error message names it: its repr when plain and short, else cut or its type."""
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}{_CUT}"
+    return f"a value of type {type(value).__name__}"
 
 
 class HistoryGap(DriverError):
@@ -41,4 +64,3 @@ class HistoryGap(DriverError):
             f"context {context}: position {position} is past the history's end; resend from {known_length}",
             known_length=known_length,
         )
-

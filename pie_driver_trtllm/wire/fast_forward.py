@@ -38,6 +38,8 @@ def fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
     # not. So each request must hold exactly one 'positions' key: the name cannot overlap itself, and
     # every request has at least one, hence a count equal to the number of requests means one each.
     named = data.count(b"positions")
+    if _outputs_uncounted(data, limits):
+        return None
     short = len(data) < _SHORT_REQUEST_BYTES * named and data.count(b"samplers") == named
     wire = fast.decode_short(data) if short else None
     if wire is None:
@@ -48,7 +50,7 @@ def fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
             return None
     requests = wire.requests
     if (wire.op != "forward" or type(wire.v) is not int or wire.v != PROTOCOL_VERSION or not is_uint(wire.id, 64)
-            or len(requests) > limits.max_forward_requests or named != len(requests)):
+            or named != len(requests)):  # no more than max_forward_requests: the decoders check
         return None
     if short:
         return _short_requests(wire, fast, limits)
@@ -56,7 +58,7 @@ def fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
     n_ints = len(ints)
     known_samplers = fast.samplers
     items: list[ForwardItem | DriverError] = []
-    total_tokens = 0
+    total_tokens = total_samplers = 0
     for request in requests:
         tokens = request.tokens
         n_tokens = len(tokens)
@@ -85,8 +87,11 @@ def fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
         samplers, max_at = known
         if max_at >= n_tokens:
             return None
+        total_samplers += len(samplers)
         items.append(forward_item_unchecked(request.context, tokens, positions, samplers))
-    return None if total_tokens > limits.max_forward_tokens else Request(wire.id, "forward", Forward(items))
+    if total_tokens > limits.max_forward_tokens or total_samplers > limits.max_sampler_rows:
+        return None  # the general path names the cap
+    return Request(wire.id, "forward", Forward(items))
 
 
 def _short_requests(wire: Any, fast: _FastPath, limits: Limits) -> Request | None:
@@ -94,7 +99,7 @@ def _short_requests(wire: Any, fast: _FastPath, limits: Limits) -> Request | Non
     each request's sampler list is looked up by its bytes (hashing the decoded list costs far more)."""
     known_samplers, learn, make = fast.raw_samplers, fast.learn_raw_samplers, forward_item_unchecked
     items: list[ForwardItem | DriverError] = []
-    total_tokens = 0
+    total_tokens = total_samplers = 0
     for request in wire.requests:
         tokens = request.tokens
         n_tokens = len(tokens)
@@ -105,8 +110,20 @@ def _short_requests(wire: Any, fast: _FastPath, limits: Limits) -> Request | Non
         known = known_samplers.get(raw) or learn(raw)
         if known is None or known[1] >= n_tokens:
             return None
+        total_samplers += len(known[0])
         items.append(make(request.context, tokens, request.positions, known[0]))
-    return None if total_tokens > limits.max_forward_tokens else Request(wire.id, "forward", Forward(items))
+    if total_tokens > limits.max_forward_tokens or total_samplers > limits.max_sampler_rows:
+        return None  # the general path names the cap
+    return Request(wire.id, "forward", Forward(items))
+
+
+def _outputs_uncounted(data: bytes, limits: Limits) -> bool:
+    """Whether the `dist` / `logprobs` caps need the general path's exact count. The frame names the
+    type once per such sampler at least, and each returns at most `vocab_size` or `max_logprob_labels`
+    values; this bound is two scans of the frame in C."""
+    dists, logprobs = data.count(_DIST), data.count(_LOGPROBS)
+    return (dists > limits.max_prob_rows or logprobs > limits.max_logit_rows
+            or dists * limits.vocab_size + logprobs * limits.max_logprob_labels > limits.max_output_elements)
 
 
 # A frame averaging fewer bytes per request than this (a decode step's request is about 70) has its
@@ -115,6 +132,9 @@ def _short_requests(wire: Any, fast: _FastPath, limits: Limits) -> Request | Non
 _SHORT_REQUEST_BYTES = 256
 _POSITION_TABLE_MAX = 1 << 17  # shared position ints cover the first 128 Ki positions (about 6 MB)
 _MAX_MEMO_SAMPLERS = 4096  # distinct sampler lists remembered per Limits; a host rarely uses many
+_MAX_FAST_SAMPLERS = 64  # longer sampler lists take the general path, which bounds them as they add up
+_MAX_MEMO_BYTES = 4096  # a sampler list remembered by its bytes is no longer than this: the memo stays small
+_DIST, _LOGPROBS = b"\xa4dist", b"\xa8logprobs"  # the sampler types as msgpack strings
 
 
 class _FastPath:
@@ -135,12 +155,14 @@ class _FastPath:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.decoder, self.positions_decoder, self.short_decoder = _fast_decoders(limits.vocab_size,
-                                                                                  limits.max_model_len)
+        self.decoder, self.positions_decoder, self.short_decoder = _fast_decoders(
+            limits.vocab_size, limits.max_model_len, limits.max_forward_requests, limits.max_forward_tokens,
+            min(limits.max_sampler_rows, _MAX_FAST_SAMPLERS))
         self.ints, self.blob, self.offsets = _position_table(max(0, min(limits.max_model_len, _POSITION_TABLE_MAX)))
         self.samplers: dict[tuple[WireSampler, ...], tuple[tuple[Sampler, ...], int]] = {}
         self.raw_samplers: dict[bytes, tuple[tuple[Sampler, ...], int]] = {}
-        self.samplers_decoder = msgspec.msgpack.Decoder(tuple[WireSampler, ...])
+        self.samplers_decoder = msgspec.msgpack.Decoder(Annotated[tuple[WireSampler, ...], msgspec.Meta(
+            max_length=min(limits.max_sampler_rows, _MAX_FAST_SAMPLERS))])
 
     def decode_positions(self, raw: msgspec.Raw) -> list[int] | None:
         """Positions that are not an unbroken run: decoded with their bounds checked by msgspec."""
@@ -163,7 +185,7 @@ class _FastPath:
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
         known = self.samplers.get(wire) or self.learn_samplers(wire)
-        if known is not None:
+        if known is not None and len(raw) <= _MAX_MEMO_BYTES:
             if len(self.raw_samplers) >= _MAX_MEMO_SAMPLERS:
                 self.raw_samplers.clear()
             self.raw_samplers[raw] = known
@@ -179,9 +201,11 @@ class _FastPath:
                 max_at = max(max_at, s.at)
         except DriverError:
             return None
-        if len(self.samplers) >= _MAX_MEMO_SAMPLERS:
-            self.samplers.clear()
-        known = self.samplers[wire] = (tuple(samplers), max_at)
+        known = (tuple(samplers), max_at)
+        if sum(len(s.token_ids) for s in samplers) <= _MAX_FAST_SAMPLERS:  # the memo's memory stays small
+            if len(self.samplers) >= _MAX_MEMO_SAMPLERS:
+                self.samplers.clear()
+            self.samplers[wire] = known
         return known
 
 
@@ -191,23 +215,31 @@ def _fast_path(limits: Limits) -> _FastPath:
 
 
 @functools.lru_cache(maxsize=8)
-def _fast_decoders(vocab_size: int, max_model_len: int) -> tuple[msgspec.msgpack.Decoder, ...]:
+def _fast_decoders(vocab_size: int, max_model_len: int, max_requests: int, max_tokens: int,
+                   max_samplers: int) -> tuple[msgspec.msgpack.Decoder, ...]:
     """The frame decoder (tokens checked against the model's bounds while decoding, positions left raw),
     the decoder of a raw positions list, and the frame decoder that checks positions too (for frames of
-    short requests). Tokens and positions are u32 whatever the model says."""
+    short requests). Tokens and positions are u32 whatever the model says. Each list's length is checked
+    against its cap before its entries are decoded, so what a frame decodes to is bounded."""
     token = Annotated[int, msgspec.Meta(ge=0, lt=min(vocab_size, 1 << 32))]
     position = Annotated[int, msgspec.Meta(ge=0, lt=min(max_model_len, 1 << 32))]
-    request = msgspec.defstruct("FastRequest", [("context", U64), ("tokens", list[token]),
-                                                ("positions", msgspec.Raw),
-                                                ("samplers", tuple[WireSampler, ...], ())],
-                                forbid_unknown_fields=True, gc=False)
-    frame = msgspec.defstruct("FastForward", [("v", Any), ("id", Any), ("op", Any), ("requests", list[request])],
-                              forbid_unknown_fields=True, gc=False)
-    short = msgspec.defstruct("ShortRequest", [("context", U64), ("tokens", list[token]),
-                                               ("positions", list[position]), ("samplers", msgspec.Raw)],
-                              forbid_unknown_fields=True, gc=False)
-    short_frame = msgspec.defstruct("ShortForward", [("v", Any), ("id", Any), ("op", Any),
-                                                     ("requests", list[short])], forbid_unknown_fields=True, gc=False)
+    tokens = Annotated[list[token], msgspec.Meta(max_length=max_tokens)]
+    request = msgspec.defstruct("FastRequest", [
+        ("context", U64), ("tokens", tokens), ("positions", msgspec.Raw),
+        ("samplers", Annotated[tuple[WireSampler, ...], msgspec.Meta(max_length=max_samplers)], ())],
+        forbid_unknown_fields=True, gc=False)
+    frame = msgspec.defstruct("FastForward", [
+        ("v", Any), ("id", Any), ("op", Any),
+        ("requests", Annotated[list[request], msgspec.Meta(max_length=max_requests)])],
+        forbid_unknown_fields=True, gc=False)
+    short = msgspec.defstruct("ShortRequest", [
+        ("context", U64), ("tokens", tokens),
+        ("positions", Annotated[list[position], msgspec.Meta(max_length=max_tokens)]), ("samplers", msgspec.Raw)],
+        forbid_unknown_fields=True, gc=False)
+    short_frame = msgspec.defstruct("ShortForward", [
+        ("v", Any), ("id", Any), ("op", Any),
+        ("requests", Annotated[list[short], msgspec.Meta(max_length=max_requests)])],
+        forbid_unknown_fields=True, gc=False)
     return (msgspec.msgpack.Decoder(frame), msgspec.msgpack.Decoder(list[position]),
             msgspec.msgpack.Decoder(short_frame))
 

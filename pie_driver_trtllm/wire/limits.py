@@ -22,3 +22,9 @@ class Limits:
     max_frame_bytes: int
     samplers: frozenset[str] = frozenset(ALL_SAMPLERS)
     max_sampler_tokens: int = MAX_SAMPLER_TOKENS
+    # Output bounds of one forward: samplers of every kind, `dist` samplers, `logprobs` samplers, and the
+    # values they return (the sum of `k` and of the `token_ids` counts). They bound the reply's size.
+    max_sampler_rows: int = 8192
+    max_prob_rows: int = 8192
+    max_logit_rows: int = 8192
+    max_output_elements: int = 1 << 20

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 
 from pie_driver_trtllm.sampler import ALL_SAMPLERS, TOKEN_SAMPLERS, Sampler
-from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode, shown
 from pie_driver_trtllm.wire.limits import MAX_STOP_TOKEN_IDS, Limits
 
 T = TypeVar("T")
@@ -62,9 +62,11 @@ def sampler_from_wire(s: WireSampler, n_tokens: int, limits: Limits) -> Sampler:
     key = (s, limits)
     sampler = _SAMPLERS.get(key)
     if sampler is None:
-        if len(_SAMPLERS) >= 4096:  # a host rarely uses many distinct samplers; bound the memo anyway
-            _SAMPLERS.clear()
-        sampler = _SAMPLERS[key] = normalize_sampler(s, limits)
+        sampler = normalize_sampler(s, limits)
+        if s.token_ids is None or len(s.token_ids) <= 64:  # the memo's memory stays small
+            if len(_SAMPLERS) >= 4096:  # a host rarely uses many distinct samplers; bound the memo anyway
+                _SAMPLERS.clear()
+            _SAMPLERS[key] = sampler
     return sampler
 
 
@@ -75,7 +77,7 @@ def normalize_sampler(s: WireSampler, limits: Limits) -> Sampler:
     """`s` checked against `limits` and normalised, not remembered; the caller checks `at` against its request."""
     if s.type not in ALL_SAMPLERS:
         raise DriverError(ErrorCode.BAD_REQUEST,
-                          f"sampler type {s.type!r} is unknown; known: {', '.join(ALL_SAMPLERS)}")
+                          f"sampler type {shown(s.type)} is unknown; known: {', '.join(ALL_SAMPLERS)}")
     if s.type not in limits.samplers:
         raise DriverError(ErrorCode.UNSUPPORTED, f"sampler type {s.type!r} is not served by this engine")
     temperature = 1.0 if s.temperature is None else s.temperature

@@ -1,0 +1,111 @@
+"""Output and inbound bounds at the edge: row and output-value caps refused with CAPACITY before any
+planning, decoding that stops at a cap instead of building what a frame describes, and error messages that
+never grow with the input nor show heap addresses.
+
+The memory checks measure Python allocations with tracemalloc; each threshold is stated next to it.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import msgpack
+import pytest
+
+from pie_driver_trtllm.wire.codec import FrameRejected, Limits, decode_frame
+from pie_driver_trtllm.wire.errors import MAX_MESSAGE_CHARS, DriverError, ErrorCode
+
+LIMITS = Limits(vocab_size=1000, max_model_len=4096, max_forward_requests=64, max_forward_tokens=512,
+                max_logprob_labels=16, max_frame_bytes=64 << 20, max_sampler_rows=32, max_prob_rows=8,
+                max_logit_rows=8, max_output_elements=1000)
+
+
+def frame(requests: list[dict], **extra: object) -> bytes:
+    return msgpack.packb({"v": 1, "id": 9, "op": "forward", "requests": requests, **extra})
+
+
+def request(context: int, samplers: list[dict], n: int = 2) -> dict:
+    return {"context": context, "tokens": list(range(1, n + 1)), "positions": list(range(n)), "samplers": samplers}
+
+
+def refused(data: bytes) -> DriverError:
+    with pytest.raises(FrameRejected) as caught:
+        decode_frame(data, LIMITS)
+    return caught.value.error
+
+
+def test_samplers_over_max_sampler_rows_are_refused_before_planning():
+    samplers = [{"at": 0, "type": "greedy"}] * 11
+    assert isinstance(decode_frame(frame([request(c, samplers) for c in range(2)]), LIMITS).body.items[0].samplers,
+                      tuple)  # 22 rows: within the cap of 32
+    error = refused(frame([request(c, samplers) for c in range(3)]))  # 33 rows, spread over requests
+    assert error.code == ErrorCode.CAPACITY and "max_sampler_rows" in error.message
+    error = refused(frame([request(1, [{"at": 0, "type": "greedy"}] * 100)]))  # one request alone
+    assert error.code == ErrorCode.CAPACITY
+
+
+@pytest.mark.parametrize(("samplers", "cap"), [
+    ([{"at": 0, "type": "dist", "k": 1}] * 9, "max_prob_rows"),
+    ([{"at": 1, "type": "logprobs", "token_ids": [1]}] * 9, "max_logit_rows"),
+    ([{"at": 0, "type": "dist", "k": 600}, {"at": 1, "type": "dist", "k": 401}], "max_output_elements"),
+    ([{"at": 0, "type": "dist", "k": 990}, {"at": 1, "type": "logprobs", "token_ids": list(range(11))}],
+     "max_output_elements"),
+])
+def test_output_caps_are_enforced_over_the_whole_forward(samplers, cap):
+    half = len(samplers) // 2
+    error = refused(frame([request(1, samplers[:half]), request(2, samplers[half:])]))
+    assert error.code == ErrorCode.CAPACITY and cap in error.message
+
+
+def test_outputs_at_the_caps_are_accepted():
+    samplers = [{"at": 0, "type": "dist", "k": 125}] * 8
+    forward = decode_frame(frame([request(1, samplers[:4]), request(2, samplers[4:])]), LIMITS).body
+    assert all(not isinstance(item, DriverError) for item in forward.items)
+
+
+def test_a_request_count_over_the_cap_is_refused_from_the_array_header():
+    # 2 million empty maps in 2 MB: decoding them would allocate well over 100 MB.
+    body = b"\xdd" + (2_000_000).to_bytes(4, "big") + b"\x80" * 2_000_000
+    data = b"\x84\xa1v\x01\xa2id\x09\xa2op\xa7forward\xa8requests" + body
+    tracemalloc.start()
+    try:
+        error = refused(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.code == ErrorCode.CAPACITY and "max_forward_requests" in error.message
+    assert peak < 1 << 20  # threshold: 1 MiB of Python allocations
+
+
+def test_tokens_over_the_cap_are_refused_while_decoding():
+    # One request of 4 million tokens (5 bytes each on the wire): decoded whole, about 150 MB of ints.
+    tokens = b"\xdd" + (4_000_000).to_bytes(4, "big") + b"\xce\x00\x00\x01\x00" * 4_000_000
+    data = (b"\x84\xa1v\x01\xa2id\x09\xa2op\xa7forward\xa8requests\x91\x83\xa7context\x01\xa6tokens" + tokens
+            + b"\xa9positions\x90")
+    tracemalloc.start()
+    try:
+        error = refused(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.code == ErrorCode.CAPACITY
+    assert peak < 1 << 20  # threshold: 1 MiB of Python allocations
+
+
+def test_error_messages_do_not_echo_unbounded_input():
+    error = refused(msgpack.packb({"v": 1, "id": 3, "op": "x" * 1_000_000}))
+    assert error.code == ErrorCode.UNKNOWN_OP and len(error.message) <= MAX_MESSAGE_CHARS
+
+
+def test_error_messages_show_no_heap_address():
+    ext = msgpack.ExtType(5, b"abc")
+    for data in (msgpack.packb({"v": ext, "id": 3, "op": "health"}), msgpack.packb({"v": 1, "id": ext, "op": "x"})):
+        error = refused(data)
+        assert "0x" not in error.message and "object at" not in error.message
+
+
+def test_a_per_request_error_message_is_bounded():
+    forward = decode_frame(frame([request(1, [{"at": 0, "type": "z" * 100_000}])]), LIMITS).body
+    error = forward.items[0]
+    assert isinstance(error, DriverError) and error.code == ErrorCode.BAD_REQUEST
+    assert len(error.to_wire()["message"]) <= MAX_MESSAGE_CHARS
