@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 TOKEN_SAMPLERS = ("greedy", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p")
 ALL_SAMPLERS = (*TOKEN_SAMPLERS, "dist", "logprobs")
+# A token sampler's temperature below this is greedy: sampling there is argmax but for near-ties, and
+# dividing by it would overflow the scores.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True, slots=True)

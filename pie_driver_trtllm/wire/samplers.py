@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from pie_driver_trtllm.sampler import ALL_SAMPLERS, TOKEN_SAMPLERS, Sampler
+from pie_driver_trtllm.sampler import ALL_SAMPLERS, MIN_TEMPERATURE, TOKEN_SAMPLERS, Sampler
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode, shown
 from pie_driver_trtllm.wire.limits import MAX_STOP_TOKEN_IDS, Limits
 
@@ -83,7 +83,7 @@ def normalize_sampler(s: WireSampler, limits: Limits) -> Sampler:
     temperature = 1.0 if s.temperature is None else s.temperature
     if not math.isfinite(temperature) or temperature < 0:
         raise DriverError(ErrorCode.BAD_REQUEST, f"temperature {s.temperature} must be a finite number >= 0")
-    if s.type == "greedy":
+    if s.type == "greedy" or (s.type in TOKEN_SAMPLERS and temperature < MIN_TEMPERATURE):
         temperature = 0.0
     top_k = _need(s, "top_k", s.type in ("top_k", "top_k_top_p"))
     top_p = _need(s, "top_p", s.type in ("top_p", "top_k_top_p"))
