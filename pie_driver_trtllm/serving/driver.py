@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
+import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 import tempfile
+import threading
+import time
 from typing import Any, TextIO
 
 from pie_driver_trtllm import DRIVER_NAME, PROTOCOL_MINOR, PROTOCOL_VERSION, __version__
@@ -20,7 +23,7 @@ from pie_driver_trtllm.engines.faults import ENV_VAR as FAULTS_ENV_VAR
 from pie_driver_trtllm.engines.tensorrt_llm.startup import ensure_library_path, require_package
 from pie_driver_trtllm.replicas.router import ReplicaSet
 from pie_driver_trtllm.serving.backend import LocalBackend
-from pie_driver_trtllm.serving.endpoint import Endpoint, load_curve, remove_endpoint_files, resolve_endpoint
+from pie_driver_trtllm.serving.endpoint import Endpoint, load_curve, release, resolve_endpoint
 from pie_driver_trtllm.serving.engine_guard import GuardedEngine
 from pie_driver_trtllm.serving.server import DriverServer
 from pie_driver_trtllm.wire.codec import Limits
@@ -67,13 +70,47 @@ def build_handshake(config: DriverConfig, engine: Engine, caps: dict[str, Any]) 
     }
 
 
-def _die_with_parent() -> None:
-    # Linux delivers SIGTERM when the parent exits; the serve loop also polls getppid() as a fallback.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+PARENT_POLL_S = 0.2
+MIN_OPEN_FILES = 2048  # below this many descriptors a few hundred hosts could exhaust them
+MAX_OPEN_FILES = 1 << 20  # never ask for more, however high the hard limit is
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (each connection holds a descriptor, and libzmq
+    aborts when accepting one fails for lack of them); refuse to start below `MIN_OPEN_FILES`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        raise StartupError(f"endpoint: the open-files limit is {soft} (hard limit {hard}); the driver needs at least "
+                           f"{MIN_OPEN_FILES}: raise it (ulimit -n)")
+    return soft
+
+
+class StopDuringStartup(BaseException):
+    """SIGTERM or SIGINT before the driver serves: unwinds start-up so that what it made is removed."""
+
+
+def watch_parent(parent: int) -> None:
+    """SIGTERM this process once its parent process exits, whichever of the parent's threads spawned it.
+
+    (PR_SET_PDEATHSIG would fire when the spawning *thread* exits, which kills a driver started from a
+    short-lived thread.) The signal takes the same path as a host's SIGTERM: start-up unwinds, or the
+    server stops.
+    """
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="driver-parent-watch", daemon=True).start()
+
+
+def _stop_during_startup(signum: int, frame: object) -> None:
+    raise StopDuringStartup(signum)
 
 
 def _handshake_stream(fd: int | None) -> TextIO:
@@ -96,11 +133,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parent = os.getppid()
-    if args.replica is None:
-        # Not for replicas: Linux sends this signal when the spawning *thread* exits, and replicas are
-        # started from short-lived threads. They watch getppid() instead, like every driver does.
-        _die_with_parent()
+    signal.signal(signal.SIGTERM, _stop_during_startup)
+    signal.signal(signal.SIGINT, _stop_during_startup)
+    watch_parent(parent)
     try:
+        return _main(args, argv, parent)
+    except StopDuringStartup:
+        print(f"{DRIVER_NAME}: stopped by a signal during start-up", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
+    try:
+        raise_open_files_limit()
         config = load_config(args.config)
         if args.replica is not None:
             select_replica(config, args.replica)
@@ -115,26 +160,30 @@ def main(argv: list[str] | None = None) -> int:
               "runs at load", file=sys.stderr)
     handshake_out = _handshake_stream(args.handshake_fd)
     endpoint = None
+    close = None
+    stopped_by: list[int] = []
     try:
         curve = load_curve(config.options.curve_secret_key_file, config.options.curve_client_keys_file)
         endpoint = resolve_endpoint(args.endpoint, curve=curve is not None)
         backend, handshake, limits, close = _build_backend(config, args.config, endpoint)
         server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent, curve=curve,
                               busy_poll_s=config.options.busy_poll_us / 1e6)
-    except StartupError as exc:
+
+        def request_stop(signum: int, frame: object) -> None:
+            stopped_by.append(signum)
+            server.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+    except BaseException as exc:
         if endpoint is not None:
-            remove_endpoint_files(endpoint)
+            release(endpoint)
+        if close is not None:
+            close()
+        if not isinstance(exc, StartupError):
+            raise
         print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
         return 2
-
-    stopped_by: list[int] = []
-
-    def request_stop(signum: int, frame: object) -> None:
-        stopped_by.append(signum)
-        server.stop_requested.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     handshake_out.write(json.dumps({"group_id": config.driver.group_id, "endpoint": endpoint.url,
                                     "caps": handshake["caps"]}) + "\n")
     handshake_out.write(json.dumps({"ready": True, "num_groups": 1}) + "\n")

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 import zmq
 
 from pie_driver_trtllm.config import StartupError
+from pie_driver_trtllm.serving import endpoint as endpoints
 from pie_driver_trtllm.serving.backend import Pending
-from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint, remove_endpoint_files
+from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
 from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, Request, encode_error, encode_ok
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
@@ -107,20 +108,34 @@ class DriverServer:
             self._router.setsockopt(zmq.IPV6, 1)
         self._auth = self._secure(curve) if curve is not None else None
         try:
-            self._router.bind(endpoint.url)
-        except zmq.ZMQError as exc:
+            self._bind(endpoint, curve is not None)
+        except StartupError:
             self._router.close(0)
             self._wakeup.close()
             if self._auth is not None:
                 self._auth.stop()
-            remove_endpoint_files(endpoint)
-            raise StartupError(f"endpoint: cannot bind {endpoint.url}: {exc}") from None
-        endpoint.url = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a tcp wildcard port
-        if endpoint.socket_path:
-            os.chmod(endpoint.socket_path, 0o600)
+            endpoints.release(endpoint)
+            raise
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wakeup.fd, zmq.POLLIN)
+
+    def _bind(self, endpoint: Endpoint, curve: bool) -> None:
+        """Bind where the endpoint says and check where the socket really listens."""
+        if endpoint.socket_path and endpoint.private_dir is None:
+            endpoints.check_free(endpoint)  # again: the model took a while to load
+        umask = os.umask(0o077)  # the socket file is private from its creation, not from a chmod after it
+        try:
+            self._router.bind(endpoint.url)
+        except zmq.ZMQError as exc:
+            raise StartupError(f"endpoint: cannot bind {endpoint.url[:200]}: {exc}") from None
+        finally:
+            os.umask(umask)
+        if endpoint.socket_path:
+            os.chmod(endpoint.socket_path, 0o600)
+            endpoints.note_bound(endpoint)
+        endpoint.url = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a tcp wildcard port
+        endpoints.check_bound_address(endpoint.url, curve)
 
     def _secure(self, curve: CurveKeys) -> Any:
         """CURVE on the ROUTER: a peer that does not know the server's public key never completes the
@@ -344,7 +359,7 @@ class DriverServer:
         self._wakeup.close()
         if self._auth is not None:
             self._auth.stop()
-        remove_endpoint_files(self.endpoint)
+        endpoints.release(self.endpoint)
         self._closed.set()
 
 
