@@ -98,6 +98,13 @@ class DriverOptions:
                                   (int,), minimum=0, maximum=1 << 20)
     max_session_histories: int = opt(65536, "Context histories kept; the least recently used is evicted.",
                                      (int,), minimum=1, maximum=1 << 24)
+    max_queued_requests: int = opt(1024, "State ops held waiting behind the running one (all connections); more "
+                                    "get CAPACITY with `busy: true`.", (int,), minimum=1, maximum=1 << 20)
+    max_queued_bytes: int = opt(64 << 20, "Frame bytes of the state ops held waiting; past it a frame gets CAPACITY "
+                                "with `busy: true`.", (int,), minimum=1024, maximum=1 << 34)
+    max_total_history_tokens: int = opt(1 << 24, "Tokens kept over all context histories; past it the least "
+                                        "recently used contexts are evicted (about 40 bytes a token).", (int,),
+                                        minimum=1, maximum=U32_MAX)
     max_history_tokens: int | None = opt(None, "Longest history kept per context; positions past it are "
                                          "refused with OUT_OF_RANGE (it clamps `max_model_len`).", (int,),
                                          minimum=1, maximum=U32_MAX, nullable=True)

@@ -11,7 +11,10 @@ import tracemalloc
 
 import msgpack
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from pie_driver_trtllm.core.histories import ContextStore
 from pie_driver_trtllm.wire.codec import FrameRejected, Limits, decode_frame
 from pie_driver_trtllm.wire.errors import MAX_MESSAGE_CHARS, DriverError, ErrorCode
 
@@ -109,3 +112,34 @@ def test_a_per_request_error_message_is_bounded():
     error = forward.items[0]
     assert isinstance(error, DriverError) and error.code == ErrorCode.BAD_REQUEST
     assert len(error.to_wire()["message"]) <= MAX_MESSAGE_CHARS
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["merge", "append", "fork", "truncate", "release"]), st.integers(0, 7),
+                         st.integers(0, 40)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(ops=OPS)
+@example(ops=[("merge", 0, 40), ("merge", 1, 40), ("merge", 2, 40), ("fork", 0, 40)])
+def test_history_tokens_stay_within_the_total_bound(ops):
+    store = ContextStore(max_contexts=6, max_tokens=100)
+    for op, context, value in ops:
+        known = store.length(context)
+        try:
+            if op == "merge":
+                start = min(value, known)
+                store.merge(context, list(range(value % 7 + 1)) * 5, list(range(start, start + (value % 7 + 1) * 5)))
+            elif op == "append":
+                if not store.append(context, value, known):
+                    store.merge(context, [value], [known])
+            elif op == "fork":
+                store.fork(context, (context + 1) % 8, min(value, known))
+            elif op == "truncate":
+                store.truncate(context, min(value, known))
+            else:
+                store.release([context])
+        except DriverError:
+            pass
+        held = sum(store.length(c) for c in range(8))
+        assert store.tokens == held
+        assert held <= 100 or len(store) == 1  # one history alone may be longer: it is kept

@@ -60,9 +60,9 @@ _APPENDED = MergeResult(None, [], {})  # what a plain one-token append merges to
 
 class DriverCore:
     def __init__(self, engine: Engine, *, max_contexts: int, lookahead_tokens: int,
-                 random_seed: int | None = None) -> None:
+                 random_seed: int | None = None, max_total_tokens: int | None = None) -> None:
         self.engine = engine
-        self.store = ContextStore(max_contexts)
+        self.store = ContextStore(max_contexts, max_total_tokens)
         self.lookahead = LookaheadBuffer(lookahead_tokens)
         self.counters = Counters()
         self._max_len = engine.model.max_model_len

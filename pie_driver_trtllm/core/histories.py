@@ -18,10 +18,13 @@ class MergeResult:
 
 
 class ContextStore:
-    """Token histories keyed by context id, bounded by `max_contexts` (least recently used goes first)."""
+    """Token histories keyed by context id, bounded by `max_contexts` and by `max_tokens` over all of them
+    (the least recently used goes first)."""
 
-    def __init__(self, max_contexts: int) -> None:
+    def __init__(self, max_contexts: int, max_tokens: int | None = None) -> None:
         self.max_contexts = max_contexts
+        self.max_tokens = max_tokens
+        self.tokens = 0  # held over all histories
         self._histories: OrderedDict[int, list[int]] = OrderedDict()
         self.evictions = 0
 
@@ -69,15 +72,18 @@ class ContextStore:
         """The common decode step, one token right at the history's end: appended, True. Anything else
         (new context, overwrite, gap): False, and nothing changes; `merge` handles it."""
         history = self._histories.get(context)
-        if history is None or position != len(history):
+        if history is None or position != len(history) or (self.max_tokens is not None
+                                                            and self.tokens >= self.max_tokens):
             return False
         history.append(token)
+        self.tokens += 1
         self._histories.move_to_end(context)
         return True
 
     def _merge_run(self, context: int, history: list[int] | None, tokens: list[int], start: int) -> MergeResult:
         if history is None:
             history = self._histories[context] = []
+        before = len(history)
         overlap = min(len(history) - start, len(tokens))
         first_diff = next((i for i in range(overlap) if history[start + i] != tokens[i]), overlap)
         cut_at = None
@@ -85,6 +91,7 @@ class ContextStore:
             cut_at = start + first_diff
             del history[cut_at:]
         history.extend(tokens[first_diff:])  # empty when every token was already there
+        self.tokens += len(history) - before
         return MergeResult(cut_at, [], {})
 
     def _merge_scattered(self, context: int, history: list[int] | None, tokens: list[int],
@@ -104,15 +111,17 @@ class ContextStore:
             if index in snapshot_at:
                 snapshots[index] = work[: position + 1]
         self._histories[context] = work
+        self.tokens += len(work) - len(history or ())
         return MergeResult(cut_at, [], snapshots)
 
     def _evict_over_bound(self, keep: int) -> list[int]:
         evicted = []
-        while len(self._histories) > self.max_contexts:
+        while len(self._histories) > self.max_contexts or (self.max_tokens is not None
+                                                           and self.tokens > self.max_tokens):
             oldest = next(iter(self._histories))
-            if oldest == keep:  # pragma: no cover - the kept context is always most recent
+            if oldest == keep:  # the kept context is the most recent: alone over the token bound
                 break
-            del self._histories[oldest]
+            self.tokens -= len(self._histories.pop(oldest))
             evicted.append(oldest)
         self.evictions += len(evicted)
         return evicted
@@ -123,7 +132,9 @@ class ContextStore:
         if length is not None and length > len(source):
             raise DriverError(ErrorCode.OUT_OF_RANGE,
                               f"fork length {length} is beyond context {src}'s {len(source)} tokens")
-        self._histories[dst] = source[: len(source) if length is None else length]
+        copy = source[: len(source) if length is None else length]
+        self.tokens += len(copy) - len(self._histories.get(dst, ()))
+        self._histories[dst] = copy
         self._histories.move_to_end(src)
         self._histories.move_to_end(dst)
         return self._evict_over_bound(keep=dst)
@@ -133,9 +144,16 @@ class ContextStore:
         if length > len(history):
             raise DriverError(ErrorCode.OUT_OF_RANGE,
                               f"truncate length {length} is beyond context {context}'s {len(history)} tokens")
+        self.tokens -= len(history) - length
         del history[length:]
         self._histories.move_to_end(context)
 
     def release(self, contexts: tuple[int, ...] | list[int]) -> list[int]:
         """Forget these contexts; returns the ones that existed."""
-        return [c for c in dict.fromkeys(contexts) if self._histories.pop(c, None) is not None]
+        released = []
+        for context in dict.fromkeys(contexts):
+            history = self._histories.pop(context, None)
+            if history is not None:
+                self.tokens -= len(history)
+                released.append(context)
+        return released

@@ -167,7 +167,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
         endpoint = resolve_endpoint(args.endpoint, curve=curve is not None)
         backend, handshake, limits, close = _build_backend(config, args.config, endpoint)
         server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent, curve=curve,
-                              busy_poll_s=config.options.busy_poll_us / 1e6)
+                              busy_poll_s=config.options.busy_poll_us / 1e6,
+                              max_queued=config.options.max_queued_requests,
+                              max_queued_bytes=config.options.max_queued_bytes)
 
         def request_stop(signum: int, frame: object) -> None:
             stopped_by.append(signum)
@@ -225,7 +227,8 @@ def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -
         return replicas, handshake, limits, replicas.close
     engine = _wrap_engine(load_engine(config, config.driver.device[0]), config)
     core = DriverCore(engine, max_contexts=config.options.max_session_histories,
-                      lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed)
+                      lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed,
+                      max_total_tokens=config.options.max_total_history_tokens)
     limits = build_limits(config, engine)
     handshake = build_handshake(config, engine, build_caps(config, engine, limits))
     return LocalBackend(core, config.driver.device[0]), handshake, limits, engine.close

@@ -30,6 +30,7 @@ from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
 HARD_CAP_FACTOR = 4  # ZeroMQ drops a peer whose message exceeds this many times the frame limit
+RECEIVE_HWM = 64  # messages ZeroMQ queues per connection before it stops reading that connection
 
 
 class Backend(Protocol):
@@ -69,6 +70,46 @@ class Wakeup:
         os.close(self._write_fd)
 
 
+class Backlog:
+    """State ops waiting behind the running one: a queue per connection, served in turns (one op from
+    each connection with ops waiting, round-robin), within a bound on ops and on their frames' bytes."""
+
+    def __init__(self, max_ops: int, max_bytes: int) -> None:
+        self.max_ops, self.max_bytes = max_ops, max_bytes
+        self._queues: dict[bytes, deque[tuple[Request, int]]] = {}  # in turn order
+        self._ops = 0
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return self._ops
+
+    def push(self, identity: bytes, request: Request, size: int) -> bool:
+        """Queue it, or False when the bound would be passed."""
+        if self._ops >= self.max_ops or self.bytes + size > self.max_bytes:
+            return False
+        queue = self._queues.get(identity)
+        if queue is None:
+            queue = self._queues[identity] = deque()
+        queue.append((request, size))
+        self._ops += 1
+        self.bytes += size
+        return True
+
+    def pop(self) -> tuple[bytes, Request]:
+        """The next op: the oldest of the connection whose turn it is; that connection goes last."""
+        identity = next(iter(self._queues))
+        queue = self._queues.pop(identity)
+        request, size = queue.popleft()
+        if queue:
+            self._queues[identity] = queue
+        self._ops -= 1
+        self.bytes -= size
+        return identity, request
+
+    def forwards(self) -> int:
+        return sum(request.op == "forward" for queue in self._queues.values() for request, _ in queue)
+
+
 class _Run:
     """An op whose slow part runs on its thread without the socket lock."""
 
@@ -83,7 +124,7 @@ class _Run:
 class DriverServer:
     def __init__(self, endpoint: Endpoint, limits: Limits, backend: Backend,
                  handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None,
-                 busy_poll_s: float = 0.0) -> None:
+                 busy_poll_s: float = 0.0, max_queued: int = 1024, max_queued_bytes: int = 64 << 20) -> None:
         self.endpoint = endpoint
         self.limits = limits
         self.backend = backend
@@ -96,7 +137,7 @@ class DriverServer:
         self._spin_until = 0.0  # busy-poll the socket until then: the host's next request is likely near
         self._lock = threading.Lock()  # its holder owns the ROUTER socket and the driver state
         self._run: _Run | None = None
-        self._backlog: deque[tuple[bytes, Request]] = deque()  # state ops waiting behind the run
+        self._backlog = Backlog(max_queued, max_queued_bytes)  # state ops waiting behind the run
         self._wakeup = Wakeup()
         self._closed = threading.Event()
         self._context = zmq.Context.instance()
@@ -104,6 +145,7 @@ class DriverServer:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes * HARD_CAP_FACTOR)
         self._router.setsockopt(zmq.LINGER, 1000)
+        self._router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         if endpoint.url.startswith("tcp://["):
             self._router.setsockopt(zmq.IPV6, 1)
         self._auth = self._secure(curve) if curve is not None else None
@@ -198,7 +240,7 @@ class DriverServer:
                     self._expire(run)
                     continue
             elif self._backlog:
-                self._start(*self._backlog.popleft())
+                self._start(*self._backlog.pop())
                 continue
             elif self.stop_requested.is_set():
                 self._receive_frames()  # what already arrived is answered SHUTTING_DOWN
@@ -267,13 +309,15 @@ class DriverServer:
             self.stop_requested.set()
         elif self._run is None and not self._backlog:
             self._start(identity, request)
-        else:
-            self._backlog.append((identity, request))
+        elif not self._backlog.push(identity, request, len(frame)):
+            self._reject(identity, request.id, DriverError(
+                ErrorCode.CAPACITY, f"the driver is busy: {len(self._backlog)} state ops ({self._backlog.bytes} "
+                "bytes of frames) wait; send it again after a reply", busy=True))
 
     @property
     def inflight(self) -> int:
         """Forwards started or waiting."""
-        waiting = sum(request.op == "forward" for _, request in self._backlog)
+        waiting = self._backlog.forwards()
         run = self._run
         return waiting + (run is not None and run.request.op == "forward")
 
