@@ -2,10 +2,11 @@
 
 Hypothesis draws batches of frames: random bytes, msgpack of the wrong shape, every field with values of
 the wrong type, huge arrays, negative and out-of-vocab ids, positions past `max_model_len`, sampler `at`
-out of bounds, NaN/inf temperatures, duplicate contexts in one forward, and interleaved
-fork/truncate/release. Invariants: every frame gets exactly one reply, every code is a documented one,
-no frame reaches the catch-all `ENGINE_ERROR`, the driver stays up, and a control context's greedy tokens
-are the same afterwards.
+out of bounds, NaN/inf and tiny temperatures, forwards that ask for many rows and output values, duplicate
+contexts in one forward, and interleaved fork/truncate/release. Invariants: every frame gets exactly one
+reply, every code is a documented one, every probability is finite, no frame reaches the catch-all
+`ENGINE_ERROR`, the driver stays up, and a control context's greedy tokens are the same afterwards.
+Endpoint URLs are fuzzed too: whatever is accepted without CURVE listens on loopback only.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ from typing import Any
 
 import msgpack
 import pytest
+import zmq
 from conftest import write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pie_driver_trtllm.client import DriverClient, DriverProcess, parse_reply, spawn
+from pie_driver_trtllm.config import StartupError
+from pie_driver_trtllm.serving.endpoint import check_bound_address, resolve_endpoint
 from pie_driver_trtllm.wire.errors import ErrorCode
 
 pytestmark = pytest.mark.slow
 
 VOCAB, MAX_LEN, MAX_TOKENS, MAX_FRAME = 512, 256, 512, 1 << 20
+MAX_ROWS, MAX_VALUES = 128, 4096  # max_sampler_rows, max_output_elements
 CONTROL = 7_777_777  # never drawn by the strategies below
 CONTROL_PROMPT = [5, 9, 14, 200, 31, 7]
 BATCHES, FRAMES_PER_BATCH = 160, 64  # 10,240 frames
@@ -43,7 +48,8 @@ _ids = itertools.count(1)
 def fuzz_driver(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[DriverProcess]:
     config = write_config(tmp_path_factory.mktemp("fuzz"), tiny_model, max_history_tokens=MAX_LEN,
                           max_batched_tokens=MAX_TOKENS, max_concurrent_requests=16, max_frame_bytes=MAX_FRAME,
-                          max_logprob_labels=8, lookahead_tokens=4, max_session_histories=4096)
+                          max_logprob_labels=8, lookahead_tokens=4, max_session_histories=4096,
+                          max_sampler_rows=MAX_ROWS, max_output_elements=MAX_VALUES)
     socket = config.parent / "f.sock"
     process = spawn(config, endpoint=f"ipc://{socket}")
     assert oct(socket.stat().st_mode & 0o777) == "0o600"  # an explicit ipc path is private too
@@ -60,7 +66,8 @@ anything = st.one_of(
 )
 contexts = st.one_of(st.integers(0, 12), st.sampled_from([2**32, 2**63, 2**64 - 1]))
 token = st.one_of(st.integers(0, VOCAB - 1), st.integers(0, VOCAB - 1), st.sampled_from([VOCAB, 2**32 - 1, -1]))
-temperature = st.one_of(st.floats(0, 3), st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf]), st.none())
+temperature = st.one_of(st.floats(0, 3), st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf]), st.none(),
+                        st.sampled_from([5e-324, 1e-300, 1e-30, 1e-6, 1e-5]))
 
 
 @st.composite
@@ -119,7 +126,8 @@ def broken(entry: dict[str, Any], draw: st.DrawFn) -> dict[str, Any]:
 def frame(draw: st.DrawFn) -> bytes | list[bytes]:
     """One message: bytes, or (rarely) a multi-part message."""
     kind = draw(st.sampled_from(["bytes", "shape", "envelope", "forward", "forward", "forward", "broken",
-                                 "huge", "duplicates", "fork", "truncate", "release", "control", "multipart"]))
+                                 "huge", "duplicates", "fork", "truncate", "release", "control", "multipart",
+                                 "amplify"]))
     request_id = next(_ids)
     base = {"v": 1, "id": request_id}
     if kind == "bytes":
@@ -160,6 +168,19 @@ def frame(draw: st.DrawFn) -> bytes | list[bytes]:
         if field == "contexts":
             return msgpack.packb({**base, "op": "release", "contexts": list(range(n))})
         return msgpack.packb({**base, "op": "forward", "requests": requests})
+    if kind == "amplify":  # many rows and output values from a small frame
+        requests = draw(st.integers(1, 16))
+        per_request = draw(st.integers(1, 24))
+        kind_of = draw(st.sampled_from(["dist", "greedy", "logprobs", "multinomial"]))
+        s: dict[str, Any] = {"at": 0, "type": kind_of, "temperature": draw(temperature.filter(
+            lambda t: t is not None and math.isfinite(t) and t >= 0))}
+        if kind_of == "dist":
+            s["k"] = draw(st.sampled_from([1, 64, VOCAB]))
+        if kind_of == "logprobs":
+            s["token_ids"] = list(range(8))
+        return msgpack.packb({**base, "op": "forward", "requests": [
+            {"context": 5000 + c, "tokens": [1], "positions": [0], "samplers": [s] * per_request}
+            for c in range(requests)]})
     entries = draw(st.lists(forward_entry(), max_size=4))
     if kind == "broken" and entries:
         entries[0] = broken(entries[0], draw)
@@ -195,6 +216,11 @@ def check_codes(reply: dict[str, Any], codes: Counter[str]) -> None:
         if not result["ok"]:
             assert result["error"]["code"] in CODES, result
             codes[result["error"]["code"]] += 1
+            continue
+        for output in result.get("outputs", ()):
+            values = output.get("dist", [[], []])[1] if output else []
+            assert all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in values), output
+            assert not any(math.isnan(v) for v in (output or {}).get("logprobs", ())), output
 
 
 def control_tokens(client: DriverClient) -> list[int]:
@@ -238,7 +264,7 @@ def test_fuzzed_frames_each_get_one_documented_reply(fuzz_driver):
     assert "ENGINE_ERROR" not in stats["errors"], stats["errors"]  # nothing fell through to the catch-all
     assert client.call("health")["status"] == "ok"
     assert control_tokens(client) == before
-    assert codes["BAD_FRAME"] and codes["BAD_REQUEST"] and codes["OUT_OF_RANGE"], codes
+    assert codes["BAD_FRAME"] and codes["BAD_REQUEST"] and codes["OUT_OF_RANGE"] and codes["CAPACITY"], codes
     print(f"fuzz: {totals['frames']} frames in {elapsed:.1f} s; codes {dict(codes)}")
 
 
@@ -264,3 +290,32 @@ def test_value_rules_give_their_documented_codes(fuzz_driver):
     assert code({"context": -1, "tokens": [1], "positions": [0]}) == "BAD_REQUEST"
     assert code({"context": 3000, "tokens": "abc", "positions": [0]}) == "BAD_REQUEST"
     assert code(one([1], [0], type="greedy")) is None
+
+
+HOSTS = ["127.0.0.1", "127.1", "127.0.1", "2130706433", "0x7f.1", "0177.0.0.1", "localhost", "[::1]", "[::]",
+         "[::ffff:127.0.0.1]", "[::ffff:0.0.0.0]", "0.0.0.0", "0", "*", "10.0.0.1", "example.com", "lo", "eth0",
+         "127.0.0.1.", "localhost.", "[0:0:0:0:0:0:0:1]"]
+JUNK = ["", "", "", "@127.0.0.1", "@0.0.0.0", ";127.0.0.1:*", ";0.0.0.0:*", "/x", "?a", "#f", " ", "%00", ":1",
+        "\n", "\x00"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(host=st.sampled_from(HOSTS), user=st.sampled_from(["", "", "0.0.0.0:9@", "u@", "127.0.0.1@"]),
+       port=st.sampled_from(["*", "*", "0", "65535", "99999", ""]), junk=st.sampled_from(JUNK))
+def test_fuzzed_tcp_urls_listen_on_loopback_only_without_curve(host, user, port, junk):
+    url = f"tcp://{user}{host}:{port}{junk}" if port else f"tcp://{user}{host}{junk}"
+    try:
+        endpoint = resolve_endpoint(url)
+    except StartupError:
+        return
+    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    socket.setsockopt(zmq.IPV6, 1)
+    try:
+        try:
+            socket.bind(endpoint.url)
+        except zmq.ZMQError:
+            return  # the driver refuses to start on a bind error
+        bound = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        check_bound_address(bound, curve=False)  # raises if what ZeroMQ bound is beyond loopback
+    finally:
+        socket.close(0)
