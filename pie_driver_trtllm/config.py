@@ -98,7 +98,7 @@ class DriverOptions:
                                   (int,), minimum=0, maximum=1 << 20)
     max_session_histories: int = opt(65536, "Context histories kept; the least recently used is evicted.",
                                      (int,), minimum=1, maximum=1 << 24)
-    max_queued_requests: int = opt(1024, "State ops held waiting behind the running one (all connections); more "
+    max_queued_requests: int = opt(256, "State ops held waiting behind the running one (all connections); more "
                                     "get CAPACITY with `busy: true`.", (int,), minimum=1, maximum=1 << 20)
     max_queued_bytes: int = opt(64 << 20, "Frame bytes of the state ops held waiting; past it a frame gets CAPACITY "
                                 "with `busy: true`.", (int,), minimum=1024, maximum=1 << 34)

@@ -190,7 +190,7 @@ def test_router_caps_are_the_sum_over_replicas(start_driver):
     caps = pair.client().call("handshake")["caps"]
     assert (caps["max_forward_tokens"], caps["max_forward_requests"]) == (128, 8)
     assert (caps["replica_max_forward_tokens"], caps["replica_max_forward_requests"]) == (64, 4)
-    assert caps["max_logit_rows"] == caps["max_prob_rows"] == 128
+    assert caps["max_logit_rows"] == caps["max_prob_rows"] == 64  # row caps stay one replica's
     assert caps["max_sampler_rows"] == 8192 and caps["total_pages"] == caps["max_page_refs"] == 65536
     assert caps["replicas"] == 2 and pair.handshake_line["caps"] == caps
 

@@ -15,14 +15,13 @@ import msgspec
 from pie_driver_trtllm.wire.messages import ForwardItem
 
 # Per-forward caps the router advertises as N times one replica's: it cuts each replica's share into
-# sub-forwards within that replica's caps, so one forward may carry N times the requests and tokens, and
-# so N times the logit and prob rows (a sub-forward never has more rows than tokens, which stay within
-# the replica's `max_batched_tokens`, the value these rows are advertised at).
-# Kept as they are: `max_sampler_rows` and `max_output_elements` (a forward within one replica's bound
-# leaves every share within it); `max_logprob_labels` bounds one sampler; `total_pages` is a virtual page
+# sub-forwards within that replica's requests and tokens, so one forward may carry N times those.
+# Kept as they are: the row and output caps (`max_sampler_rows`, `max_logit_rows`, `max_prob_rows`,
+# `max_output_elements`), since the cut does not count rows, and a forward within one replica's bound
+# leaves every share within it; `max_logprob_labels` bounds one sampler; `total_pages` is a virtual page
 # pool the driver does not manage (a context's pages never leave its replica) and `max_page_refs` equals it
 # by contract.
-SCALED_CAPS = ("max_forward_tokens", "max_forward_requests", "max_logit_rows", "max_prob_rows")
+SCALED_CAPS = ("max_forward_tokens", "max_forward_requests")
 # One replica's own forward caps stay visible to the host under these keys.
 REPLICA_CAPS = ("max_forward_tokens", "max_forward_requests")
 

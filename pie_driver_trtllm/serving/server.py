@@ -124,7 +124,7 @@ class _Run:
 class DriverServer:
     def __init__(self, endpoint: Endpoint, limits: Limits, backend: Backend,
                  handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None,
-                 busy_poll_s: float = 0.0, max_queued: int = 1024, max_queued_bytes: int = 64 << 20) -> None:
+                 busy_poll_s: float = 0.0, max_queued: int = 256, max_queued_bytes: int = 64 << 20) -> None:
         self.endpoint = endpoint
         self.limits = limits
         self.backend = backend
