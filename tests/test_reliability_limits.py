@@ -7,6 +7,7 @@ The memory checks measure Python allocations with tracemalloc; each threshold is
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import msgpack
@@ -14,7 +15,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from pie_driver_trtllm.config import parse_config
 from pie_driver_trtllm.core.histories import ContextStore
+from pie_driver_trtllm.engines.model_facts import read_model_info
 from pie_driver_trtllm.wire.codec import FrameRejected, Limits, decode_frame
 from pie_driver_trtllm.wire.errors import MAX_MESSAGE_CHARS, DriverError, ErrorCode
 
@@ -143,3 +146,9 @@ def test_history_tokens_stay_within_the_total_bound(ops):
         held = sum(store.length(c) for c in range(8))
         assert store.tokens == held
         assert held <= 100 or len(store) == 1  # one history alone may be longer: it is kept
+
+
+def test_a_checkpoint_length_past_u32_positions_is_clamped(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10, "max_position_embeddings": 2**40}))
+    config = parse_config({"model": {"snapshot_dir": str(tmp_path)}, "driver": {"options": {"engine": "reference"}}})
+    assert read_model_info(config).max_model_len == 2**32

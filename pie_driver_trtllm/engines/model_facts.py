@@ -8,6 +8,7 @@ from pathlib import Path
 from pie_driver_trtllm.config import DriverConfig, StartupError
 from pie_driver_trtllm.engines.base import ModelInfo
 
+U32_POSITIONS = 1 << 32  # positions travel as u32: no longer history is addressable
 _LENGTH_KEYS = ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length")
 
 
@@ -29,6 +30,7 @@ def read_model_info(config: DriverConfig) -> ModelInfo:
     length = next((hf.get(k) or text.get(k) for k in _LENGTH_KEYS if hf.get(k) or text.get(k)), None)
     if not isinstance(length, int) or length <= 0:
         raise StartupError(f"model: {path} names no maximum length (one of {', '.join(_LENGTH_KEYS)})")
+    length = min(length, U32_POSITIONS)
     for cap in (config.options.max_seq_len, config.options.max_history_tokens):
         if cap is not None:
             length = min(length, cap)
