@@ -14,7 +14,6 @@ import contextlib
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,6 +22,7 @@ import zmq
 from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.serving import endpoint as endpoints
 from pie_driver_trtllm.serving.backend import Pending
+from pie_driver_trtllm.serving.backlog import Backlog
 from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
 from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, Request, encode_error, encode_ok
@@ -68,46 +68,6 @@ class Wakeup:
     def close(self) -> None:
         os.close(self.fd)
         os.close(self._write_fd)
-
-
-class Backlog:
-    """State ops waiting behind the running one: a queue per connection, served in turns (one op from
-    each connection with ops waiting, round-robin), within a bound on ops and on their frames' bytes."""
-
-    def __init__(self, max_ops: int, max_bytes: int) -> None:
-        self.max_ops, self.max_bytes = max_ops, max_bytes
-        self._queues: dict[bytes, deque[tuple[Request, int]]] = {}  # in turn order
-        self._ops = 0
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return self._ops
-
-    def push(self, identity: bytes, request: Request, size: int) -> bool:
-        """Queue it, or False when the bound would be passed."""
-        if self._ops >= self.max_ops or self.bytes + size > self.max_bytes:
-            return False
-        queue = self._queues.get(identity)
-        if queue is None:
-            queue = self._queues[identity] = deque()
-        queue.append((request, size))
-        self._ops += 1
-        self.bytes += size
-        return True
-
-    def pop(self) -> tuple[bytes, Request]:
-        """The next op: the oldest of the connection whose turn it is; that connection goes last."""
-        identity = next(iter(self._queues))
-        queue = self._queues.pop(identity)
-        request, size = queue.popleft()
-        if queue:
-            self._queues[identity] = queue
-        self._ops -= 1
-        self.bytes -= size
-        return identity, request
-
-    def forwards(self) -> int:
-        return sum(request.op == "forward" for queue in self._queues.values() for request, _ in queue)
 
 
 class _Run:
