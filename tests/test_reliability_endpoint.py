@@ -237,3 +237,9 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit_or_start_up_refused(tm
     finally:
         raised.terminate()
         raised.wait(60)
+
+
+def test_an_abstract_ipc_name_makes_no_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    endpoint = resolve_endpoint("ipc://@pie-test-abstract")
+    assert endpoint.socket_path is None and endpoint.lock_fd is None and not list(tmp_path.iterdir())

@@ -105,6 +105,8 @@ def resolve_endpoint(url: str | None, curve: bool = False) -> Endpoint:
                                "limit of Unix sockets; choose a shorter path (e.g. under /tmp)")
         if not path or "\0" in path:
             raise StartupError(f"endpoint: {url!r} names no usable ipc path")
+        if path.startswith("@"):  # Linux abstract namespace: no file, and the kernel refuses a name in use
+            return Endpoint(url)
         endpoint = Endpoint(url, None, path, lock_fd=_lock_beside(path))
         try:
             check_free(endpoint)
