@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from pie_driver_trtllm.config import parse_config
 from pie_driver_trtllm.core.histories import ContextStore
 from pie_driver_trtllm.engines.model_facts import read_model_info
-from pie_driver_trtllm.wire.codec import FrameRejected, Limits, decode_frame
+from pie_driver_trtllm.serving.backlog import Backlog
+from pie_driver_trtllm.wire.codec import FrameRejected, Limits, Request, decode_frame
 from pie_driver_trtllm.wire.errors import MAX_MESSAGE_CHARS, DriverError, ErrorCode
 
 LIMITS = Limits(vocab_size=1000, max_model_len=4096, max_forward_requests=64, max_forward_tokens=512,
@@ -152,3 +153,15 @@ def test_a_checkpoint_length_past_u32_positions_is_clamped(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10, "max_position_embeddings": 2**40}))
     config = parse_config({"model": {"snapshot_dir": str(tmp_path)}, "driver": {"options": {"engine": "reference"}}})
     assert read_model_info(config).max_model_len == 2**32
+
+
+def test_the_backlog_takes_connections_in_turns_within_its_bounds():
+    backlog = Backlog(max_ops=5, max_bytes=100)
+    ops = [(b"a", Request(i, "forward"), 10) for i in range(4)] + [(b"b", Request(9, "fork"), 10)]
+    assert all(backlog.push(*op) for op in ops)
+    assert not backlog.push(b"c", Request(10, "forward"), 1)  # 5 ops wait: full
+    assert [backlog.pop()[1].id for _ in range(2)] == [0, 9]  # b's op right after a's first
+    assert backlog.push(b"c", Request(11, "forward"), 70) and not backlog.push(b"c", Request(12, "forward"), 1)
+    assert backlog.forwards() == 4 and len(backlog) == 4 and backlog.bytes == 100
+    assert [backlog.pop()[0] for _ in range(4)] == [b"a", b"c", b"a", b"a"]
+    assert not backlog and backlog.bytes == 0
