@@ -155,9 +155,6 @@ def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
     except StartupError as exc:
         print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
         return 2
-    if config.options.trust_remote_code:
-        print(f"{DRIVER_NAME}: warning: trust_remote_code is true: a checkpoint's own Python code (auto_map) "
-              "runs at load", file=sys.stderr)
     handshake_out = _handshake_stream(args.handshake_fd)
     endpoint = None
     close = None
@@ -186,6 +183,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
             raise
         print(f"{DRIVER_NAME}: {exc}", file=sys.stderr)
         return 2
+    if config.options.trust_remote_code:  # after loading, so that a start-up failure stays one line
+        print(f"{DRIVER_NAME}: warning: trust_remote_code is true: a checkpoint's own Python code (auto_map) "
+              "ran at load", file=sys.stderr)
     handshake_out.write(json.dumps({"group_id": config.driver.group_id, "endpoint": endpoint.url,
                                     "caps": handshake["caps"]}) + "\n")
     handshake_out.write(json.dumps({"ready": True, "num_groups": 1}) + "\n")
