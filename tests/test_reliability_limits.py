@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pie_driver_trtllm.config import parse_config
 from pie_driver_trtllm.core.histories import ContextStore
 from pie_driver_trtllm.engines.model_facts import read_model_info
+from pie_driver_trtllm.replicas.splice import decode_spliced
 from pie_driver_trtllm.serving.backlog import Backlog
 from pie_driver_trtllm.wire.codec import FrameRejected, Limits, Request, decode_frame
 from pie_driver_trtllm.wire.errors import MAX_MESSAGE_CHARS, DriverError, ErrorCode
@@ -165,3 +166,14 @@ def test_the_backlog_takes_connections_in_turns_within_its_bounds():
     assert backlog.forwards() == 4 and len(backlog) == 4 and backlog.bytes == 100
     assert [backlog.pop()[0] for _ in range(4)] == [b"a", b"c", b"a", b"a"]
     assert not backlog and backlog.bytes == 0
+
+
+def test_the_routers_one_pass_leaves_row_and_output_caps_to_the_general_path():
+    greedy = [request(c, [{"at": 0, "type": "greedy"}]) for c in range(3)]
+    assert decode_spliced(frame(greedy), LIMITS) is not None  # few plain samplers: one pass
+    for requests in ([request(c, [{"at": 0, "type": "greedy"}] * 11) for c in range(3)],  # 33 rows > 32
+                     [request(1, [{"at": 0, "type": "dist", "k": 1}])],
+                     [request(1, [{"at": 0, "type": "logprobs", "token_ids": [1]}])]):
+        assert decode_spliced(frame(requests), LIMITS) is None
+    assert refused(frame([request(c, [{"at": 0, "type": "greedy"}] * 11) for c in range(3)])).code == \
+        ErrorCode.CAPACITY

@@ -27,6 +27,9 @@ from pie_driver_trtllm.wire.samplers import U64
 
 _NO_SAMPLERS = msgspec.Raw(b"\x90")  # an empty msgpack array
 _TOKENS = operator.attrgetter("tokens")
+_SAMPLERS = operator.attrgetter("samplers")
+_MIN_SAMPLER_BYTES = 17  # the shortest valid sampler map: {"at": 0, "type": "greedy"}
+_OUTPUT_TYPES = (b"\xa4dist", b"\xa8logprobs")  # samplers whose outputs the general path counts exactly
 # Every failed result a replica encodes starts {"ok": false: a reply without these bytes has none.
 FAILED_MARK = b"\xa2ok\xc2"
 
@@ -101,9 +104,16 @@ def decode_spliced(frame: bytes | memoryview, limits: Limits) -> Request | None:
             or len(requests) > limits.max_forward_requests):
         return None
     tokens = token_bound(requests)
-    if tokens > limits.max_forward_tokens:
+    if tokens > limits.max_forward_tokens or _rows_uncounted(requests, data, limits):
         return None
     return Request(wire.id, "forward", Spliced(requests, tokens, data, limits))  # type: ignore[arg-type]
+
+
+def _rows_uncounted(requests: list[Any], data: bytes, limits: Limits) -> bool:
+    """Whether the row and output caps need the general path's exact count: a `dist` or `logprobs`
+    sampler may be present, or the samplers' bytes could hold more than `max_sampler_rows` of them."""
+    sampler_bytes = sum(map(len, map(_SAMPLERS, requests))) - len(requests)
+    return sampler_bytes > _MIN_SAMPLER_BYTES * limits.max_sampler_rows or any(t in data for t in _OUTPUT_TYPES)
 
 
 def token_bound(requests: list[Any]) -> int:
