@@ -171,9 +171,10 @@ def test_the_backlog_takes_connections_in_turns_within_its_bounds():
 def test_the_routers_one_pass_leaves_row_and_output_caps_to_the_general_path():
     greedy = [request(c, [{"at": 0, "type": "greedy"}]) for c in range(3)]
     assert decode_spliced(frame(greedy), LIMITS) is not None  # few plain samplers: one pass
+    assert decode_spliced(frame([request(1, [{"at": 0, "type": "dist", "k": 1}])]), LIMITS) is not None
     for requests in ([request(c, [{"at": 0, "type": "greedy"}] * 11) for c in range(3)],  # 33 rows > 32
-                     [request(1, [{"at": 0, "type": "dist", "k": 1}])],
-                     [request(1, [{"at": 0, "type": "logprobs", "token_ids": [1]}])]):
+                     [request(1, [{"at": 0, "type": "dist", "k": 1}] * 2)],  # could ask for 2 x 1000 values
+                     [request(1, [{"at": 0, "type": "logprobs", "token_ids": [1]}] * 9)]):  # 9 rows > 8
         assert decode_spliced(frame(requests), LIMITS) is None
     assert refused(frame([request(c, [{"at": 0, "type": "greedy"}] * 11) for c in range(3)])).code == \
         ErrorCode.CAPACITY

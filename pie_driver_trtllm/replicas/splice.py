@@ -29,7 +29,7 @@ _NO_SAMPLERS = msgspec.Raw(b"\x90")  # an empty msgpack array
 _TOKENS = operator.attrgetter("tokens")
 _SAMPLERS = operator.attrgetter("samplers")
 _MIN_SAMPLER_BYTES = 17  # the shortest valid sampler map: {"at": 0, "type": "greedy"}
-_OUTPUT_TYPES = (b"\xa4dist", b"\xa8logprobs")  # samplers whose outputs the general path counts exactly
+_DIST, _LOGPROBS = b"\xa4dist", b"\xa8logprobs"  # the sampler types as msgpack strings
 # Every failed result a replica encodes starts {"ok": false: a reply without these bytes has none.
 FAILED_MARK = b"\xa2ok\xc2"
 
@@ -110,10 +110,14 @@ def decode_spliced(frame: bytes | memoryview, limits: Limits) -> Request | None:
 
 
 def _rows_uncounted(requests: list[Any], data: bytes, limits: Limits) -> bool:
-    """Whether the row and output caps need the general path's exact count: a `dist` or `logprobs`
-    sampler may be present, or the samplers' bytes could hold more than `max_sampler_rows` of them."""
-    sampler_bytes = sum(map(len, map(_SAMPLERS, requests))) - len(requests)
-    return sampler_bytes > _MIN_SAMPLER_BYTES * limits.max_sampler_rows or any(t in data for t in _OUTPUT_TYPES)
+    """Whether the row and output caps need the general path's exact count. Bounds here: the samplers'
+    bytes hold at most one sampler per 17; the frame names `dist` and `logprobs` at least once per such
+    sampler, and each returns at most `vocab_size` or `max_logprob_labels` values."""
+    if sum(map(len, map(_SAMPLERS, requests))) - len(requests) > _MIN_SAMPLER_BYTES * limits.max_sampler_rows:
+        return True
+    dists, logprobs = data.count(_DIST), data.count(_LOGPROBS)
+    return (dists > limits.max_prob_rows or logprobs > limits.max_logit_rows
+            or dists * limits.vocab_size + logprobs * limits.max_logprob_labels > limits.max_output_elements)
 
 
 def token_bound(requests: list[Any]) -> int:
