@@ -35,23 +35,21 @@ from typing import Any
 import msgspec
 
 from pie_driver_trtllm.benchmarks.common import Bench, header, table, write_result
+from pie_driver_trtllm.benchmarks.transport import VOCAB, TrivialEngine
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
 
-VOCAB = 32000
 BATCHES = (1, 16, 64, 256)
 PROMPT = 8
 _ENCODER = msgspec.msgpack.Encoder()
 
 
-class NullEngine:
+class NullEngine(TrivialEngine):
     """An engine whose step does nothing: a precomputed token per row, built once per batch size."""
 
     kind = "null"
-    version = "0"
-    execution_mode = "none"
-    samplers = frozenset({"greedy"})
 
     def __init__(self) -> None:
+        super().__init__()
         self.model = ModelInfo(name="null", arch_name="NullForBenchmarks", vocab_size=VOCAB, max_model_len=1 << 24,
                                eos_token_id=None, pad_token_id=None)
         self._results: list[RowResult] = []
@@ -61,15 +59,6 @@ class NullEngine:
         if len(self._results) < n:
             self._results += [RowResult(tokens=[(i * 7919) % (VOCAB - 3) + 3]) for i in range(len(self._results), n)]
         return self._results[:n]
-
-    def fork(self, src: int, dst: int, length: int) -> None:
-        pass
-
-    def drop(self, contexts: list[int]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def build(max_requests: int) -> tuple[Any, Any, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from pie_driver_trtllm.replicas.batches import (
     sub_forwards,
     take_replies,
 )
+from pie_driver_trtllm.replicas.host_counters import HostCounters
 from pie_driver_trtllm.replicas.pool import Replica, ReplicaPool
 from pie_driver_trtllm.replicas.splice import (
     FAILED_MARK,
@@ -76,10 +76,7 @@ class ReplicaSet:
         self._owner: dict[int, int] = {}
         self._lost: set[int] = set()
         self._ids = itertools.count(1)
-        # What the host sent and received, counted here: a replica sees parts, not the host's forwards.
-        self._requests = 0
-        self._errors: Counter[str] = Counter()
-        self._outputs_not_returned = 0  # outputs of parts whose request failed in another part
+        self._counters = HostCounters()
         self._moves = 0  # counts every change of `_owner`
         self._split: tuple[int, list[int], Split] | None = None  # (moves, contexts, grouping) of the last forward
 
@@ -107,13 +104,11 @@ class ReplicaSet:
         self._pool.close_retired(kind="work")
         body: Any = request.body
         if isinstance(body, Spliced):
-            with self._lock:
-                self._requests += len(body.requests)
+            self._counters.add_requests(len(body.requests))
             results = self._forward_spliced(body)
             return {"results": results if results is not None else self._forward(body.items)}
         if isinstance(body, Forward):
-            with self._lock:
-                self._requests += len(body.items)
+            self._counters.add_requests(len(body.items))
             return {"results": self._forward(body.items)}
         if isinstance(body, Fork):
             return self._fork(body)
@@ -136,8 +131,7 @@ class ReplicaSet:
         total: dict[str, Any] = {"tokens_in": 0, "tokens_out": 0, "engine_calls": 0, "engine_s": 0.0,
                                  "oom_splits": 0, "lookahead_hits": 0, "contexts": 0, "evictions": 0}
         self._pool.close_retired(kind="control")
-        with self._lock:
-            requests, errors, not_returned = self._requests, dict(self._errors), self._outputs_not_returned
+        requests, errors, not_returned = self._counters.snapshot()
         per_replica = []
         for replica in self.replicas:
             entry: dict[str, Any] = {"device": replica.device, "alive": replica.alive}
@@ -155,23 +149,7 @@ class ReplicaSet:
         return {"requests": requests, **total, "errors": errors, "replicas": per_replica}
 
     def count_error(self, code: str) -> None:
-        with self._lock:
-            self._errors[str(code)] += 1
-
-    def _count_failures(self, results: list[dict[str, Any] | msgspec.Raw]) -> None:
-        """Count each failed result in `stats.errors`, whoever built it (a replica's only when its
-        bytes can hold a failure)."""
-        codes = Counter()
-        for result in results:
-            if isinstance(result, msgspec.Raw):
-                if FAILED_MARK not in bytes(result):
-                    continue
-                result = msgspec.msgpack.decode(result)
-            if not result.get("ok"):
-                codes[result["error"]["code"]] += 1
-        if codes:
-            with self._lock:
-                self._errors.update(codes)
+        self._counters.add_error(code)
 
     # ------------------------------------------------------------------ the one-pass path
 
@@ -211,13 +189,13 @@ class ReplicaSet:
                 failure = self._lost_result(index, request_id) if received is None else \
                     {"ok": False, "error": received[1].error}
                 failures = [failure] * len(shares[index])
-                self._count_failures(failures)
+                self._counters.add_failures(failures)
                 joined += failures
             elif FAILED_MARK in received[0]:
                 slots = split.slots(index)
                 results = [_renumbered(result, j, slot)
                            for j, (slot, result) in enumerate(zip(slots, received[1].results, strict=True))]
-                self._count_failures(results)
+                self._counters.add_failures(results)
                 joined += results
             else:
                 if len(received[1].results) != len(shares[index]):
@@ -267,9 +245,8 @@ class ReplicaSet:
             results[index] = joined = join_parts(items[index], received)  # type: ignore[arg-type]
             if not joined.get("ok"):
                 failed.append(index)
-                with self._lock:
-                    self._outputs_not_returned += sum(len(r["outputs"]) for _, r in received if r.get("ok"))
-        self._count_failures([results[index] for index in failed])  # type: ignore[misc]
+                self._counters.add_outputs_not_returned(sum(len(r["outputs"]) for _, r in received if r.get("ok")))
+        self._counters.add_failures([results[index] for index in failed])  # type: ignore[misc]
         return results  # type: ignore[return-value]
 
     def _send(self, sub: SubForward) -> None:

@@ -212,7 +212,8 @@ def doctor(config: Annotated[Path | None, typer.Option("--config", "-c", help="a
       pie-driver-trtllm doctor --engine reference
     """
     from pie_driver_trtllm.config import ENGINE_ALIASES
-    from pie_driver_trtllm.tools.doctor import print_report, run_checks
+    from pie_driver_trtllm.tools.doctor import run_checks
+    from pie_driver_trtllm.tools.doctor_report import print_report
 
     if engine is not None and engine not in ENGINE_ALIASES:
         raise _fail(f"--engine {engine!r} is not one of tensorrt_llm, reference", 2)

@@ -13,12 +13,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pie_driver_trtllm.tools.doctor_report import Check, finish_report
 from pie_driver_trtllm.tools.pie_home import PieHomeError, pie_home, resolve_interpreter
 
 GIB = 1 << 30
@@ -33,14 +32,6 @@ except ImportError:
 else:
     trt = import_tensorrt_llm()
 print(json.dumps({'version': str(getattr(trt, '__version__', 'unknown')), 'elapsed': time.time() - t}))"""
-
-
-@dataclass
-class Check:
-    name: str
-    status: str  # PASS, WARN or FAIL
-    found: str
-    fix: str = ""
 
 
 def probe_main() -> None:
@@ -154,20 +145,20 @@ def run_checks(config: Path | None = None, engine: str | None = None, min_free_g
         resolved = resolve_interpreter(options)
     except PieHomeError as exc:
         checks.append(Check("interpreter", "FAIL", "NOT RESOLVED", str(exc)))
-        return _finish(report, checks + config_checks)
+        return finish_report(report, checks + config_checks)
     report.update(python=str(resolved.python), source=resolved.source)
     python = resolved.python
     if not python.exists():
         checks.append(Check("interpreter", "FAIL", f"{python} does not exist (from {resolved.source})",
                             "create it with `pie-driver-trtllm install --run`, or " + _setting_fix(resolved.step,
                                                                                                    config)))
-        return _finish(report, checks + config_checks)
+        return finish_report(report, checks + config_checks)
     checks.append(Check("interpreter", "PASS", f"{python} (from {resolved.source})"))
     code, out, err = _run(python, "import sys; print('%d.%d.%d' % sys.version_info[:3])", timeout=60)
     version = out.strip()
     if code != 0:
         checks.append(Check("python version", "FAIL", _last_line(err), "use a working interpreter"))
-        return _finish(report, checks + config_checks)
+        return finish_report(report, checks + config_checks)
     parts = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
     good = parts in ((3, 12), (3, 10)) if trt else parts >= (3, 11)
     checks.append(Check("python version", "PASS" if good else "WARN", version,
@@ -189,7 +180,7 @@ def run_checks(config: Path | None = None, engine: str | None = None, min_free_g
     except (ValueError, IndexError):
         checks.append(Check("probe", "FAIL", f"the probe failed in {python}: {_last_line(err)}",
                             "run `pie-driver-trtllm exec -- python -c 'import torch'` to see why"))
-        return _finish(report, checks + config_checks)
+        return finish_report(report, checks + config_checks)
     checks += _probe_checks(probe, trt, bad)
     if trt or probe.get("trt", {}).get("installed"):
         checks += trtllm_runtime_checks(probe, dict(os.environ), nvidia_driver_version())
@@ -220,7 +211,7 @@ def run_checks(config: Path | None = None, engine: str | None = None, min_free_g
                             "" if ok else "model.snapshot_dir must hold a Hugging Face checkpoint (config.json)"))
     checks += config_checks
     checks.append(_disk_check(min_free_gib))
-    return _finish(report, checks)
+    return finish_report(report, checks)
 
 
 def _setting_fix(step: int, config: Path | None) -> str:
@@ -306,32 +297,6 @@ def _disk_check(min_free_gib: float) -> Check:
                                              f"{min_free_gib:.0f}+ GiB), or point PIE_HOME at a bigger disk")
 
 
-def _finish(report: dict[str, Any], checks: list[Check]) -> dict[str, Any]:
-    report["checks"] = [asdict(c) for c in checks]
-    report["summary"] = {s.lower(): sum(c.status == s for c in checks) for s in ("PASS", "WARN", "FAIL")}
-    report["ok"] = report["summary"]["fail"] == 0
-    return report
-
-
-def format_report(report: dict[str, Any], color: bool = False, started: float | None = None) -> str:
-    """Human text: one line per check, the fix indented under it, then a summary line."""
-    lines = [f"pie-driver-trtllm doctor: driver tensorrt_llm, engine {report['engine']}"]
-    width = max([len(c["name"]) for c in report["checks"]] + [12])
-    for c in report["checks"]:
-        found = c["found"].replace("\n", "\n" + " " * (width + 10))
-        lines.append(f"  {c['status']}  {c['name']:<{width}}  {found}")
-        if c["fix"]:
-            lines.append(f"  {'':4}  {'':<{width}}  fix: {c['fix']}")
-    s = report["summary"]
-    took = f" in {time.time() - started:.1f} s" if started else ""
-    if s["fail"]:
-        lines.append(f"✗ {s['fail']} failed, {s['warn']} warning(s), {s['pass']} passed{took}. "
-                     "Apply the fixes above and run `pie-driver-trtllm doctor` again.")
-    elif s["warn"]:
-        lines.append(f"! Ready with warnings ({s['pass']} passed, {s['warn']} warning(s)){took}.")
-    else:
-        lines.append(f"✓ All checks passed ({s['pass']} checks){took}.")
-    return "\n".join(lines)
 
 
 # What TensorRT-LLM 1.2.1 (the release Pie 0.4.0 pins) was built against; a mismatch is the usual cause of
@@ -401,22 +366,3 @@ def trtllm_runtime_checks(probe: dict[str, Any], environ: dict[str, str], driver
                         "" if major and major >= CUDA13_MIN_DRIVER else
                         f"CUDA 13 needs NVIDIA driver {CUDA13_MIN_DRIVER} or newer: upgrade the driver"))
     return checks
-
-
-def print_report(report: dict[str, Any], started: float | None = None) -> None:
-    """The report on standard output, statuses coloured on a terminal (rich: NO_COLOR is honoured)."""
-    from rich.console import Console
-    from rich.text import Text
-
-    console = Console(highlight=False, soft_wrap=True)
-    text = format_report(report, started=started)
-    if console.no_color or not console.is_terminal:
-        print(text)
-        return
-    styles = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
-    for line in text.splitlines():
-        text = Text(line)
-        status = line[2:6]
-        if status in styles and line.startswith("  "):
-            text.stylize(f"bold {styles[status]}", 2, 6)
-        console.print(text)
