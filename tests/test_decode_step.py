@@ -64,7 +64,7 @@ def state(core: DriverCore) -> Any:
     engine = core.engine
     assert isinstance(engine, ScriptedEngine)
     c = core.counters
-    return (list(core.store._histories.items()),
+    return (list(core.store._histories.items()), core.store.tokens,
             sorted((k, p.anchor, p.tokens) for k, p in core.lookahead._predictions.items()), core.lookahead.hits,
             (c.requests, c.tokens_in, c.tokens_out, c.engine_calls, dict(c.errors)), engine.calls)
 
@@ -110,12 +110,18 @@ def build(core: DriverCore, requests: list[tuple[int, str, int]]) -> Forward:
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=ops, lookahead=st.sampled_from([1, 4]))
+@given(ops=ops, lookahead=st.sampled_from([1, 4]), max_total=st.sampled_from([None, 12]))
 @example(ops=[("forward", [(0, "prompt", 0)]), ("forward", [(0, "next", 0), (1, "next", 0)]),
-              ("forward", [(0, "next", 0)]), ("forward", [(0, "next", 0), (0, "next", 0)])], lookahead=4)
-def test_fast_path_does_what_the_general_path_does(ops: list[tuple[str, Any]], lookahead: int) -> None:
-    fast = DriverCore(ScriptedEngine(), max_contexts=3, lookahead_tokens=lookahead, random_seed=5)
-    general = DriverCore(ScriptedEngine(), max_contexts=3, lookahead_tokens=lookahead, random_seed=5)
+              ("forward", [(0, "next", 0)]), ("forward", [(0, "next", 0), (0, "next", 0)])], lookahead=4,
+         max_total=None)
+@example(ops=[("forward", [(0, "prompt", 0), (1, "prompt", 0)])] + [("forward", [(0, "next", 0), (1, "next", 0)])] * 4,
+         lookahead=1, max_total=12)
+def test_fast_path_does_what_the_general_path_does(ops: list[tuple[str, Any]], lookahead: int,
+                                                   max_total: int | None) -> None:
+    fast = DriverCore(ScriptedEngine(), max_contexts=3, lookahead_tokens=lookahead, random_seed=5,
+                      max_total_tokens=max_total)
+    general = DriverCore(ScriptedEngine(), max_contexts=3, lookahead_tokens=lookahead, random_seed=5,
+                         max_total_tokens=max_total)
     general.fast_decode = False
     for op, arg in ops:
         replies = []

@@ -44,13 +44,15 @@ def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, ma
     histories = store._histories
     lives = list(map(histories.get, contexts))
     if len(unique) != len(contexts) or None in lives \
-            or list(map(len, lives)) != [item.positions[0] for item in items]:
-        return None
+            or list(map(len, lives)) != [item.positions[0] for item in items] \
+            or (store.max_tokens is not None and store.tokens + len(items) > store.max_tokens):
+        return None  # (past the bound on total tokens, the general path evicts)
     # From here on the forward is a decode step: the same changes as the general path. Each request
     # touches only its own context, so appending all first, then refreshing the LRU order in request
     # order, ends where the general path's request-by-request merge ends.
     for item, live in zip(items, lives, strict=True):
         live.append(item.tokens[0])
+    store.tokens += len(items)
     move_to_end = histories.move_to_end
     for context in contexts:
         move_to_end(context)
