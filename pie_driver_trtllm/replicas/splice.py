@@ -22,6 +22,7 @@ import msgspec
 
 from pie_driver_trtllm import PROTOCOL_VERSION
 from pie_driver_trtllm.wire.codec import Limits, Request, decode_frame
+from pie_driver_trtllm.wire.limits import outputs_may_exceed_caps
 from pie_driver_trtllm.wire.messages import is_uint
 from pie_driver_trtllm.wire.samplers import U64
 
@@ -29,7 +30,6 @@ _NO_SAMPLERS = msgspec.Raw(b"\x90")  # an empty msgpack array
 _TOKENS = operator.attrgetter("tokens")
 _SAMPLERS = operator.attrgetter("samplers")
 _MIN_SAMPLER_BYTES = 17  # the shortest valid sampler map: {"at": 0, "type": "greedy"}
-_DIST, _LOGPROBS = b"\xa4dist", b"\xa8logprobs"  # the sampler types as msgpack strings
 # Every failed result a replica encodes starts {"ok": false: a reply without these bytes has none.
 FAILED_MARK = b"\xa2ok\xc2"
 
@@ -115,9 +115,7 @@ def _rows_uncounted(requests: list[Any], data: bytes, limits: Limits) -> bool:
     sampler, and each returns at most `vocab_size` or `max_logprob_labels` values."""
     if sum(map(len, map(_SAMPLERS, requests))) - len(requests) > _MIN_SAMPLER_BYTES * limits.max_sampler_rows:
         return True
-    dists, logprobs = data.count(_DIST), data.count(_LOGPROBS)
-    return (dists > limits.max_prob_rows or logprobs > limits.max_logit_rows
-            or dists * limits.vocab_size + logprobs * limits.max_logprob_labels > limits.max_output_elements)
+    return outputs_may_exceed_caps(data, limits)
 
 
 def token_bound(requests: list[Any]) -> int:

@@ -14,7 +14,7 @@ import msgspec
 
 from pie_driver_trtllm import PROTOCOL_VERSION
 from pie_driver_trtllm.wire.errors import DriverError
-from pie_driver_trtllm.wire.limits import Limits
+from pie_driver_trtllm.wire.limits import Limits, outputs_may_exceed_caps
 from pie_driver_trtllm.wire.messages import Forward, ForwardItem, Request, forward_item_unchecked, is_uint
 from pie_driver_trtllm.wire.samplers import U64, Sampler, WireSampler, normalize_sampler
 
@@ -38,7 +38,7 @@ def fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
     # not. So each request must hold exactly one 'positions' key: the name cannot overlap itself, and
     # every request has at least one, hence a count equal to the number of requests means one each.
     named = data.count(b"positions")
-    if _outputs_uncounted(data, limits):
+    if outputs_may_exceed_caps(data, limits):
         return None
     short = len(data) < _SHORT_REQUEST_BYTES * named and data.count(b"samplers") == named
     wire = fast.decode_short(data) if short else None
@@ -117,15 +117,6 @@ def _short_requests(wire: Any, fast: _FastPath, limits: Limits) -> Request | Non
     return Request(wire.id, "forward", Forward(items))
 
 
-def _outputs_uncounted(data: bytes, limits: Limits) -> bool:
-    """Whether the `dist` / `logprobs` caps need the general path's exact count. The frame names the
-    type once per such sampler at least, and each returns at most `vocab_size` or `max_logprob_labels`
-    values; this bound is two scans of the frame in C."""
-    dists, logprobs = data.count(_DIST), data.count(_LOGPROBS)
-    return (dists > limits.max_prob_rows or logprobs > limits.max_logit_rows
-            or dists * limits.vocab_size + logprobs * limits.max_logprob_labels > limits.max_output_elements)
-
-
 # A frame averaging fewer bytes per request than this (a decode step's request is about 70) has its
 # positions decoded as ints at once: too few per request for the shared-int run to pay for its checks.
 # Its requests must each name `samplers` once (counted like `positions`, since that field is raw there).
@@ -134,7 +125,6 @@ _POSITION_TABLE_MAX = 1 << 17  # shared position ints cover the first 128 Ki pos
 _MAX_MEMO_SAMPLERS = 4096  # distinct sampler lists remembered per Limits; a host rarely uses many
 _MAX_FAST_SAMPLERS = 64  # longer sampler lists take the general path, which bounds them as they add up
 _MAX_MEMO_BYTES = 4096  # a sampler list remembered by its bytes is no longer than this: the memo stays small
-_DIST, _LOGPROBS = b"\xa4dist", b"\xa8logprobs"  # the sampler types as msgpack strings
 
 
 class _FastPath:

@@ -28,3 +28,15 @@ class Limits:
     max_prob_rows: int = 8192
     max_logit_rows: int = 8192
     max_output_elements: int = 1 << 20
+
+
+_DIST, _LOGPROBS = b"\xa4dist", b"\xa8logprobs"  # the sampler types as msgpack strings
+
+
+def outputs_may_exceed_caps(frame: bytes, limits: Limits) -> bool:
+    """Whether a frame's `dist` / `logprobs` samplers could exceed their caps, so that the exact count
+    is needed. The frame names the type once per such sampler at least, and each returns at most
+    `vocab_size` or `max_logprob_labels` values; this bound is two scans of the frame in C."""
+    dists, logprobs = frame.count(_DIST), frame.count(_LOGPROBS)
+    return (dists > limits.max_prob_rows or logprobs > limits.max_logit_rows
+            or dists * limits.vocab_size + logprobs * limits.max_logprob_labels > limits.max_output_elements)
