@@ -41,5 +41,9 @@ def test_runs_on_cuda_equal_one_token_forwards(tiny_model, dtype, kind):
     config = parse_config({"model": {"snapshot_dir": str(tiny_model)},
                            "driver": {"device": ["cuda:0"], "activation_dtype": dtype,
                                       "options": {"engine": "reference", "lookahead_tokens": 1}}})
-    engine = ReferenceEngine.load(config, "cuda:0")
-    assert decode(CoreHarness(config, engine), kind, 16, 32) == decode(CoreHarness(config, engine), kind, 1, 32)
+    # One engine each: a shared one would still hold the first loop's KV, and the second loop's first
+    # token would then come from a one-token decode over the cached prompt, not from the prefill the
+    # first loop ran (other kernels, so in bfloat16 a near-tie may break the other way).
+    runs, singles = (decode(CoreHarness(config, ReferenceEngine.load(config, "cuda:0")), kind, run, 32)
+                     for run in (16, 1))
+    assert runs == singles
