@@ -62,10 +62,11 @@ def run(bench: Bench) -> dict[str, Any]:
         print(table(f"overhead: reference engine through the driver vs in-process (greedy, lookahead 1, "
                     f"reference_overlap {str(overlap).lower()}); median (min-max) of the repetitions",
                     ["batch", "reps x steps", "driver tok/s", "in-proc tok/s", "ratio", "driver ms", "in-proc ms",
-                     "driver cost us"],
+                     "engine ms driver / in-proc", "driver cost us"],
                     [[r["batch"], f"{len(r['reps'])} x {r['steps'] // len(r['reps'])}", r["driver_tokens_per_s"],
                       r["in_process_tokens_per_s"], f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
                       r["driver_step_ms"], r["in_process_step_ms"],
+                      f"{r['driver_engine_ms']:.3f} / {r['in_process_engine_ms']:.3f}",
                       f"{r['driver_cost_us']:.0f} ({r['driver_cost_us_min']:.0f}-{r['driver_cost_us_max']:.0f})"]
                      for r in measured]))
     write_result(bench, "overhead", result)
@@ -113,14 +114,22 @@ def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
              "in_process": (Decode(contexts, prompt_len), core_forward(core))}
     for decode, forward in sides.values():
         timed_steps(bench, decode, forward, 1 + warmup)  # prefill, then warm-up decode steps
+    # Seconds inside engine calls on each side (the driver's from its `stats`), read between timed blocks:
+    # they split a step into the engine call and everything around it.
+    engine_s = {"driver": lambda: client.call("stats")["engine_s"], "in_process": lambda: core.counters.engine_s}
     repetitions = []
     for _ in range(reps):
         times: dict[str, list[float]] = {"driver": [], "in_process": []}
+        in_engine = dict.fromkeys(sides, 0.0)
         for _ in range(blocks):
             for name, (decode, forward) in sides.items():
+                before = engine_s[name]()
                 times[name] += timed_steps(bench, decode, forward, steps // blocks)
+                in_engine[name] += engine_s[name]() - before
         driver_step, inproc_step = statistics.fmean(times["driver"]), statistics.fmean(times["in_process"])
         repetitions.append({"driver_step_ms": driver_step * 1e3, "in_process_step_ms": inproc_step * 1e3,
+                            "driver_engine_ms": in_engine["driver"] / len(times["driver"]) * 1e3,
+                            "in_process_engine_ms": in_engine["in_process"] / len(times["in_process"]) * 1e3,
                             "ratio": inproc_step / driver_step, "driver_cost_us": (driver_step - inproc_step) * 1e6,
                             "ratio_p50": statistics.median(times["in_process"]) / statistics.median(times["driver"])})
     client.call("release", contexts=contexts)  # free both engines' caches before the next batch
@@ -136,5 +145,6 @@ def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
             "ratio": median("ratio"), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "ratio_p50": median("ratio_p50"),
             "driver_step_ms": driver_step * 1e3, "in_process_step_ms": inproc_step * 1e3,
+            "driver_engine_ms": median("driver_engine_ms"), "in_process_engine_ms": median("in_process_engine_ms"),
             "driver_cost_us": median("driver_cost_us"), "driver_cost_us_min": min(costs),
             "driver_cost_us_max": max(costs)}
