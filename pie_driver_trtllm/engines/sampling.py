@@ -6,31 +6,18 @@ from typing import Any
 
 import torch
 
+from pie_driver_trtllm.engines.token_draws import draw_tokens
 from pie_driver_trtllm.sampler import Sampler
 
 
 def sample_token(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> int:
-    """A token from a 1-D float32 logits row: argmax when greedy, else seeded filtered sampling."""
+    """A token from a 1-D float32 logits row: argmax when greedy, else the seeded draw of `draw_tokens`."""
     if sampler.is_greedy:
         return int(torch.argmax(logits))
-    scores = logits / sampler.temperature
-    if sampler.top_k and sampler.top_k < scores.numel():
-        kth = torch.topk(scores, sampler.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampler.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - torch.softmax(ordered, dim=-1) >= sampler.top_p  # keeps at least the top one
-        scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
-    if sampler.min_p > 0.0:
-        probs = torch.softmax(scores, dim=-1)
-        scores = scores.masked_fill(probs < sampler.min_p * probs.max(), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # checked here: on CUDA, multinomial would assert on the device
+    token = draw_tokens(logits[None], [sampler], [seed])[0]
+    if token is None:
         raise FloatingPointError("the logits row holds NaN or infinite values")
-    generator = torch.Generator(device=logits.device)
-    generator.manual_seed(seed if seed is not None else int(torch.seed()))
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return token
 
 
 def top_k_dist(logits: torch.Tensor, sampler: Sampler) -> tuple[list[int], list[float]]:
@@ -81,3 +68,31 @@ def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> Any:
         if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
             raise  # the engine splits the call and retries
         return RowResult(error=f"{type(exc).__name__}: {exc}")
+
+
+def row_results(logits: torch.Tensor, samplers: list[Sampler], seeds: list[int | None]) -> list[Any]:
+    """`row_result` for every row of float logits [rows, vocab], the stochastic tokens drawn in one batch."""
+    from pie_driver_trtllm.engines.base import RowResult
+
+    drawn = [i for i, s in enumerate(samplers) if s.makes_token and not s.is_greedy]
+    if len(drawn) < 2:
+        return [row_result(logits[i], s, seed) for i, (s, seed) in enumerate(zip(samplers, seeds, strict=True))]
+    out: list[Any] = [None] * len(samplers)
+    try:
+        tokens = draw_tokens(logits[drawn], [samplers[i] for i in drawn], [seeds[i] for i in drawn])
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        tokens = [f"{type(exc).__name__}: {exc}"] * len(drawn)  # type: ignore[list-item]
+    for i, token in zip(drawn, tokens, strict=True):
+        sampler = samplers[i]
+        if token is None or isinstance(token, str):
+            out[i] = RowResult(error=token or "FloatingPointError: the logits row holds NaN or infinite values")
+        elif sampler.return_logprobs:
+            out[i] = RowResult(tokens=[token], token_logprobs=[emitted_logprob(logits[i], sampler, token)])
+        else:
+            out[i] = RowResult(tokens=[token])
+    for i, sampler in enumerate(samplers):
+        if out[i] is None:
+            out[i] = row_result(logits[i], sampler, seeds[i])
+    return out

@@ -24,7 +24,7 @@ from typing import Any
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
 from pie_driver_trtllm.engines.reference.batched_llama import BatchedLlama, DecodeOutput
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
-from pie_driver_trtllm.engines.sampling import row_result
+from pie_driver_trtllm.engines.sampling import row_result, row_results
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
 
 
@@ -297,15 +297,19 @@ class BatchedReferenceEngine:
             out = ahead.output if ahead is not None and ahead.output is not None else \
                 self.decoder.run([slot.index for slot in slots], tokens, positions)
             greedy = out.tokens()
-            logits = None
+            sampled = []
             for i, index in enumerate(indexes):
                 row = rows[index]
                 if row.sampler.is_greedy and not row.sampler.return_logprobs:  # the common case: no tensor work
                     results[index] = RowResult(tokens=[greedy[i]])
                 else:
-                    if logits is None:
-                        logits = out.logits()
-                    results[index] = row_result(logits[i], row.sampler, row.seed)
+                    sampled.append(i)
+            if sampled:  # the other rows' logits, their stochastic tokens drawn in one batch
+                logits = out.for_slots([slots[i].index for i in sampled]).logits()
+                picked = [rows[indexes[i]] for i in sampled]
+                for i, result in zip(sampled, row_results(logits, [r.sampler for r in picked],
+                                                          [r.seed for r in picked]), strict=True):
+                    results[indexes[i]] = result
         # Lookahead: greedy rows that want more tokens continue together (on CUDA one queued chain of passes).
         active = [i for i, index in enumerate(decodes.rows)
                   if rows[index].steps > 1 and chained_in_engine(rows[index])
