@@ -291,7 +291,21 @@ def load_config(path: str | Path) -> DriverConfig:
         data = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise StartupError(f"config: {path} is not valid TOML: {exc}") from None
+    if is_pie_config(data):
+        raise StartupError(f"config: {pie_config_message(path)}")
     return parse_config(data, base_dir=path.parent)
+
+
+def is_pie_config(data: dict[str, Any]) -> bool:
+    """A full Pie config (`[[model]]` entries), which a host reads, not the driver."""
+    return isinstance(data.get("model"), list)
+
+
+def pie_config_message(path: str | Path) -> str:
+    """What to say when a Pie config is given where the driver's startup file belongs."""
+    return (f"{path} is a Pie config ([[model]] entries); the driver and `serve` take the driver startup TOML "
+            "Pie writes for one model ([model] + [driver]): start Pie with this file instead, or check it with "
+            f"`pie-driver-trtllm validate {path}`")
 
 
 def option_table_markdown() -> str:

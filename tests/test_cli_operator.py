@@ -98,6 +98,37 @@ def test_serve_on_a_pie_config_says_what_serve_expects(env: dict[str, str], tmp_
     assert "driver startup TOML" in line and "must be a table" not in line
 
 
+def driver(env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVNULL
+           ) -> subprocess.CompletedProcess[str]:
+    """`python -m pie_driver_trtllm`, the way a host starts the driver."""
+    return subprocess.run([sys.executable, "-m", "pie_driver_trtllm", *args], capture_output=True, text=True,
+                          env=env, timeout=60, check=False, cwd=ROOT, stdin=stdin)
+
+
+def test_the_driver_on_a_pie_config_says_what_it_expects(env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "pie.toml"
+    config.write_text(PIE_CONFIG)
+    done = driver(env, "--config", str(config))
+    line = one_error(done, 2, f"{config} is a Pie config ([[model]] entries)")
+    assert len(done.stderr.splitlines()) == 1 and done.stdout == ""
+    assert "driver startup TOML" in line and "must be a table" not in line
+
+
+@pytest.mark.parametrize(("fd", "needle"), [
+    ("97", "--handshake-fd 97 is not an open file descriptor"),
+    ("-3", "--handshake-fd -3 is not an open file descriptor"),
+    ("0", "--handshake-fd 0 is open for reading only"),
+    ("three", "argument --handshake-fd: invalid int value: 'three'"),
+])
+def test_the_driver_with_a_bad_handshake_fd(env: dict[str, str], tmp_path: Path, fd: str, needle: str) -> None:
+    config = tmp_path / "driver.toml"
+    config.write_text('[model]\nsnapshot_dir = "/m"\n[driver]\ndevice = ["cpu"]\n')
+    with config.open("rb") as read_only:  # fd 0: open, but not for writing
+        done = driver(env, "--config", str(config), "--handshake-fd", fd, stdin=read_only.fileno())
+    one_error(done, 2, needle)
+    assert len(done.stderr.splitlines()) == 1 and done.stdout == ""
+
+
 def test_make_model_onto_a_file(env: dict[str, str], tmp_path: Path) -> None:
     target = tmp_path / "a-file"
     target.write_text("x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from pie_driver_trtllm import DRIVER_NAME, PROTOCOL_MINOR, PROTOCOL_VERSION, __version__
 from pie_driver_trtllm.config import DriverConfig, StartupError, load_config
@@ -113,16 +114,37 @@ def _stop_during_startup(signum: int, frame: object) -> None:
     raise StopDuringStartup(signum)
 
 
+def check_handshake_fd(fd: int | None) -> None:
+    """Refuse a `--handshake-fd` that is not open for writing, before anything else starts."""
+    if fd is None:
+        return
+    try:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except (OSError, OverflowError, ValueError):
+        raise StartupError(f"--handshake-fd {fd} is not an open file descriptor (the host opens it for the "
+                           "driver; leave the option out to write the handshake to stdout)") from None
+    if mode == os.O_RDONLY:
+        raise StartupError(f"--handshake-fd {fd} is open for reading only; the driver writes its handshake "
+                           "lines to it")
+
+
 def _handshake_stream(fd: int | None) -> TextIO:
     """The stream for the two handshake lines; standard output then carries stderr's text instead."""
     sys.stdout.flush()
-    target = os.dup(1) if fd is None else fd
+    target = os.dup(1) if fd is None or fd == 1 else fd
     os.dup2(2, 1)  # libraries that print (TensorRT-LLM's banner) must not corrupt the handshake
     return os.fdopen(target, "w", buffering=1)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error in one line on stderr and exit status 2, as the rest of the command line does it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{DRIVER_NAME}: {message} (see `{self.prog} --help`)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pie_driver_trtllm", description="Pie driver for TensorRT-LLM")
+    parser = _OneLineParser(prog="python -m pie_driver_trtllm", description="Pie driver for TensorRT-LLM")
     parser.add_argument("--config", required=True, help="startup TOML written by the host")
     parser.add_argument("--handshake-fd", type=int, default=None, help="fd for the handshake lines (default stdout)")
     parser.add_argument("--endpoint", default=None, help="ipc:// or tcp:// URL (default: private ipc socket)")
@@ -145,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
     try:
+        check_handshake_fd(args.handshake_fd)
         raise_open_files_limit()
         config = load_config(args.config)
         if args.replica is not None:

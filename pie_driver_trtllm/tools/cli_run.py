@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -48,21 +47,18 @@ def _serve_problem(config: Path, handshake_fd: int | None) -> str | None:
     """What makes `serve` fail before it starts, in one line; None when nothing does."""
     import tomllib
 
-    if handshake_fd is not None:
-        try:
-            os.fstat(handshake_fd)
-        except OSError:
-            return (f"--handshake-fd {handshake_fd} is not an open file descriptor (the host opens it for the "
-                    "driver; leave the option out to write the handshake to stdout)")
+    from pie_driver_trtllm.config import StartupError, is_pie_config, pie_config_message
+    from pie_driver_trtllm.serving.driver import check_handshake_fd
+
+    try:
+        check_handshake_fd(handshake_fd)
+    except StartupError as exc:
+        return str(exc)
     try:
         data = tomllib.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None  # the driver names these itself
-    if isinstance(data.get("model"), list):
-        return (f"{config} is a Pie config ([[model]] entries); `serve` takes the driver startup TOML Pie writes "
-                "for one model ([model] + [driver]). Start Pie with it instead, or check it with "
-                f"`pie-driver-trtllm validate {config}`")
-    return None
+    return pie_config_message(config) if is_pie_config(data) else None
 
 
 def make_model_command(
