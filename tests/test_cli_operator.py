@@ -7,6 +7,7 @@ PIE_HOME; nothing here installs torch or reaches the network.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -127,6 +128,19 @@ def test_the_driver_with_a_bad_handshake_fd(env: dict[str, str], tmp_path: Path,
         done = driver(env, "--config", str(config), "--handshake-fd", fd, stdin=read_only.fileno())
     one_error(done, 2, needle)
     assert len(done.stderr.splitlines()) == 1 and done.stdout == ""
+
+
+def test_the_driver_without_tensorrt_llm_installs_from_where_it_came_from(env: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("tensorrt_llm is installed here")
+    config = tmp_path / "driver.toml"
+    config.write_text('[model]\nsnapshot_dir = "/m"\n[driver]\ndevice = ["cuda:0"]\n')
+    done = driver(env, "--config", str(config))
+    line = one_error(done, 2, "engine tensorrt_llm: the tensorrt_llm package is not importable")
+    assert len(done.stderr.splitlines()) == 1
+    assert f"`{sys.executable} -m pip install '{ROOT}[tensorrt]' --extra-index-url https://pypi.nvidia.com`" in line
+    assert "'pie-driver-trtllm[" not in line  # a name no index has
 
 
 def test_make_model_onto_a_file(env: dict[str, str], tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def probe_main() -> None:
 
     out: dict[str, Any] = {"python": sys.executable, "version": ".".join(map(str, sys.version_info[:3]))}
     try:
-        from pie_driver_trtllm.engines.tensorrt_llm.startup import INSTALL_HINT, nvidia_library_dirs, require_package
+        from pie_driver_trtllm.engines.tensorrt_llm.startup import install_hint, nvidia_library_dirs, require_package
         require_package()
         dirs = nvidia_library_dirs()
         out["trt"] = {"installed": True, "lib_dirs": dirs}
@@ -48,7 +48,7 @@ def probe_main() -> None:
         installed = importlib.util.find_spec("tensorrt_llm") is not None
         out["trt"] = {"installed": installed, "lib_dirs": [], "note": f"helpers unavailable ({exc})"}
     except Exception as exc:  # StartupError from require_package
-        out["trt"] = {"installed": False, "error": str(exc), "hint": INSTALL_HINT}
+        out["trt"] = {"installed": False, "error": str(exc), "hint": install_hint()}
     if out["trt"].get("installed"):
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(out["trt"]["lib_dirs"] + [env.get("LD_LIBRARY_PATH", "")])
@@ -242,11 +242,9 @@ def _package_fix(step: int, config: Path | None, trt: bool) -> str:
 
 def trt_install_fix() -> str:
     """Installing TensorRT-LLM into the driver's interpreter, from where this tool came from."""
-    from pie_driver_trtllm.tools.install import NVIDIA_INDEX, package_spec
+    from pie_driver_trtllm.origin import tensorrt_install_hint
 
-    return (f"install it with `pie-driver-trtllm exec -- pip install '{package_spec(None, 'tensorrt')}' "
-            f"--extra-index-url {NVIDIA_INDEX}` on Python 3.10/3.12 with an NVIDIA GPU and an MPI runtime, "
-            "or set engine = \"reference\"")
+    return tensorrt_install_hint("pie-driver-trtllm exec -- pip")
 
 
 def _probe_checks(probe: dict[str, Any], trt: bool, bad: str) -> list[Check]:

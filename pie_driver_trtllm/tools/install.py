@@ -9,7 +9,6 @@ tensorrt extra on a machine with an NVIDIA GPU and the reference extra (CPU torc
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -18,13 +17,11 @@ import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from pie_driver_trtllm import __version__
+from pie_driver_trtllm.origin import NVIDIA_INDEX, PACKAGE, default_source, package_spec
 from pie_driver_trtllm.tools.pie_home import DRIVER_TYPE
 
-PACKAGE = "pie-driver-trtllm"
-NVIDIA_INDEX = "https://pypi.nvidia.com"
 EXTRAS = ("tensorrt", "reference", "none")
 PREFERRED_PYTHON = "3.12"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -39,31 +36,6 @@ def gpu_present() -> bool:
 
 def default_extra() -> str:
     return "tensorrt" if gpu_present() else "reference"
-
-
-def default_source() -> tuple[str, str]:
-    """(what to install, where that is): this copy's source checkout, else the wheel or folder it was
-    installed from, else the package name on the index."""
-    root = Path(__file__).resolve().parents[2]
-    pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and f'name = "{PACKAGE}"' in pyproject.read_text(encoding="utf-8"):
-        return str(root), "the source checkout this tool runs from"
-    try:
-        direct = json.loads(metadata.distribution(PACKAGE).read_text("direct_url.json") or "null")
-    except (metadata.PackageNotFoundError, ValueError):
-        direct = None
-    url = direct.get("url", "") if isinstance(direct, dict) else ""
-    if url.startswith("file://") and Path(unquote(urlparse(url).path)).exists():
-        return unquote(urlparse(url).path), "the wheel or folder this copy was installed from"
-    return PACKAGE, "the package index"
-
-
-def package_spec(source: str | None, extra: str) -> str:
-    """What to install: the package name (or a local checkout/wheel path) with the extra."""
-    base = source or default_source()[0]
-    if os.sep in base or base.startswith(".") or Path(base).exists():
-        base = os.path.abspath(os.path.expanduser(base))
-    return base if extra == "none" else f"{base}[{extra}]"
 
 
 def cpu_torch(venv_python_version: str | None = None) -> list[str]:

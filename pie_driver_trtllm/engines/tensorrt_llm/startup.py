@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,8 @@ from typing import Any
 from pie_driver_trtllm.config import DriverConfig, StartupError
 from pie_driver_trtllm.engines.base import Engine
 from pie_driver_trtllm.engines.model_facts import read_model_info
+from pie_driver_trtllm.origin import tensorrt_install_hint
 
-INSTALL_HINT = ("install it with `pip install 'pie-driver-trtllm[tensorrt]' --extra-index-url "
-                "https://pypi.nvidia.com` on Python 3.10/3.12 with an NVIDIA GPU and an MPI runtime, "
-                "or set engine = \"reference\"")
 PYEXECUTOR_VERSION = "1.2.1"
 _BOOTSTRAP_GUARD = "PIE_TRTLLM_LD_LIBRARY_PATH_BOOTSTRAPPED"
 TEST_DOUBLE_ENV = "PIE_TRTLLM_TEST_DOUBLE"  # set only by tests running against the test double: no GPU check
@@ -27,10 +26,15 @@ _DTYPES = {"auto": "auto", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16"
            "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 
 
+def install_hint() -> str:
+    """How to install tensorrt_llm into this interpreter, from where this package came from."""
+    return tensorrt_install_hint(f"{shlex.quote(sys.executable)} -m pip")
+
+
 def require_package() -> None:
     """Fail fast (no heavy imports) when tensorrt_llm is not installed."""
     if importlib.util.find_spec("tensorrt_llm") is None:
-        raise StartupError(f"engine tensorrt_llm: the tensorrt_llm package is not importable; {INSTALL_HINT}")
+        raise StartupError(f"engine tensorrt_llm: the tensorrt_llm package is not importable; {install_hint()}")
 
 
 def nvidia_library_dirs() -> list[str]:
@@ -78,7 +82,7 @@ def import_tensorrt_llm() -> Any:
         elif "libpython" in lowered:
             remedy = "this Python has no shared libpython; use one built with --enable-shared"
         else:
-            remedy = INSTALL_HINT
+            remedy = install_hint()
         raise StartupError(f"engine tensorrt_llm: `import tensorrt_llm` failed ({text}); {remedy}") from None
 
 
