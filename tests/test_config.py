@@ -9,8 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from pie_driver_trtllm.config import MAX_LOOKAHEAD, DriverConfig, StartupError, load_config, parse_config
+from pie_driver_trtllm.config import (
+    MAX_LOOKAHEAD,
+    DriverConfig,
+    DriverOptions,
+    DriverSection,
+    ModelSection,
+    StartupError,
+    load_config,
+    parse_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -331,3 +342,48 @@ def test_trust_remote_code_defaults_to_false_for_the_reference_engine() -> None:
     assert parse_config(config(options={"engine": "reference"})).options.trust_remote_code is False
     assert parse_config(config(options={"engine": "trtllm"})).options.trust_remote_code is True
     assert parse_config(config(options={"engine": "reference", "trust_remote_code": True})).options.trust_remote_code
+
+
+# ---------------------------------------------------------------- every refusal in the driver's words
+
+KEYS = [("model", name) for name in ModelSection.__struct_fields__] + \
+    [("driver", name) for name in DriverSection.__struct_fields__] + \
+    [("driver.options", name) for name in DriverOptions.__struct_fields__]
+TOML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+
+
+@given(key=st.sampled_from(KEYS), value=TOML_VALUES)
+@example(key=("driver", "device"), value=[["cpu"]])
+@example(key=("driver.options", "llm_kwargs"), value={"kv_cache_config": 3})
+@example(key=("driver", "random_seed"), value=2**64)
+@example(key=("driver.options", "kv_cache_free_gpu_memory_fraction"), value=1.0)
+def test_every_refusal_is_one_line_in_the_drivers_words(key: tuple[str, str], value: Any) -> None:
+    section, name = key
+    data = config()
+    table = data["model"] if section == "model" else data.setdefault("driver", {})
+    if section == "driver.options":
+        table = table.setdefault("options", {})
+    table[name] = value
+    try:
+        parse_config(data)
+    except StartupError as exc:
+        message = str(exc)
+        assert "\n" not in message and message.startswith("config: "), message
+        assert f"{section}.{name}" in message, message
+        assert "Expected `" not in message and "$." not in message, f"msgspec's own wording: {message}"
+
+
+def test_a_table_key_that_is_not_a_string_is_named() -> None:
+    assert startup_error(config(options={"llm_kwargs": {1: 2}})) == \
+        "config: driver.options.llm_kwargs key 1 is not a string"
+
+
+def test_a_pie_config_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "pie.toml"
+    path.write_text('[[model]]\nname = "a"\n[model.driver]\ntype = "trtllm"\n')
+    with pytest.raises(StartupError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"config: {path} is a Pie config ([[model]] entries)")

@@ -95,7 +95,7 @@ def test_configuration_table_matches_code() -> None:
 
 
 def config_keys() -> set[str]:
-    return {f"{section}.{name}" for section, cls in CONFIG_SECTIONS.items() for name in cls.__dataclass_fields__}
+    return {f"{section}.{name}" for section, cls in CONFIG_SECTIONS.items() for name in cls.__struct_fields__}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -114,7 +114,7 @@ def test_every_option_is_explained() -> None:
     words = set(re.findall(r"`([a-z_.]+)`", explained))
     missing = {key for key in config_keys() if key not in words and key.rpartition(".")[2] not in words}
     assert not missing, f"docs/configuration.md does not say what these keys do: {sorted(missing)}"
-    options = set(DriverOptions.__dataclass_fields__)
+    options = set(DriverOptions.__struct_fields__)
     words = set(re.findall(r"`([a-z_.]+)`", section(text, "What each option does")))
     unknown = {w for w in words if "_" in w and "." not in w and w not in options and w not in config_keys()
                and not re.search(r"\b" + re.escape(w) + r"\b", option_table_markdown())}
