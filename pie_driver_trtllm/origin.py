@@ -16,10 +16,10 @@ PACKAGE = "pie-driver-trtllm"
 NVIDIA_INDEX = "https://pypi.nvidia.com"
 
 
-def default_source() -> tuple[str, str]:
-    """(what to install, where that is): this copy's source checkout, else the wheel or folder it was
-    installed from, else the package name on the index."""
-    root = Path(__file__).resolve().parents[1]
+def default_source(root: Path | None = None) -> tuple[str, str]:
+    """(what to install, where that is): this copy's source checkout (`root`, by default the folder above
+    the package), else the wheel or folder it was installed from, else the package name on the index."""
+    root = root or Path(__file__).resolve().parents[1]
     pyproject = root / "pyproject.toml"
     if pyproject.is_file() and f'name = "{PACKAGE}"' in pyproject.read_text(encoding="utf-8"):
         return str(root), "the source checkout this tool runs from"

@@ -291,6 +291,28 @@ def test_install_recipe_installs_from_this_checkout(env: dict[str, str]) -> None
     assert "'pie-driver-trtllm[" not in done.stdout
 
 
+def test_a_copy_installed_from_a_wheel_names_that_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from importlib import metadata
+
+    from pie_driver_trtllm import origin
+
+    wheel = tmp_path / "pie_driver_trtllm-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+
+    class Installed:
+        def read_text(self, name: str) -> str | None:
+            return json.dumps({"url": wheel.as_uri()}) if name == "direct_url.json" else None
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Installed())
+    assert origin.default_source(tmp_path) == (str(wheel), "the wheel or folder this copy was installed from")
+
+    def not_installed(name: str) -> None:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", not_installed)
+    assert origin.default_source(tmp_path) == ("pie-driver-trtllm", "the package index")
+
+
 def test_install_with_a_python_that_does_not_exist(env: dict[str, str], tmp_path: Path) -> None:
     one_error(cli(env, "install", str(tmp_path / "v"), "--run", "--python", "3.99"), 2,
               "--python 3.99: not found")

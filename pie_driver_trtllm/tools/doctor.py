@@ -94,11 +94,11 @@ def _last_line(text: str) -> str:
 
 def _read_config(path: Path) -> tuple[str, list[str], dict[str, Any], Path | None, list[Check]]:
     """(engine, devices, options, snapshot dir, checks) of a driver TOML or a full Pie config."""
-    from pie_driver_trtllm.config import ENGINE_ALIASES, StartupError, load_config
+    from pie_driver_trtllm.config import ENGINE_ALIASES, StartupError, is_pie_config, load_config
     from pie_driver_trtllm.tools.pie_config import format_problem, load_pie_config
 
     try:
-        is_pie = isinstance(tomllib.loads(path.read_text(encoding="utf-8")).get("model"), list)
+        is_pie = is_pie_config(tomllib.loads(path.read_text(encoding="utf-8")))
     except Exception:
         is_pie = False
     if is_pie:
