@@ -273,6 +273,18 @@ def test_validate_startup_file_runs_the_checks_serve_runs(env: dict[str, str], t
     assert done.returncode == 0 and done.stdout.strip() == f"✓ {config}: a valid driver startup file"
 
 
+def test_validate_names_every_problem_behind_an_empty_snapshot_dir(env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "driver.toml"
+    config.write_text('[model]\nsnapshot_dir = ""\n\n[driver]\ndevice = []\n\n[driver.options]\n'
+                      'lookahead_tokens = 99\nllm_kwargs = { "not ok" = 1 }\n')
+    done = cli(env, "validate", str(config))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    located = [line for line in done.stderr.splitlines() if line.startswith(f"{config}:")]
+    assert [line.split(":")[1] for line in located] == ["2", "5", "8", "9"], done.stderr
+    assert "model.snapshot_dir is required" in located[0] and "driver.device = [] is empty" in located[1]
+    assert "lookahead_tokens = 99" in located[2] and "'not ok' is not a Python identifier" in located[3]
+
+
 def test_validate_refuses_a_drivers_toml(env: dict[str, str], tmp_path: Path) -> None:
     path = tmp_path / "drivers.toml"
     path.write_text('[driver.tensorrt_llm]\nvenv = "/opt/v"\n')

@@ -165,7 +165,10 @@ def startup_problems(data: dict[str, Any]) -> list[tuple[str, str, str]]:
             found.append((table, key, message))
             holder: Any = data
             for part in table.split("."):
-                holder = holder.get(part) if isinstance(holder, dict) else None
+                holder = holder.setdefault(part, {}) if isinstance(holder, dict) else None
+            if isinstance(holder, dict) and message.startswith(f"{table}.{key} is required"):
+                holder[key] = "<required>"  # dropping a required key would only bring the same problem back
+                continue
             if not isinstance(holder, dict) or key not in holder:
                 break
             del holder[key]
