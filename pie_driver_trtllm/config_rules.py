@@ -132,6 +132,8 @@ def explain(exc: msgspec.ValidationError, data: Any, root: type) -> str:
         return f"{name} = {value!r} has type {type(value).__name__}; expected {rule.kinds}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"{name} = {value!r} is not a finite number"
+    if rule.below and value == rule.hi:  # the one value a reader of "0.01 to 1.0" would try
+        return f"{name} = {value!r} must be smaller than {rule.hi}"
     if re.match(r"Expected `\w+` [<>]", what):
         return f"{name} = {value!r} is out of range; expected {_bounds(rule)}"
     return f"{name or 'the document'}: {what}"  # msgspec's own words: still one line

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_config
 
 from pie_driver_trtllm.benchmarks.cli import target_table
 
@@ -141,6 +142,25 @@ def test_the_driver_without_tensorrt_llm_installs_from_where_it_came_from(env: d
     assert len(done.stderr.splitlines()) == 1
     assert f"`{sys.executable} -m pip install '{ROOT}[tensorrt]' --extra-index-url https://pypi.nvidia.com`" in line
     assert "'pie-driver-trtllm[" not in line  # a name no index has
+
+
+@pytest.mark.slow
+def test_the_driver_with_handshake_fd_1_writes_the_handshake_to_stdout(env: dict[str, str], tiny_model: Path,
+                                                                       tmp_path: Path) -> None:
+    config = write_config(tmp_path, tiny_model)
+    process = subprocess.Popen([sys.executable, "-m", "pie_driver_trtllm", "--config", str(config),
+                                "--handshake-fd", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        assert "endpoint" in json.loads(process.stdout.readline())
+        assert json.loads(process.stdout.readline())["ready"] is True
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and '"ready"' not in err, err
 
 
 def test_make_model_onto_a_file(env: dict[str, str], tmp_path: Path) -> None:
