@@ -45,9 +45,28 @@ class RowResult:
     code: str = "ENGINE_ERROR"                               # the protocol code for `error`
 
 
+class WeightsLoadError(Exception):
+    """A `load_weights` that failed. `serving_previous`: the old weights are intact and still served;
+    False: the swap itself failed part way, and the engine refuses every `step` until a load succeeds."""
+
+    def __init__(self, message: str, serving_previous: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.serving_previous = serving_previous
+
+
 class Engine(Protocol):
-    """What the core drives. An engine may also offer `stats() -> dict`: counters that the driver's
-    `stats` op reports under `engine`."""
+    """What the core drives. Optional methods (an engine without one makes its op `UNSUPPORTED`):
+
+    - `stats() -> dict`: counters that the driver's `stats` op reports under `engine`; where the engine
+      can count them, `prompt_tokens_computed`: tokens whose KV it computed other than by a one-token
+      decode step (prefill and replay).
+    - `load_weights(path: str) -> None`: replace the weights in place from a directory of safetensors of
+      the same architecture, validated and staged whole before any live weight changes, and drop every
+      cached KV of every context (the next step replays from history). Raises `WeightsLoadError`.
+    - `sleep(level: int) -> None`: 1 frees the KV cache; 2 also moves the weights to host memory.
+      `wake() -> None` restores them; the KV cache starts empty, so contexts replay from history.
+    """
 
     kind: str
     version: str
