@@ -103,3 +103,18 @@ def common_prefix(cached: list[int], tokens: list[int], end: int) -> int:
         else:
             hi = mid
     return lo
+
+
+RL_OPS = ("load_weights", "sleep", "wake")
+
+
+def rl_ops(engine: object) -> list[str]:
+    """The optional weight and memory ops `engine` offers, by protocol op name."""
+    return [op for op in RL_OPS if callable(getattr(engine, op, None))]
+
+
+def sleep_levels(engine: object) -> list[int]:
+    """The `sleep` levels `engine` offers (both, unless it says otherwise)."""
+    if not callable(getattr(engine, "sleep", None)):
+        return []
+    return list(getattr(engine, "sleep_levels", (1, 2)))
