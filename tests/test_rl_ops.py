@@ -318,3 +318,58 @@ def harness_limits(model):
     if model not in _LIMITS:
         _LIMITS[model] = harness(model).limits
     return _LIMITS[model]
+
+
+def _outcome(index, ok, serving_previous=True):
+    from pie_driver_trtllm.client import ErrorInfo, Reply
+    from pie_driver_trtllm.replicas.weights import Outcome
+
+    reply = Reply(1, True, {"weights_version": 1}) if ok else \
+        Reply(1, False, {}, ErrorInfo("WEIGHTS_LOAD_FAILED", "bad file", {"serving_previous": serving_previous}))
+    return Outcome(index, f"cuda:{index}", reply)
+
+
+def test_replicas_that_did_not_all_load_serve_no_weights_until_a_load_succeeds_on_all():
+    from pie_driver_trtllm.replicas.weights import FleetWeights
+
+    fleet = FleetWeights({"rl_ops": ["load_weights", "sleep", "wake"], "sleep_levels": [1, 2]}, [])
+    load = LoadWeights("/w", 1)
+    # Every replica refused before changing anything: the old version is still served everywhere.
+    with pytest.raises(DriverError) as refused:
+        fleet.loaded_by(load, [_outcome(0, False), _outcome(1, False)])
+    assert refused.value.details == {"serving_previous": True, "replicas_failed": [0, 1]}
+    assert fleet.refusal() is None and fleet.version == 0
+    # One loaded and one did not: two versions would be served, so none is.
+    with pytest.raises(DriverError) as split:
+        fleet.loaded_by(load, [_outcome(0, True), _outcome(1, False)])
+    assert split.value.details == {"serving_previous": False, "replicas_failed": [1]}
+    assert "replica 1 (cuda:1)" in split.value.message
+    refusal = fleet.refusal()
+    assert refusal is not None and refusal.code == "WEIGHTS_UNAVAILABLE" and "[1]" in refusal.message
+    assert fleet.health()["weights"] == "unavailable"
+    # A replica that died meanwhile counts as failed.
+    from pie_driver_trtllm.replicas.weights import Outcome
+
+    with pytest.raises(DriverError):
+        fleet.loaded_by(LoadWeights("/w", 2), [_outcome(0, True), Outcome(1, "cuda:1", None)])
+    assert fleet.refusal() is not None
+    assert fleet.loaded_by(LoadWeights("/w", 3), [_outcome(0, True), _outcome(1, True)]) == {"weights_version": 3}
+    assert fleet.refusal() is None and fleet.health() == {"weights_version": 3, "weights": "serving", "asleep": 0}
+
+
+@pytest.mark.parametrize("loads", [True, False])
+def test_a_replica_restarted_after_a_load_gets_the_loaded_weights_before_it_serves(loads):
+    from pie_driver_trtllm.replicas.pool import Replica
+    from pie_driver_trtllm.replicas.weights import FleetWeights
+
+    replica = Replica(0, "cuda:0", process=object(), alive=True)  # type: ignore[arg-type]
+    fleet = FleetWeights({"rl_ops": ["load_weights", "sleep", "wake"], "sleep_levels": [1, 2]}, [replica])
+    fleet.loaded_by(LoadWeights("/w", 3), [_outcome(0, True)])
+    fleet.asleep = 1
+    calls = []
+    fleet.catch_up([replica], lambda r, op, **fields: calls.append((op, fields)) or loads)
+    assert calls == []  # the same process: nothing to catch up
+    replica.process = object()  # type: ignore[assignment]  # restarted, on its startup weights
+    fleet.catch_up([replica], lambda r, op, **fields: calls.append((op, fields)) or loads)
+    assert calls == [("load_weights", {"path": "/w", "version": 3}), ("sleep", {"level": 1})]
+    assert (fleet.unavailable is None) == loads

@@ -142,7 +142,7 @@ class BatchedLlama:
         self._graphs.clear()
         self._pool = None
         self.model.to(device)
-        if torch.device(device) == self.device:
+        if torch.device(device).type == self.device.type:
             self._fuse()
 
     def refill_fused(self) -> None:
