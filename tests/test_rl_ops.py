@@ -31,7 +31,7 @@ from pie_driver_trtllm.wire.codec import (
     Wake,
     decode_frame,
 )
-from pie_driver_trtllm.wire.errors import DriverError
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 KINDS = {  # engine kind -> (lookahead tokens, the batched path's overlap forced on)
     "batched-lookahead": (4, False),
@@ -332,7 +332,7 @@ def _outcome(index, ok, serving_previous=True):
 def test_replicas_that_did_not_all_load_serve_no_weights_until_a_load_succeeds_on_all():
     from pie_driver_trtllm.replicas.weights import FleetWeights
 
-    fleet = FleetWeights({"rl_ops": ["load_weights", "sleep", "wake"], "sleep_levels": [1, 2]}, [])
+    fleet = FleetWeights()
     load = LoadWeights("/w", 1)
     # Every replica refused before changing anything: the old version is still served everywhere.
     with pytest.raises(DriverError) as refused:
@@ -363,13 +363,20 @@ def test_a_replica_restarted_after_a_load_gets_the_loaded_weights_before_it_serv
     from pie_driver_trtllm.replicas.weights import FleetWeights
 
     replica = Replica(0, "cuda:0", process=object(), alive=True)  # type: ignore[arg-type]
-    fleet = FleetWeights({"rl_ops": ["load_weights", "sleep", "wake"], "sleep_levels": [1, 2]}, [replica])
+    fleet = FleetWeights()
+    fleet.catch_up([replica], lambda r, op, **fields: pytest.fail("nothing to catch up at start-up"))
     fleet.loaded_by(LoadWeights("/w", 3), [_outcome(0, True)])
     fleet.asleep = 1
     calls = []
-    fleet.catch_up([replica], lambda r, op, **fields: calls.append((op, fields)) or loads)
+
+    def call(r, op, **fields):
+        calls.append((op, fields))
+        if not loads and op == "load_weights":
+            raise DriverError(ErrorCode.WEIGHTS_LOAD_FAILED, "bad file", serving_previous=True)
+
+    fleet.catch_up([replica], call)
     assert calls == []  # the same process: nothing to catch up
     replica.process = object()  # type: ignore[assignment]  # restarted, on its startup weights
-    fleet.catch_up([replica], lambda r, op, **fields: calls.append((op, fields)) or loads)
+    fleet.catch_up([replica], call)
     assert calls == [("load_weights", {"path": "/w", "version": 3}), ("sleep", {"level": 1})]
     assert (fleet.unavailable is None) == loads

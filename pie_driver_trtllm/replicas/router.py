@@ -74,7 +74,8 @@ class ReplicaSet:
         self._replica_caps = (caps["max_forward_requests"], caps["max_forward_tokens"])
         handshake["caps"] = {**router_caps(caps, len(devices)), "replicas": len(devices), "devices": list(devices)}
         self.handshake = handshake
-        self._weights = FleetWeights(caps, self.replicas)
+        self._weights.offered(caps)
+        self._weights.catch_up(self.replicas, self._call)  # records each replica's first process
 
     def _routing_state(self) -> None:
         """Where each context lives, and the counters of what the host sent and received."""
@@ -82,6 +83,7 @@ class ReplicaSet:
         self._lost: set[int] = set()
         self._ids = itertools.count(1)
         self._counters = HostCounters()
+        self._weights = FleetWeights()
         self._moves = 0  # counts every change of `_owner`
         self._split: tuple[int, list[int], Split] | None = None  # (moves, contexts, grouping) of the last forward
 
@@ -107,7 +109,7 @@ class ReplicaSet:
 
     def handle(self, request: Request) -> dict[str, Any]:
         self._pool.close_retired(kind="work")
-        self._weights.catch_up(self.replicas, self._call_reply)
+        self._weights.catch_up(self.replicas, self._call)
         body: Any = request.body
         if isinstance(body, Spliced | Forward):
             count = len(body.requests) if isinstance(body, Spliced) else len(body.items)
@@ -176,13 +178,6 @@ class ReplicaSet:
         replies = self._gather([(r.index, i) for r, i in sent if i is not None])
         return [Outcome(r.index, r.device, None if i is None or replies.get(i) is None
                         else parse_reply(replies[i][0])) for r, i in sent]  # type: ignore[index]
-
-    def _call_reply(self, replica: Replica, op: str, **fields: Any) -> bool:
-        try:
-            self._call(replica, op, **fields)
-        except DriverError:
-            return False
-        return True
 
     # ------------------------------------------------------------------ the one-pass path
 

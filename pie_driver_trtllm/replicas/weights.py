@@ -9,6 +9,7 @@ serves again.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,13 +52,17 @@ def send_to(replica: Replica, mark_dead: Callable[[Replica], None], op: str, fie
 
 
 class FleetWeights:
-    def __init__(self, caps: dict[str, Any], replicas: list[Replica]) -> None:
-        self.rl_ops, self.sleep_levels = caps.get("rl_ops", []), caps.get("sleep_levels", [])
+    def __init__(self) -> None:
+        self.rl_ops: list[str] = []     # what the replicas' engine offers (from their handshake)
+        self.sleep_levels: list[int] = []
         self.version = 0
         self.unavailable: str | None = None  # why no weights are served (a load that not all replicas made)
         self.asleep = 0
         self.loaded: LoadWeights | None = None  # the last load every replica made
-        self._started = {r.index: r.process for r in replicas}  # the process each replica's state is for
+        self._started: dict[int, Any] = {}  # the process each replica's weights and sleep are set for
+
+    def offered(self, caps: dict[str, Any]) -> None:
+        self.rl_ops, self.sleep_levels = caps.get("rl_ops", []), caps.get("sleep_levels", [])
 
     def run(self, op: str, body: LoadWeights | Sleep | Wake,
             broadcast: Callable[..., list[Outcome]]) -> dict[str, Any]:
@@ -73,19 +78,25 @@ class FleetWeights:
             return self.slept(body, broadcast(op, level=body.level))
         return self.woken(broadcast(op))
 
-    def catch_up(self, replicas: list[Replica], call: Callable[..., bool]) -> None:
+    def catch_up(self, replicas: list[Replica], call: Callable[..., Any]) -> None:
         """A replica restarted since its weights were set: give it the loaded weights and the sleep level
-        before it serves, or serve no weights (never two versions at once)."""
+        before it serves, or serve no weights (never two versions at once). `call(replica, op, **fields)`
+        raises DriverError when the op fails."""
         for replica in replicas:
-            if not replica.alive or replica.process is self._started[replica.index]:
+            process = getattr(replica, "process", None)
+            if not replica.alive or self._started.setdefault(replica.index, process) is process:
                 continue
-            self._started[replica.index] = replica.process
+            self._started[replica.index] = process
             loaded = self.loaded
-            if loaded is not None and not call(replica, "load_weights", path=loaded.path, version=loaded.version):
+            try:
+                if loaded is not None:
+                    call(replica, "load_weights", path=loaded.path, version=loaded.version)
+            except DriverError:
                 self.unavailable = (f"replica {replica.index} ({replica.device}) restarted on its startup weights "
                                     f"and could not load version {self.version}")
             if self.asleep:
-                call(replica, "sleep", level=self.asleep)
+                with contextlib.suppress(DriverError):  # forwards are refused while asleep anyway
+                    call(replica, "sleep", level=self.asleep)
 
     def refusal(self) -> DriverError | None:
         if self.asleep:
