@@ -65,7 +65,8 @@ class Engine(Protocol):
       the same architecture, validated and staged whole before any live weight changes, and drop every
       cached KV of every context (the next step replays from history). Raises `WeightsLoadError`.
     - `sleep(level: int) -> None`: 1 frees the KV cache; 2 also moves the weights to host memory.
-      `wake() -> None` restores them; the KV cache starts empty, so contexts replay from history.
+      `wake() -> None` restores them; the KV cache starts empty, so contexts replay from history. An
+      engine that offers only some levels says which in `sleep_levels` (default: both).
     """
 
     kind: str
