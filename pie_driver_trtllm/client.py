@@ -136,6 +136,17 @@ class DriverClient:
     def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.call("forward", requests=requests)["results"]
 
+    def load_weights(self, path: str, version: int) -> int:
+        """Replace the driver's weights from a safetensors directory; the version it now serves."""
+        return self.call("load_weights", path=path, version=version)["weights_version"]
+
+    def sleep(self, level: int) -> int:
+        """Free the KV cache (level 1), and move the weights to host memory (level 2)."""
+        return self.call("sleep", level=level)["asleep"]
+
+    def wake(self) -> int:
+        return self.call("wake")["asleep"]
+
     def generate(self, context: int, prompt: list[int], sampler: dict[str, Any], new_tokens: int, *,
                  max_tokens: int = 16, stop_token_ids: list[int] | tuple[int, ...] = (), start: int = 0,
                  return_logprobs: bool = False) -> Generated:

@@ -148,10 +148,11 @@ def test_a_decode_step_takes_the_fast_path() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(request_id=st.integers(0, 2**64 - 1), tokens=st.lists(st.integers(0, 2**32 - 1), max_size=40),
-       pad=st.sampled_from([0, 16, 65_536]))
-@example(request_id=0, tokens=[], pad=0)
-@example(request_id=2**64 - 1, tokens=[127, 128, 255, 256, 65_535, 65_536], pad=0)
-def test_token_replies_encode_to_the_general_bytes(request_id: int, tokens: list[int], pad: int) -> None:
+       pad=st.sampled_from([0, 16, 65_536]), weights_version=st.integers(0, 2**64 - 1))
+@example(request_id=0, tokens=[], pad=0, weights_version=0)
+@example(request_id=2**64 - 1, tokens=[127, 128, 255, 256, 65_535, 65_536], pad=0, weights_version=2**64 - 1)
+def test_token_replies_encode_to_the_general_bytes(request_id: int, tokens: list[int], pad: int,
+                                                   weights_version: int) -> None:
     tokens = tokens + [7] * pad  # array headers of every width
-    reply = ForwardTokens(tokens)
+    reply = ForwardTokens(tokens, weights_version)
     assert encode_ok(request_id, reply) == encode_ok(request_id, reply.as_map())

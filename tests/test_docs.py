@@ -37,7 +37,8 @@ PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 PACKAGE = ROOT / "pie_driver_trtllm"
 START = "<!-- config-table:start -->"
 END = "<!-- config-table:end -->"
-OPS = ("handshake", "forward", "fork", "truncate", "release", "health", "stats", "shutdown")
+OPS = ("handshake", "forward", "fork", "truncate", "release", "health", "stats", "shutdown", "load_weights", "sleep",
+       "wake")
 CONFIG_SECTIONS = {"model": ModelSection, "driver": DriverSection, "driver.options": DriverOptions}
 
 # Bare file names in the pages that are not part of this tree: other projects' sources (tensorrt-llm.md
@@ -354,8 +355,8 @@ def test_stats_fields_are_the_documented_ones(driver_replies) -> None:
 def test_health_fields_are_the_documented_ones(driver_replies) -> None:
     health = driver_replies["health"]
     documented = first_column(section(page_text(DOCS / "protocol.md"), "5.6 health"))
-    top, entry = documented[:3], set(documented[3:])
-    assert set(top) == set(health) and top[2] == "replicas"
+    top, entry = documented[:6], set(documented[6:])
+    assert set(top) == set(health) and top[5] == "replicas"
     one_device_only_sometimes = {"stuck_s"}  # while a call is stuck
     several_devices_only = {"restarts", "pid"}
     assert set(health["replicas"][0]) == entry - one_device_only_sometimes - several_devices_only

@@ -220,7 +220,7 @@ def test_a_steady_decode_loop_is_served_from_the_step_run_ahead(overlap_engines,
     # Decode steps 1 and 2 run when asked (the second confirms the loop); steps 3..7 were run ahead, each
     # launched by the step before it, and step 7 launched one more.
     assert (engine.ahead_hits, engine.ahead_launches) == (5, 6)
-    assert batched.core.stats()["engine"] == {"overlap_launches": 6, "overlap_hits": 5}
+    assert batched.core.stats()["engine"] == {"overlap_launches": 6, "overlap_hits": 5, "prompt_tokens_computed": 9}
     assert sorted(engine.slot_index(c) for c in histories) == [0, 1, 2] and engine.slot_index(99) is None
     assert len(calls) == 2 + 6
     assert calls[-1] == [len(h) - 1 for h in histories.values()]  # the last launch: each context's next position

@@ -124,3 +124,56 @@ def test_a_burst_between_loop_steps_does_not_leak_into_the_step_run_ahead(tiny_m
     assert [r.tokens for r in ahead.step(burst)] == [r.tokens for r in plain.step(burst)]
     rows = [Row(c, h, len(h), GREEDY) for c, h in histories.items()]
     assert [r.tokens for r in ahead.step(rows)] == [r.tokens for r in plain.step(rows)]
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory):
+    from pie_driver_trtllm.modelgen import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-seed1", "tiny", seed=1)
+
+
+def _decode(engine_, histories, steps):
+    for _ in range(steps):
+        rows = [Row(c, h, len(h), GREEDY) for c, h in histories.items()]
+        for h, result in zip(histories.values(), engine_.step(rows), strict=True):
+            h.append(result.tokens[0])
+
+
+def test_a_refit_on_cuda_keeps_the_graphs_and_gives_the_new_weights_tokens(tiny_model, second_model):
+    gpu, cpu = engine(tiny_model, "cuda:0", "float32"), engine(second_model, "cpu", "float32")
+    histories = {c: [c + 5, c + 6, c + 7] for c in range(3)}
+    _decode(gpu, histories, 6)
+    graphs = dict(gpu.decoder._graphs)
+    assert gpu._ahead is not None and gpu._ahead.output is not None  # a step ran ahead on the old weights
+    gpu.load_weights(str(second_model))
+    assert gpu.decoder._graphs == graphs  # the weights were copied in place: the same graphs serve
+    want = {c: list(h) for c, h in histories.items()}
+    _decode(gpu, histories, 6)
+    _decode(cpu, want, 6)
+    assert histories == want
+
+
+def test_sleep_frees_the_kv_cache_and_then_the_weights_and_wake_serves_again(tiny_model):
+    gpu, cpu = engine(tiny_model, "cuda:0", "float32"), engine(tiny_model, "cpu", "float32")
+    histories = {c: [c + 5, c + 6, c + 7] for c in range(3)}
+    _decode(gpu, histories, 4)
+    cache_bytes = sum(c.numel() * c.element_size() for c in gpu.decoder.cache)
+    weight_bytes = sum(p.numel() * p.element_size() for p in gpu.decoder.model.parameters())
+    torch.cuda.synchronize()
+    awake = torch.cuda.memory_allocated()
+    gpu.sleep(1)
+    level1 = torch.cuda.memory_allocated()
+    assert awake - level1 >= 0.9 * cache_bytes
+    gpu.sleep(2)
+    level2 = torch.cuda.memory_allocated()
+    assert level1 - level2 >= 0.9 * weight_bytes
+    with pytest.raises(RuntimeError, match="asleep"):
+        gpu.step([Row(1, histories[1], len(histories[1]), GREEDY)])
+    gpu.wake()
+    assert torch.cuda.memory_allocated() >= awake - 0.1 * (cache_bytes + weight_bytes)
+    want = {c: list(h) for c, h in histories.items()}
+    _decode(gpu, histories, 5)  # replayed from history, then graph-captured decode steps again
+    _decode(cpu, want, 5)
+    assert histories == want
+    assert gpu.decoder._graphs

@@ -17,8 +17,18 @@ from pie_driver_trtllm.core.decode_step import DecodePlan, finish_decode, plan_d
 from pie_driver_trtllm.core.histories import ContextStore, MergeResult
 from pie_driver_trtllm.core.lookahead import LookaheadBuffer
 from pie_driver_trtllm.core.runs import check_at_end, run_output, run_steps
-from pie_driver_trtllm.engines.base import Engine, Row, RowResult
-from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardItem, ForwardTokens, Release, Truncate
+from pie_driver_trtllm.engines.base import Engine, Row, RowResult, WeightsLoadError, rl_ops, sleep_levels
+from pie_driver_trtllm.wire.codec import (
+    Fork,
+    Forward,
+    ForwardItem,
+    ForwardTokens,
+    LoadWeights,
+    Release,
+    Sleep,
+    Truncate,
+    Wake,
+)
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 
@@ -67,6 +77,9 @@ class DriverCore:
         self.counters = Counters()
         self._max_len = engine.model.max_model_len
         self._rng = random.Random(random_seed) if random_seed is not None else random.SystemRandom()
+        self.weights_version = 0    # the version of the weights served (0: those it started with)
+        self.weights_serving = True  # False after a load that failed part way, until one succeeds
+        self.asleep = 0
 
     # ------------------------------------------------------------------ forward
 
@@ -74,6 +87,9 @@ class DriverCore:
 
     def forward(self, body: Forward) -> dict[str, Any]:
         """Plan, run and answer a forward on the calling thread."""
+        refused = self.refusal()
+        if refused is not None:
+            return self.refuse_forward(body, refused)
         step = self.plan_decode(body)
         if step is not None:
             reply = self.finish_decode(step, self.run_rows(step.rows) if step.rows else [])
@@ -102,6 +118,7 @@ class DriverCore:
                                   plan.rows, [(index, 0) for index in slots])
             return self.finish_forward(general, results)
         self.counters.tokens_out += len(reply.tokens)
+        reply.weights_version = self.weights_version
         return reply
 
     def plan_forward(self, body: Forward) -> ForwardPlan:
@@ -155,7 +172,7 @@ class DriverCore:
             else:
                 self.counters.tokens_out += len(plan.outputs[index])
                 replies.append({"ok": True, "outputs": plan.outputs[index]})
-        return {"results": replies}
+        return {"results": replies, "weights_version": self.weights_version}
 
     def _merge(self, item: ForwardItem, plan: ForwardPlan) -> MergeResult:
         if item.context in plan.planned:
@@ -283,6 +300,74 @@ class DriverCore:
         self.lookahead.drop(body.contexts)
         self.engine.drop(list(body.contexts))
         return {"released": len(released)}
+
+    # ------------------------------------------------------------------ weights and memory
+
+    def refusal(self) -> DriverError | None:
+        """Why no forward can run now (asleep, or no weights served), or None."""
+        if self.asleep:
+            return DriverError(ErrorCode.ASLEEP, f"the driver is asleep (level {self.asleep}); send wake first")
+        if not self.weights_serving:
+            return DriverError(ErrorCode.WEIGHTS_UNAVAILABLE, "no weights are served: the last load_weights "
+                               "failed part way; load weights again")
+        return None
+
+    def refuse_forward(self, body: Forward, error: DriverError) -> dict[str, Any]:
+        """Every request fails with `error` (or its own validation failure); no state changes."""
+        self.counters.requests += len(body.items)
+        replies = []
+        for item in body.items:
+            failure = item if isinstance(item, DriverError) else error
+            self.counters.error(failure.code)
+            replies.append({"ok": False, "error": failure.to_wire()})
+        return {"results": replies, "weights_version": self.weights_version}
+
+    def load_weights(self, body: LoadWeights) -> dict[str, Any]:
+        """Replace the weights. Every cached KV goes with the old weights, and so does the lookahead
+        buffer (its tokens came from them)."""
+        self._check_supported("load_weights")
+        if self.asleep == 2:
+            raise DriverError(ErrorCode.ASLEEP, "the weights are in host memory (asleep at level 2); "
+                              "wake first, or sleep at level 1, then load")
+        try:
+            self.engine.load_weights(body.path)  # type: ignore[attr-defined]
+        except WeightsLoadError as exc:
+            if not exc.serving_previous:
+                self.weights_serving = False
+                self.lookahead.clear()
+            raise DriverError(ErrorCode.WEIGHTS_LOAD_FAILED, exc.message,
+                              serving_previous=exc.serving_previous) from None
+        except Exception as exc:  # an engine failure other than a refused load: assume the worst
+            self.weights_serving = False
+            self.lookahead.clear()
+            raise DriverError(ErrorCode.WEIGHTS_LOAD_FAILED, f"{type(exc).__name__}: {exc}",
+                              serving_previous=False) from None
+        self.lookahead.clear()
+        self.weights_version, self.weights_serving = body.version, True
+        return {"weights_version": body.version}
+
+    def sleep(self, body: Sleep) -> dict[str, Any]:
+        self._check_supported("sleep")
+        if body.level not in sleep_levels(self.engine):
+            raise DriverError(ErrorCode.UNSUPPORTED, f"sleep level {body.level} is not supported by this engine")
+        self.engine.sleep(body.level)  # type: ignore[attr-defined]
+        self.asleep = body.level
+        return {"asleep": body.level}
+
+    def wake(self, body: Wake) -> dict[str, Any]:
+        self._check_supported("wake")
+        if self.asleep:
+            self.engine.wake()  # type: ignore[attr-defined]
+            self.asleep = 0
+        return {"asleep": 0}
+
+    def _check_supported(self, op: str) -> None:
+        if op not in rl_ops(self.engine):
+            raise DriverError(ErrorCode.UNSUPPORTED, f"{op} is not supported by the {self.engine.kind} engine")
+
+    def weights_health(self) -> dict[str, Any]:
+        return {"weights_version": self.weights_version,
+                "weights": "serving" if self.weights_serving else "unavailable", "asleep": self.asleep}
 
     def stats(self) -> dict[str, Any]:
         c = self.counters

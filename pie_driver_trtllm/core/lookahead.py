@@ -55,3 +55,7 @@ class LookaheadBuffer:
     def drop(self, contexts: list[int] | tuple[int, ...]) -> None:
         for context in contexts:
             self._predictions.pop(context, None)
+
+    def clear(self) -> None:
+        """Forget every prediction (they came from weights that are no longer served)."""
+        self._predictions.clear()

@@ -45,9 +45,29 @@ class RowResult:
     code: str = "ENGINE_ERROR"                               # the protocol code for `error`
 
 
+class WeightsLoadError(Exception):
+    """A `load_weights` that failed. `serving_previous`: the old weights are intact and still served;
+    False: the swap itself failed part way, and the engine refuses every `step` until a load succeeds."""
+
+    def __init__(self, message: str, serving_previous: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.serving_previous = serving_previous
+
+
 class Engine(Protocol):
-    """What the core drives. An engine may also offer `stats() -> dict`: counters that the driver's
-    `stats` op reports under `engine`."""
+    """What the core drives. Optional methods (an engine without one makes its op `UNSUPPORTED`):
+
+    - `stats() -> dict`: counters that the driver's `stats` op reports under `engine`; where the engine
+      can count them, `prompt_tokens_computed`: tokens whose KV it computed other than by a one-token
+      decode step (prefill and replay).
+    - `load_weights(path: str) -> None`: replace the weights in place from a directory of safetensors of
+      the same architecture, validated and staged whole before any live weight changes, and drop every
+      cached KV of every context (the next step replays from history). Raises `WeightsLoadError`.
+    - `sleep(level: int) -> None`: 1 frees the KV cache; 2 also moves the weights to host memory.
+      `wake() -> None` restores them; the KV cache starts empty, so contexts replay from history. An
+      engine that offers only some levels says which in `sleep_levels` (default: both).
+    """
 
     kind: str
     version: str
@@ -84,3 +104,18 @@ def common_prefix(cached: list[int], tokens: list[int], end: int) -> int:
         else:
             hi = mid
     return lo
+
+
+RL_OPS = ("load_weights", "sleep", "wake")
+
+
+def rl_ops(engine: object) -> list[str]:
+    """The optional weight and memory ops `engine` offers, by protocol op name."""
+    return [op for op in RL_OPS if callable(getattr(engine, op, None))]
+
+
+def sleep_levels(engine: object) -> list[int]:
+    """The `sleep` levels `engine` offers (both, unless it says otherwise)."""
+    if not callable(getattr(engine, "sleep", None)):
+        return []
+    return list(getattr(engine, "sleep_levels", (1, 2)))

@@ -9,6 +9,7 @@ list of `name:value` pairs:
   importable, else MemoryError), so the core's split-in-halves retry can isolate the row.
 - `hang_on_token:T`: such a step sleeps `hang_s` seconds first (default 5), then runs normally.
 - `hang_s:S`: the length of that sleep.
+- `load_delay_s:S`: a `load_weights` sleeps S seconds before it loads.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from __future__ import annotations
 import time
 
 from pie_driver_trtllm.config import StartupError
-from pie_driver_trtllm.engines.base import Engine, Row, RowResult
+from pie_driver_trtllm.engines.base import Engine, Row, RowResult, rl_ops, sleep_levels
 
 ENV_VAR = "PIE_DRIVER_FAULTS"
-_KEYS = ("raise_on_token", "oom_on_token", "hang_on_token", "hang_s")
+_KEYS = ("raise_on_token", "oom_on_token", "hang_on_token", "hang_s", "load_delay_s")
 
 
 def parse_faults(spec: str) -> dict[str, float]:
@@ -53,6 +54,17 @@ class FaultyEngine:
         self.faults = faults
         self.kind, self.version, self.execution_mode = inner.kind, inner.version, inner.execution_mode
         self.model, self.samplers = inner.model, inner.samplers
+        for op in rl_ops(inner):
+            setattr(self, op, getattr(inner, op))
+        if "load_weights" in rl_ops(inner):
+            self.load_weights = self._load_weights
+        self.sleep_levels = sleep_levels(inner)
+        if callable(getattr(inner, "stats", None)):
+            self.stats = inner.stats  # type: ignore[attr-defined]
+
+    def _load_weights(self, path: str) -> None:
+        time.sleep(self.faults.get("load_delay_s", 0.0))
+        self.inner.load_weights(path)  # type: ignore[attr-defined]
 
     def _triggered(self, name: str, rows: list[Row]) -> bool:
         token = self.faults.get(name)

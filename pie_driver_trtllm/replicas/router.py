@@ -42,15 +42,19 @@ from pie_driver_trtllm.replicas.splice import (
     encode_share,
     token_bound,
 )
+from pie_driver_trtllm.replicas.weights import FleetWeights, Outcome, send_to
 from pie_driver_trtllm.serving.backend import Pending
 from pie_driver_trtllm.wire.codec import (
     Fork,
     Forward,
     ForwardItem,
     Limits,
+    LoadWeights,
     Release,
     Request,
+    Sleep,
     Truncate,
+    Wake,
     decode_frame,
     encode_forward,
 )
@@ -70,6 +74,8 @@ class ReplicaSet:
         self._replica_caps = (caps["max_forward_requests"], caps["max_forward_tokens"])
         handshake["caps"] = {**router_caps(caps, len(devices)), "replicas": len(devices), "devices": list(devices)}
         self.handshake = handshake
+        self._weights.offered(caps)
+        self._weights.catch_up(self.replicas, self._call)  # records each replica's first process
 
     def _routing_state(self) -> None:
         """Where each context lives, and the counters of what the host sent and received."""
@@ -77,6 +83,7 @@ class ReplicaSet:
         self._lost: set[int] = set()
         self._ids = itertools.count(1)
         self._counters = HostCounters()
+        self._weights = FleetWeights()
         self._moves = 0  # counts every change of `_owner`
         self._split: tuple[int, list[int], Split] | None = None  # (moves, contexts, grouping) of the last forward
 
@@ -102,14 +109,24 @@ class ReplicaSet:
 
     def handle(self, request: Request) -> dict[str, Any]:
         self._pool.close_retired(kind="work")
+        self._weights.catch_up(self.replicas, self._call)
         body: Any = request.body
-        if isinstance(body, Spliced):
-            self._counters.add_requests(len(body.requests))
-            results = self._forward_spliced(body)
-            return {"results": results if results is not None else self._forward(body.items)}
-        if isinstance(body, Forward):
-            self._counters.add_requests(len(body.items))
-            return {"results": self._forward(body.items)}
+        if isinstance(body, Spliced | Forward):
+            count = len(body.requests) if isinstance(body, Spliced) else len(body.items)
+            self._counters.add_requests(count)
+            refused = self._weights.refusal()
+            if refused is not None:
+                failures = [_failed(refused)] * count
+                self._counters.add_failures(failures)  # type: ignore[arg-type]
+                return {"results": failures, "weights_version": self._weights.version}
+            if isinstance(body, Spliced):
+                results = self._forward_spliced(body)
+                results = results if results is not None else self._forward(body.items)
+            else:
+                results = self._forward(body.items)
+            return {"results": results, "weights_version": self._weights.version}
+        if isinstance(body, LoadWeights | Sleep | Wake):
+            return self._weights.run(request.op, body, self._broadcast)
         if isinstance(body, Fork):
             return self._fork(body)
         if isinstance(body, Truncate):
@@ -124,7 +141,9 @@ class ReplicaSet:
             replicas = [{"device": r.device, "alive": r.alive, "contexts": len(r.contexts),
                          "restarts": r.restarts, "pid": r.process.process.pid if r.process else None}
                         for r in self.replicas]
-        return {"status": "ok" if all(r["alive"] for r in replicas) else "degraded", "replicas": replicas}
+        weights = self._weights.health()
+        ok = all(r["alive"] for r in replicas) and weights["weights"] == "serving"
+        return {"status": "ok" if ok else "degraded", **weights, "replicas": replicas}
 
     def stats(self) -> dict[str, Any]:
         """`requests` and `errors` as the host sent and received them; the rest summed over the replicas."""
@@ -150,6 +169,15 @@ class ReplicaSet:
 
     def count_error(self, code: str) -> None:
         self._counters.add_error(code)
+
+    # ------------------------------------------------------------------ weights and sleep, on every replica
+
+    def _broadcast(self, op: str, **fields: Any) -> list[Outcome]:
+        """`op` sent to every replica at once; each one's reply (None: down, or died meanwhile)."""
+        sent = [(replica, send_to(replica, self._pool.mark_dead, op, fields)) for replica in self.replicas]
+        replies = self._gather([(r.index, i) for r, i in sent if i is not None])
+        return [Outcome(r.index, r.device, None if i is None or replies.get(i) is None
+                        else parse_reply(replies[i][0])) for r, i in sent]  # type: ignore[index]
 
     # ------------------------------------------------------------------ the one-pass path
 

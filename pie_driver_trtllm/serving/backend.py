@@ -14,8 +14,20 @@ from typing import Any
 from pie_driver_trtllm.core.decode_step import DecodePlan
 from pie_driver_trtllm.core.driver_core import DriverCore, ForwardPlan
 from pie_driver_trtllm.serving.engine_guard import GuardedEngine
-from pie_driver_trtllm.wire.codec import Fork, Forward, ForwardTokens, Limits, Release, Request, Truncate, decode_frame
-from pie_driver_trtllm.wire.errors import ErrorCode
+from pie_driver_trtllm.wire.codec import (
+    Fork,
+    Forward,
+    ForwardTokens,
+    Limits,
+    LoadWeights,
+    Release,
+    Request,
+    Sleep,
+    Truncate,
+    Wake,
+    decode_frame,
+)
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 
 @dataclass
@@ -50,10 +62,26 @@ class LocalBackend:
             return self.core.truncate(body)
         if isinstance(body, Release):
             return self.core.release(body)
+        if isinstance(body, LoadWeights | Sleep | Wake):
+            return self._slow_state_op(body)
         raise AssertionError(f"op {request.op!r} reached the backend")  # the server answers the others
+
+    def _slow_state_op(self, body: LoadWeights | Sleep | Wake) -> Pending:
+        """A weight load, sleep or wake: it may take seconds, so it runs like a forward's engine call
+        (the standby thread answers `health` and `stats` meanwhile), with no deadline."""
+        refused = self.engine.refusal()
+        if refused is not None:
+            raise DriverError(ErrorCode.ENGINE_ERROR, str(refused))
+        core = self.core
+        run = core.load_weights if isinstance(body, LoadWeights) else core.sleep if isinstance(body, Sleep) \
+            else core.wake
+        return Pending(run=lambda: run(body), finish=lambda reply: reply, expire=lambda: None)  # type: ignore[arg-type]
 
     def _forward(self, body: Forward) -> dict[str, Any] | ForwardTokens | Pending:
         core, engine = self.core, self.engine
+        refused = core.refusal()
+        if refused is not None:
+            return core.refuse_forward(body, refused)
         step = core.plan_decode(body)
         if step is not None:
             return self._decode(step)
@@ -99,7 +127,8 @@ class LocalBackend:
         stuck_for = self.engine.stuck_for_s
         if stuck_for is not None:
             replica.update(engine="stuck", stuck_s=round(stuck_for, 3))
-        return {"status": "ok" if stuck_for is None else "degraded", "replicas": [replica]}
+        status = "ok" if stuck_for is None and self.core.weights_serving else "degraded"
+        return {"status": status, **self.core.weights_health(), "replicas": [replica]}
 
     def stats(self) -> dict[str, Any]:
         return {**self.core.stats(), "engine_timeouts": self.engine.timeouts}

@@ -19,7 +19,7 @@ from pie_driver_trtllm import DRIVER_NAME, PROTOCOL_MINOR, PROTOCOL_VERSION, __v
 from pie_driver_trtllm.config import DriverConfig, StartupError, load_config
 from pie_driver_trtllm.core.driver_core import DriverCore
 from pie_driver_trtllm.engines import load_engine
-from pie_driver_trtllm.engines.base import Engine
+from pie_driver_trtllm.engines.base import Engine, rl_ops, sleep_levels
 from pie_driver_trtllm.engines.faults import ENV_VAR as FAULTS_ENV_VAR
 from pie_driver_trtllm.engines.tensorrt_llm.startup import ensure_library_path, require_package
 from pie_driver_trtllm.replicas.router import ReplicaSet
@@ -55,6 +55,7 @@ def build_caps(config: DriverConfig, engine: Engine, limits: Limits) -> dict[str
         "tensor_parallel_size": 1, "replicas": len(config.driver.device), "devices": list(config.driver.device),
         "arch_name": engine.model.arch_name, "vocab_size": engine.model.vocab_size,
         "max_model_len": engine.model.max_model_len, "snapshot_dir": config.model.snapshot_dir,
+        "rl_ops": rl_ops(engine), "sleep_levels": sleep_levels(engine),
     }
 
 

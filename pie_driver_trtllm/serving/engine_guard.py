@@ -10,13 +10,14 @@ the queued calls are applied.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pie_driver_trtllm.engines.base import Engine, Row, RowResult
+from pie_driver_trtllm.engines.base import Engine, Row, RowResult, rl_ops, sleep_levels
 
 T = TypeVar("T")
 
@@ -50,6 +51,9 @@ class GuardedEngine:
         self._current: _Call | None = None
         self._stuck: _Call | None = None  # the call that overran its deadline and has not returned
         self._deferred_drops: set[int] = set()
+        for op in rl_ops(engine):  # offered only where the engine offers them; no deadline applies
+            setattr(self, op, functools.partial(self._unwatched, getattr(engine, op)))
+        self.sleep_levels = sleep_levels(engine)
 
     @property
     def stuck_for_s(self) -> float | None:
@@ -82,6 +86,11 @@ class GuardedEngine:
                 if self._stuck is current:
                     self._recover(current)
                     raise Abandoned("the engine call returned after its deadline; its results are dropped")
+
+    def _unwatched(self, method: Callable[..., T], *args: Any) -> T:
+        """An engine call without a step's deadline (a weight load, sleep, wake), refused while a step is
+        stuck."""
+        return self.call(lambda: method(*args), set())
 
     def expire(self) -> EngineUnresponsive | None:
         """At the deadline: fence the engine off and return the error for the call's rows, or None when

@@ -10,7 +10,7 @@ fields are known to be well typed and within the model's limits.
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -23,9 +23,12 @@ from pie_driver_trtllm.wire.messages import (
     Forward,
     ForwardItem,
     FrameRejected,
+    LoadWeights,
     Release,
     Request,
+    Sleep,
     Truncate,
+    Wake,
     is_uint,
 )
 from pie_driver_trtllm.wire.samplers import (
@@ -40,11 +43,12 @@ from pie_driver_trtllm.wire.samplers import (
 )
 
 # Re-exported: inner code imports the validated objects and the samplers from here.
-__all__ = ["ALL_SAMPLERS", "TOKEN_SAMPLERS", "Fork", "Forward", "ForwardItem", "FrameRejected", "Limits", "Release",
-           "Request", "Sampler", "Truncate"]
+__all__ = ["ALL_SAMPLERS", "TOKEN_SAMPLERS", "Fork", "Forward", "ForwardItem", "FrameRejected", "Limits",
+           "LoadWeights", "Release", "Request", "Sampler", "Sleep", "Truncate", "Wake"]
 
 CONTROL_OPS = frozenset({"handshake", "health", "stats"})
-STATE_OPS = frozenset({"forward", "fork", "truncate", "release", "shutdown"})
+STATE_OPS = frozenset({"forward", "fork", "truncate", "release", "load_weights", "sleep", "wake", "shutdown"})
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 
 # ---------------------------------------------------------------- wire shapes (decoded by msgspec)
@@ -80,8 +84,22 @@ class _Release(_Op):
     contexts: list[U64]
 
 
+class _LoadWeights(_Op):
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PATH_CHARS)]
+    version: U64
+
+
+class _Sleep(_Op):
+    level: Literal[1, 2]
+
+
+class _Wake(_Op):
+    pass
+
+
 _OP_TYPES: dict[str, type[_Op]] = {"forward": _Forward, "fork": _Fork, "truncate": _Truncate,
-                                   "release": _Release}
+                                   "release": _Release, "load_weights": _LoadWeights, "sleep": _Sleep,
+                                   "wake": _Wake}
 _header_decoder = msgspec.msgpack.Decoder(_Header)
 _op_decoders = {op: msgspec.msgpack.Decoder(t) for op, t in _OP_TYPES.items()}
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
@@ -139,6 +157,14 @@ def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
         return Request(request_id, op, Fork(wire.src, wire.dst, wire.length))
     if isinstance(wire, _Truncate):
         return Request(request_id, op, Truncate(wire.context, wire.length))
+    if isinstance(wire, _LoadWeights):
+        if "\0" in wire.path:
+            raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, "load_weights: path holds a NUL"))
+        return Request(request_id, op, LoadWeights(wire.path, wire.version))
+    if isinstance(wire, _Sleep):
+        return Request(request_id, op, Sleep(wire.level))
+    if isinstance(wire, _Wake):
+        return Request(request_id, op, Wake())
     assert isinstance(wire, _Release)
     return Request(request_id, op, Release(tuple(wire.contexts)))
 
@@ -256,15 +282,18 @@ def _forward_item(wire: Any, limits: Limits) -> ForwardItem:
 
 class ForwardTokens:
     """A forward's result when every request got one token: `{"results": [{"ok": true, "outputs":
-    [{"token": t}]}, ...]}`, kept as the list of tokens and encoded without building those maps."""
+    [{"token": t}]}, ...], "weights_version": w}`, kept as the list of tokens and encoded without building
+    those maps."""
 
-    __slots__ = ("tokens",)
+    __slots__ = ("tokens", "weights_version")
 
-    def __init__(self, tokens: list[int]) -> None:
+    def __init__(self, tokens: list[int], weights_version: int = 0) -> None:
         self.tokens = tokens
+        self.weights_version = weights_version
 
     def as_map(self) -> dict[str, Any]:
-        return {"results": [{"ok": True, "outputs": [{"token": t}]} for t in self.tokens]}
+        return {"results": [{"ok": True, "outputs": [{"token": t}]} for t in self.tokens],
+                "weights_version": self.weights_version}
 
 
 class _TokenResults(dict[int, bytes]):
@@ -282,22 +311,24 @@ _token_results = _TokenResults()
 
 def encode_ok(request_id: int, result: dict[str, Any] | ForwardTokens) -> bytes:
     if type(result) is ForwardTokens:
-        return _encode_tokens(request_id, result.tokens)
+        return _encode_tokens(request_id, result.tokens, result.weights_version)
     return _encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **result})
 
 
-# {"v": 1, "id": <id>, "ok": true, "results": <array>} around the id, as msgspec writes that map.
-_REPLY_HEAD = b"\x84" + b"".join(map(_encoder.encode, ("v", PROTOCOL_VERSION, "id")))
+# {"v": 1, "id": <id>, "ok": true, "results": <array>, "weights_version": <w>} around the id, the array
+# and the version, as msgspec writes that map.
+_REPLY_HEAD = b"\x85" + b"".join(map(_encoder.encode, ("v", PROTOCOL_VERSION, "id")))
 _REPLY_MIDDLE = b"".join(map(_encoder.encode, ("ok", True, "results")))
+_REPLY_VERSION = _encoder.encode("weights_version")
 
 
-def _encode_tokens(request_id: int, tokens: list[int]) -> bytes:
-    """The bytes `encode_ok(request_id, ForwardTokens(tokens).as_map())` gives, joined from pieces."""
+def _encode_tokens(request_id: int, tokens: list[int], weights_version: int) -> bytes:
+    """The bytes `encode_ok(request_id, ForwardTokens(tokens, w).as_map())` gives, joined from pieces."""
     n = len(tokens)
     count = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 \
         else b"\xdd" + n.to_bytes(4, "big")
     return b"".join((_REPLY_HEAD, _encoder.encode(request_id), _REPLY_MIDDLE, count,
-                     *map(_token_results.__getitem__, tokens)))
+                     *map(_token_results.__getitem__, tokens), _REPLY_VERSION, _encoder.encode(weights_version)))
 
 
 def encode_error(request_id: int | None, error: DriverError) -> bytes:

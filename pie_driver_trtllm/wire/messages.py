@@ -44,6 +44,22 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadWeights:
+    path: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class Forward:
     items: list[ForwardItem | DriverError]  # a bad request fails alone, so it stays in its slot
 
@@ -52,8 +68,7 @@ class Forward:
 class Request:
     id: int
     op: str
-    body: Forward | Fork | Truncate | Release | None = None
-
+    body: Forward | Fork | Truncate | Release | LoadWeights | Sleep | Wake | None = None
 
 
 class FrameRejected(Exception):

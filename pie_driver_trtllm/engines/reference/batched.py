@@ -23,6 +23,8 @@ from typing import Any
 
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
 from pie_driver_trtllm.engines.reference.batched_llama import BatchedLlama, DecodeOutput
+from pie_driver_trtllm.engines.reference.memory import EngineMemory
+from pie_driver_trtllm.engines.reference.weights import apply
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result, row_results
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
@@ -89,8 +91,11 @@ class BatchedReferenceEngine:
         self._ahead: _Ahead | None = None
         self.ahead_hits = 0
         self.ahead_launches = 0
+        self.prompt_tokens_computed = 0
+        self.memory = EngineMemory(self.decoder.model, device)
 
     def step(self, rows: list[Row]) -> list[RowResult]:
+        self.memory.check_serving()
         contexts = len({row.context for row in rows})
         if contexts > self.decoder.slots:
             return self._step_in_rounds(rows)  # each round a step of its own, runs included
@@ -121,7 +126,27 @@ class BatchedReferenceEngine:
 
     def stats(self) -> dict[str, int]:
         """Counters the driver's `stats` op reports under `engine`."""
-        return {"overlap_launches": self.ahead_launches, "overlap_hits": self.ahead_hits}
+        return {"overlap_launches": self.ahead_launches, "overlap_hits": self.ahead_hits,
+                "prompt_tokens_computed": self.prompt_tokens_computed}
+
+    def load_weights(self, path: str) -> None:
+        def swap(staged: dict[str, Any]) -> None:
+            self._forget_all()  # no KV computed with the old weights is ever read again
+            apply(self.decoder.model, staged)
+            self.decoder.refill_fused()
+
+        self.memory.load(path, swap)
+
+    def sleep(self, level: int) -> None:
+        self._forget_all()
+        self.memory.sleep(level, self.decoder.free_cache, self.decoder.weights_to)
+
+    def wake(self) -> None:
+        self.memory.wake(self.decoder.new_cache, self.decoder.weights_to)
+
+    def _forget_all(self) -> None:
+        self._ahead = None  # a step run ahead is discarded with the caches it extended
+        self.drop(list(self._slots))
 
     def fork(self, src: int, dst: int, length: int) -> None:
         self.drop([dst])
@@ -235,6 +260,7 @@ class BatchedReferenceEngine:
         wanted = sorted({row.length - 1 - keep for row in rows})
         logits = self.decoder.prefill(slot.index, tokens[keep:end], keep, wanted)
         slot.tokens.extend(tokens[keep:end])
+        self.prompt_tokens_computed += end - keep
         by_length = {offset + keep + 1: logits[i] for i, offset in enumerate(wanted)}
         for index, row in zip(indexes, rows, strict=True):
             results[index] = row_result(by_length[row.length], row.sampler, row.seed)
@@ -276,6 +302,7 @@ class BatchedReferenceEngine:
                 self._fail([row.context], [p.row], exc, results)
                 continue
             p.slot.tokens.extend(p.chunk)
+            self.prompt_tokens_computed += len(p.chunk)
             results[p.row] = result = row_result(last, row.sampler, row.seed)
             end = p.start + len(p.chunk)
             if row.steps > 1 and chained_in_engine(row) and result.tokens:

@@ -98,10 +98,8 @@ class BatchedLlama:
         layers = len(model.model.layers)
         # One buffer per layer holds keys and values ([slot, k|v, head, column, dim]), so a step writes
         # both with one scatter; `k` and `v` are views of it.
-        shape = (slots, 2, self.kv_heads, self.max_len, self.head_dim)
-        self.cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
-        self.k = [cache[:, 0] for cache in self.cache]
-        self.v = [cache[:, 1] for cache in self.cache]
+        self._layer_count = layers
+        self.new_cache()
         positions = torch.arange(self.max_len, device=self.device)[None]
         probe = torch.zeros(1, 1, config.hidden_size, dtype=dtype, device=self.device)
         cos, sin = model.model.rotary_emb(probe, positions)
@@ -112,8 +110,7 @@ class BatchedLlama:
         self.columns = torch.arange(self.max_len, device=self.device)
         self._mask_values = (torch.zeros((), dtype=dtype, device=self.device),
                              torch.full((), float("-inf"), dtype=dtype, device=self.device))
-        self._layers_w = [fuse_layer_weights(layer) for layer in model.model.layers]
-        self._final = (model.model.norm.weight, norm_eps(model.model.norm))
+        self._fuse()
         self.use_graphs = graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None
@@ -121,6 +118,49 @@ class BatchedLlama:
         self._step_fns = self._plain
         if compile and self.use_graphs and getattr(config, "hidden_act", "silu") == "silu":
             self._step_fns = compiled_layer_fns()
+
+    # ------------------------------------------------------------------ memory and weights
+
+    def new_cache(self) -> None:
+        """A zeroed KV cache for every slot."""
+        shape = (self.slots, 2, self.kv_heads, self.max_len, self.head_dim)
+        self.cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self._layer_count)]
+        self.k = [cache[:, 0] for cache in self.cache]
+        self.v = [cache[:, 1] for cache in self.cache]
+
+    def free_cache(self) -> None:
+        """Let the KV cache go, and the graphs captured on it (with their memory pool)."""
+        self.cache, self.k, self.v = [], [], []
+        self._graphs.clear()
+        self._pool = None
+
+    def weights_to(self, device: torch.device | str) -> None:
+        """Move the model's weights (host memory for a deep sleep, back to the device on waking); the fused
+        weights are rebuilt where they land, and the graphs, captured on the old addresses, go."""
+        self._layers_w = []
+        self._final = None
+        self._graphs.clear()
+        self._pool = None
+        self.model.to(device)
+        if torch.device(device).type == self.device.type:
+            self._fuse()
+
+    def refill_fused(self) -> None:
+        """After new weights were copied into the parameters: the fused weights view them, except the fused
+        biases, which are copies."""
+        with torch.no_grad():
+            for layer, weights in zip(self.model.model.layers, self._layers_w, strict=True):
+                attention, mlp = layer.self_attn, layer.mlp
+                if weights.qkv_bias is not None:
+                    torch.cat([attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias],
+                              out=weights.qkv_bias)
+                if weights.gate_up_bias is not None:
+                    torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias], out=weights.gate_up_bias)
+
+    def _fuse(self) -> None:
+        model = self.model
+        self._layers_w = [fuse_layer_weights(layer) for layer in model.model.layers]
+        self._final = (model.model.norm.weight, norm_eps(model.model.norm))
 
     # ------------------------------------------------------------------ public
 
@@ -292,7 +332,7 @@ class BatchedLlama:
             x = mlp(hidden, weights.post_norm, weights.post_eps, weights.gate_up, weights.gate_up_bias,
                     None if functional else weights.act)
             hidden = add_linear(hidden, x, weights.down, weights.down_bias)
-        weight, eps = self._final
+        weight, eps = self._final  # type: ignore[misc]
         return torch.nn.functional.rms_norm(hidden, (self.hidden_size,), weight, eps).view(rows, steps, -1)
 
 

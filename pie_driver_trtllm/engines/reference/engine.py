@@ -14,6 +14,8 @@ from pie_driver_trtllm.config import DriverConfig, StartupError
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
 from pie_driver_trtllm.engines.model_facts import read_model_info
 from pie_driver_trtllm.engines.reference.batched_llama import slot_bytes, supports
+from pie_driver_trtllm.engines.reference.memory import EngineMemory
+from pie_driver_trtllm.engines.reference.weights import apply
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
@@ -44,6 +46,8 @@ class ReferenceEngine:
         self._device = device
         self.model = info
         self._resident: dict[int, _Resident] = {}
+        self.prompt_tokens_computed = 0
+        self.memory = EngineMemory(model, device)
 
     @classmethod
     def load(cls, config: DriverConfig, device: str) -> ReferenceEngine:
@@ -84,6 +88,7 @@ class ReferenceEngine:
     # ------------------------------------------------------------------ the interface
 
     def step(self, rows: list[Row]) -> list[RowResult]:
+        self.memory.check_serving()
         return step_with_runs(self._step_once, rows, chained_in_engine)
 
     def _step_once(self, rows: list[Row]) -> list[RowResult]:
@@ -121,6 +126,23 @@ class ReferenceEngine:
     def close(self) -> None:
         self._resident.clear()
 
+    def stats(self) -> dict[str, int]:
+        return {"prompt_tokens_computed": self.prompt_tokens_computed}
+
+    def load_weights(self, path: str) -> None:
+        def swap(staged: dict[str, Any]) -> None:
+            self._resident.clear()  # no KV computed with the old weights is ever read again
+            apply(self._model, staged)
+
+        self.memory.load(path, swap)
+
+    def sleep(self, level: int) -> None:
+        self._resident.clear()
+        self.memory.sleep(level, lambda: None, self._model.to)
+
+    def wake(self) -> None:
+        self.memory.wake(lambda: None, self._model.to)
+
     # ------------------------------------------------------------------ internals
 
     def _run(self, context: int, rows: list[Row]) -> list[RowResult]:
@@ -136,6 +158,8 @@ class ReferenceEngine:
             _crop(resident.cache, len(resident.tokens), keep)
             del resident.tokens[keep:]
         wanted = sorted({row.length - 1 - keep for row in rows})
+        if end - keep > 1 or keep == 0:
+            self.prompt_tokens_computed += end - keep
         logits = self._forward(resident, tokens[keep:end], wanted)
         row_logits = {offset + keep + 1: logits[i] for i, offset in enumerate(wanted)}
 
