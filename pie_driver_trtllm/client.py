@@ -48,13 +48,25 @@ class Generated:
 
 
 def run_sampler(at: int, sampler: dict[str, Any], max_tokens: int, stop_token_ids: list[int] | tuple[int, ...] = (),
-                return_logprobs: bool = False) -> dict[str, Any]:
-    """`sampler` (a protocol sampler map without `at`) as a run of up to `max_tokens` tokens (protocol 1.1)."""
+                return_logprobs: bool = False, logprob_mode: str | None = None) -> dict[str, Any]:
+    """`sampler` (a protocol sampler map without `at`) as a run of up to `max_tokens` tokens (protocol 1.1);
+    `logprob_mode` ("raw" or "processed", the driver's default) says what `return_logprobs` reports."""
     out = {**sampler, "at": at, "max_tokens": max_tokens}
     if stop_token_ids:
         out["stop_token_ids"] = list(stop_token_ids)
     if return_logprobs:
         out["return_logprobs"] = True
+        if logprob_mode is not None:
+            out["logprob_mode"] = logprob_mode
+    return out
+
+
+def logprob_sampler(at: int, sampler: dict[str, Any], logprob_mode: str | None = None) -> dict[str, Any]:
+    """`sampler` (a one-token sampler map without `at`) answering `{"token", "logprob"}` (protocol 1.1);
+    `logprob_mode` is "raw" or "processed" (the driver's default)."""
+    out = {**sampler, "at": at, "return_logprob": True}
+    if logprob_mode is not None:
+        out["logprob_mode"] = logprob_mode
     return out
 
 
@@ -149,10 +161,11 @@ class DriverClient:
 
     def generate(self, context: int, prompt: list[int], sampler: dict[str, Any], new_tokens: int, *,
                  max_tokens: int = 16, stop_token_ids: list[int] | tuple[int, ...] = (), start: int = 0,
-                 return_logprobs: bool = False) -> Generated:
+                 return_logprobs: bool = False, logprob_mode: str | None = None) -> Generated:
         """Up to `new_tokens` tokens after `prompt` (sent at positions `start`...), `max_tokens` per forward,
         each run's tokens fed back with the next. A seeded sampler's run that starts after g tokens gets the
-        seed plus g, so the whole generation equals the one-token loop fed back with the per-step seeds."""
+        seed plus g, so the whole generation equals the one-token loop fed back with the per-step seeds.
+        `logprob_mode` says what `return_logprobs` reports ("raw" or "processed")."""
         made: list[int] = []
         logprobs: list[float] = []
         send, at, trips, stop = list(prompt), start, 0, "max_tokens"
@@ -161,7 +174,7 @@ class DriverClient:
             if "seed" in step:
                 step["seed"] = (step["seed"] + len(made)) % (1 << 64)
             run = run_sampler(len(send) - 1, step, min(max_tokens, new_tokens - len(made)), stop_token_ids,
-                              return_logprobs)
+                              return_logprobs, logprob_mode)
             (result,) = self.forward([{"context": context, "tokens": send,
                                        "positions": list(range(at, at + len(send))), "samplers": [run]}])
             trips += 1

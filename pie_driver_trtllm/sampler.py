@@ -9,6 +9,9 @@ ALL_SAMPLERS = (*TOKEN_SAMPLERS, "dist", "logprobs")
 # A token sampler's temperature below this is greedy: sampling there is argmax but for near-ties, and
 # dividing by it would overflow the scores.
 MIN_TEMPERATURE = 1e-5
+# What a sampled token's log-probability means (`logprob_mode`): "raw", log-softmax of the logits;
+# "processed", of the distribution the sampler drew from (temperature and filters applied).
+LOGPROB_MODES = ("raw", "processed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,8 @@ class Sampler:
     max_tokens: int = 0                 # 0: a one-token sampler answering {"token"}; n: a run of up to n tokens
     stop_token_ids: tuple[int, ...] = ()
     return_logprobs: bool = False
+    return_logprob: bool = False        # a one-token sampler answers {"token", "logprob"}
+    logprob_mode: str = "processed"     # "raw" or "processed": what return_logprob(s) report
 
     @property
     def makes_token(self) -> bool:

@@ -124,8 +124,10 @@ def test_a_run_stops_at_max_model_len(reference) -> None:
 
 
 def logprob_steps(harness: CoreHarness, prompt: list[int], made: list[int], sampler: dict[str, Any]) -> list[float]:
-    """Each run token's log-probability from a `logprobs` sampler at that step, at the run's temperature."""
-    temperature = sampler.get("temperature", 1.0) if sampler["type"] != "greedy" else 1.0
+    """Each run token's log-probability from a `logprobs` sampler at that step: at the run's temperature, or
+    at none for a greedy run or `logprob_mode` "raw" (a run without filters)."""
+    raw = sampler["type"] == "greedy" or sampler.get("logprob_mode") == "raw"
+    temperature = 1.0 if raw else sampler.get("temperature", 1.0)
     history, out = list(prompt), []
     for token in made:
         (reply,) = harness.forward([{"context": 5, "tokens": history, "positions": list(range(len(history))),
@@ -136,8 +138,8 @@ def logprob_steps(harness: CoreHarness, prompt: list[int], made: list[int], samp
     return out
 
 
-@pytest.mark.parametrize("sampler", [{"type": "greedy"}, {"type": "top_k", "top_k": 5, "temperature": 0.7},
-                                     {"type": "multinomial", "seed": 11}])
+@pytest.mark.parametrize("sampler", [{"type": "greedy"}, {"type": "multinomial", "temperature": 0.7, "seed": 11},
+                                     {"type": "top_k", "top_k": 5, "temperature": 0.7, "logprob_mode": "raw"}])
 def test_return_logprobs_reports_each_emitted_token(reference, sampler) -> None:
     harness = reference[1]()
     prompt = [4, 8, 15]

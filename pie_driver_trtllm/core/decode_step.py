@@ -3,9 +3,9 @@
 That is the forward a host sends on almost every step, so it gets its own loop: one pass to check that
 the forward is one, one to append and build the engine rows, and a reply that is a list of tokens
 (`ForwardTokens`, encoded straight to bytes) rather than a map per request. Anything else (a new
-context, a rollback, a context twice, several tokens or samplers, a distribution sampler, a failed
-request) is declined before anything changes and takes the general path; what the fast path does is
-exactly what the general path would do.
+context, a rollback, a context twice, several tokens or samplers, a distribution sampler, a token with
+its log-probability, a failed request) is declined before anything changes and takes the general path;
+what the fast path does is exactly what the general path would do.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, ma
     """The plan of a decode step, or None (nothing changed) when `items` is not one."""
     for item in items:
         if type(item) is not ForwardItem or len(item.tokens) != 1 or len(item.samplers) != 1 \
-                or item.samplers[0].type not in _TOKEN_SAMPLERS or item.samplers[0].max_tokens:  # a run
+                or item.samplers[0].type not in _TOKEN_SAMPLERS or item.samplers[0].max_tokens \
+                or item.samplers[0].return_logprob:  # a run, or a reply that is more than its token
             return None
     contexts = [item.context for item in items]
     unique = set(contexts)

@@ -225,12 +225,14 @@ class DriverCore:
                     self.lookahead.drop([item.context])
                     seed = sampler.seed if sampler.seed is not None else self._rng.getrandbits(63)
             elif sampler.is_greedy:
-                if tokens is live:
+                # A buffered token has no log-probability: with return_logprob the engine makes this one
+                # token, and the buffer stays for the steps after it.
+                if tokens is live and not sampler.return_logprob:
                     buffered = self.lookahead.take(item.context, live, length)
                     if buffered is not None:
                         out[position] = {"token": buffered}
                         continue
-                if at_end:
+                if at_end and not sampler.return_logprob:
                     steps = max(1, min(self.lookahead.size, self._max_len - length))
                 seed = None
             else:
@@ -252,7 +254,12 @@ class DriverCore:
                 if row.sampler.is_greedy and row.context in self.store and row.tokens is self.store.get(row.context):
                     self.lookahead.fill(row.context, row.length, result.tokens)  # the live history, not a copy
             elif result.tokens is not None:
-                outputs[index][position] = {"token": result.tokens[0]}
+                outputs[index][position] = out = {"token": result.tokens[0]}
+                if row.sampler.return_logprob:
+                    if not result.token_logprobs:
+                        failures[index] = DriverError(ErrorCode.ENGINE_ERROR, "the engine made no log-probability")
+                        continue
+                    out["logprob"] = result.token_logprobs[0]
                 if row.steps > 1:
                     self.lookahead.fill(row.context, row.length, result.tokens)
             elif result.dist is not None:

@@ -21,8 +21,9 @@ def step_seed(seed: int | None, step: int) -> int | None:
 
 
 def chained_in_engine(row: Row) -> bool:
-    """A greedy run without log-probabilities: engines may continue it with their own greedy chain."""
-    return row.sampler.is_greedy and not row.sampler.return_logprobs
+    """A greedy row without log-probabilities: engines may continue it with their own greedy chain."""
+    sampler = row.sampler
+    return sampler.is_greedy and not (sampler.return_logprobs or sampler.return_logprob)
 
 
 def finished(row: Row, result: RowResult | None) -> bool:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from pie_driver_trtllm.engines.token_draws import draw_tokens
+from pie_driver_trtllm.engines.token_draws import draw_tokens, filtered_probs
 from pie_driver_trtllm.sampler import Sampler
 
 
@@ -44,10 +44,23 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (wide - wide.max()) / temperature
 
 
-def emitted_logprob(logits: torch.Tensor, sampler: Sampler, token: int) -> float:
-    """log p(token) under softmax(logits / T), T the sampler's temperature (1 for greedy), before filtering."""
-    temperature = sampler.temperature if sampler.temperature > 0 else 1.0
-    return float(torch.log_softmax(logits.float() / temperature, dim=-1)[token])
+def sampled_logprob(logits: torch.Tensor, sampler: Sampler, token: int) -> float:
+    """The log-probability of `token`, as `sampler.logprob_mode` defines it.
+
+    "raw": log-softmax of the logits. "processed": log of the probability the sampler drew `token` with,
+    softmax(logits / T) over the tokens its filters keep (those `filtered_probs` keeps), renormalised; a
+    greedy sampler draws from no distribution of its own, so there it is "raw". Computed in float64 from
+    the logits minus their largest, as a `logprobs` sampler is.
+    """
+    if sampler.logprob_mode == "raw" or sampler.is_greedy:
+        value = torch.log_softmax(_scaled(logits, 1.0), dim=-1)[token]
+    else:
+        dropped = filtered_probs(logits[None], [sampler])[0] == 0.0
+        value = torch.log_softmax(_scaled(logits, sampler.temperature).masked_fill(dropped, float("-inf")),
+                                  dim=-1)[token]
+    if bool(torch.isnan(value)):  # a NaN or +inf logit makes the whole row NaN
+        raise FloatingPointError("the logits row holds NaN or infinite values")
+    return float(value)
 
 
 def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> Any:
@@ -61,8 +74,8 @@ def row_result(logits: torch.Tensor, sampler: Sampler, seed: int | None) -> Any:
         if sampler.type == "logprobs":
             return RowResult(logprobs=token_logprobs(logits, sampler))
         token = sample_token(logits, sampler, seed)
-        if sampler.return_logprobs:
-            return RowResult(tokens=[token], token_logprobs=[emitted_logprob(logits, sampler, token)])
+        if sampler.return_logprob or sampler.return_logprobs:
+            return RowResult(tokens=[token], token_logprobs=[sampled_logprob(logits, sampler, token)])
         return RowResult(tokens=[token])
     except Exception as exc:
         if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
@@ -88,8 +101,8 @@ def row_results(logits: torch.Tensor, samplers: list[Sampler], seeds: list[int |
         sampler = samplers[i]
         if token is None or isinstance(token, str):
             out[i] = RowResult(error=token or "FloatingPointError: the logits row holds NaN or infinite values")
-        elif sampler.return_logprobs:
-            out[i] = RowResult(tokens=[token], token_logprobs=[emitted_logprob(logits[i], sampler, token)])
+        elif sampler.return_logprob or sampler.return_logprobs:
+            out[i] = RowResult(tokens=[token], token_logprobs=[sampled_logprob(logits[i], sampler, token)])
         else:
             out[i] = RowResult(tokens=[token])
     for i, sampler in enumerate(samplers):

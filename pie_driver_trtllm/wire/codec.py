@@ -222,12 +222,15 @@ def output_problem(sampler_lists: list[tuple[Sampler, ...]], limits: Limits) -> 
             elif s.type == "logprobs":
                 logit_rows += 1
                 elements += len(s.token_ids)
+            elif s.return_logprob:
+                elements += 1
     if prob_rows > limits.max_prob_rows:
         return f"forward has {prob_rows} dist samplers; max_prob_rows is {limits.max_prob_rows}"
     if logit_rows > limits.max_logit_rows:
         return f"forward has {logit_rows} logprobs samplers; max_logit_rows is {limits.max_logit_rows}"
     if elements > limits.max_output_elements:
-        return (f"forward asks for {elements} output values (dist k plus logprobs token_ids); "
+        return (f"forward asks for {elements} output values (dist k, logprobs token_ids, one per "
+                "return_logprob); "
                 f"max_output_elements is {limits.max_output_elements}")
     return None
 

@@ -23,7 +23,8 @@ class Limits:
     samplers: frozenset[str] = frozenset(ALL_SAMPLERS)
     max_sampler_tokens: int = MAX_SAMPLER_TOKENS
     # Output bounds of one forward: samplers of every kind, `dist` samplers, `logprobs` samplers, and the
-    # values they return (the sum of `k` and of the `token_ids` counts). They bound the reply's size.
+    # values they return (the sum of `k` and of the `token_ids` counts, plus one per `return_logprob`).
+    # They bound the reply's size.
     max_sampler_rows: int = 8192
     max_prob_rows: int = 8192
     max_logit_rows: int = 8192
@@ -31,12 +32,15 @@ class Limits:
 
 
 _DIST, _LOGPROBS = b"\xa4dist", b"\xa8logprobs"  # the sampler types as msgpack strings
+_RETURN_LOGPROB = b"return_logprob"  # without its header: found in any string encoding (and in `return_logprobs`)
 
 
 def outputs_may_exceed_caps(frame: bytes, limits: Limits) -> bool:
-    """Whether a frame's `dist` / `logprobs` samplers could exceed their caps, so that the exact count
-    is needed. The frame names the type once per such sampler at least, and each returns at most
-    `vocab_size` or `max_logprob_labels` values; this bound is two scans of the frame in C."""
+    """Whether a frame's `dist` / `logprobs` samplers or sampled-token log-probabilities could exceed their
+    caps, so that the exact count is needed. The frame names the type once per such sampler at least, and
+    each returns at most `vocab_size` or `max_logprob_labels` values; a `return_logprob` sampler names
+    that key and returns one value. This bound is three scans of the frame in C."""
     dists, logprobs = frame.count(_DIST), frame.count(_LOGPROBS)
     return (dists > limits.max_prob_rows or logprobs > limits.max_logit_rows
-            or dists * limits.vocab_size + logprobs * limits.max_logprob_labels > limits.max_output_elements)
+            or dists * limits.vocab_size + logprobs * limits.max_logprob_labels + frame.count(_RETURN_LOGPROB)
+            > limits.max_output_elements)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from pie_driver_trtllm.sampler import ALL_SAMPLERS, MIN_TEMPERATURE, TOKEN_SAMPLERS, Sampler
+from pie_driver_trtllm.sampler import ALL_SAMPLERS, LOGPROB_MODES, MIN_TEMPERATURE, TOKEN_SAMPLERS, Sampler
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode, shown
 from pie_driver_trtllm.wire.limits import MAX_STOP_TOKEN_IDS, Limits
 
@@ -37,6 +37,8 @@ class WireSampler(msgspec.Struct, forbid_unknown_fields=True, frozen=True):  # h
     max_tokens: U32 | None = None               # protocol 1.1: any of these three makes the sampler a run
     stop_token_ids: tuple[U32, ...] | None = None
     return_logprobs: bool | None = None
+    return_logprob: bool | None = None          # protocol 1.1: a one-token sampler's token with its logprob
+    logprob_mode: str | None = None
 
 
 def frozen_maker(cls: type[T]) -> Callable[..., T]:
@@ -108,8 +110,30 @@ def normalize_sampler(s: WireSampler, limits: Limits) -> Sampler:
     if s.type not in TOKEN_SAMPLERS and s.temperature in (None, 0.0):
         temperature = 1.0  # dist and logprobs report softmax(logits / T) with T = 1 when T is 0 or absent
     max_tokens, stop_ids = _run_fields(s, limits)
+    return_logprob, mode = _logprob_fields(s, max_tokens > 0)
     return _new_sampler(s.type, s.at, temperature, top_k or 0, 1.0 if top_p is None else top_p, min_p or 0.0, s.seed,
-                        k or 0, tuple(token_ids or ()), max_tokens, stop_ids, bool(s.return_logprobs))
+                        k or 0, tuple(token_ids or ()), max_tokens, stop_ids, bool(s.return_logprobs), return_logprob,
+                        mode)
+
+
+def _logprob_fields(s: WireSampler, is_run: bool) -> tuple[bool, str]:
+    """`return_logprob` and the `logprob_mode` that applies (the default where no logprob is asked for)."""
+    if s.return_logprob is None and s.logprob_mode is None:
+        return False, "processed"
+    if s.type not in TOKEN_SAMPLERS:
+        raise DriverError(ErrorCode.BAD_REQUEST,
+                          f"sampler type {s.type!r} makes no token: return_logprob and logprob_mode belong to "
+                          "token samplers")
+    if s.logprob_mode is not None and s.logprob_mode not in LOGPROB_MODES:
+        raise DriverError(ErrorCode.BAD_REQUEST,
+                          f"logprob_mode {shown(s.logprob_mode)} is unknown; known: {', '.join(LOGPROB_MODES)}")
+    if s.return_logprob and is_run:
+        raise DriverError(ErrorCode.BAD_REQUEST,
+                          "return_logprob is for a one-token sampler; a run (max_tokens, stop_token_ids or "
+                          "return_logprobs) reports its tokens' log-probabilities with return_logprobs")
+    return_logprob = bool(s.return_logprob)
+    wanted = return_logprob or bool(s.return_logprobs)
+    return return_logprob, (s.logprob_mode or "processed") if wanted else "processed"
 
 
 def _run_fields(s: WireSampler, limits: Limits) -> tuple[int, tuple[int, ...]]:
@@ -154,4 +178,8 @@ def wire_map(s: Sampler) -> dict[str, Any]:
         wire["seed"] = s.seed
     if s.is_run:
         wire.update(max_tokens=s.max_tokens, stop_token_ids=list(s.stop_token_ids), return_logprobs=s.return_logprobs)
+    if s.return_logprob:
+        wire["return_logprob"] = True
+    if s.logprob_mode != "processed":
+        wire["logprob_mode"] = s.logprob_mode
     return wire

@@ -327,7 +327,7 @@ class BatchedReferenceEngine:
             sampled = []
             for i, index in enumerate(indexes):
                 row = rows[index]
-                if row.sampler.is_greedy and not row.sampler.return_logprobs:  # the common case: no tensor work
+                if chained_in_engine(row):  # the common case, greedy without log-probabilities: no tensor work
                     results[index] = RowResult(tokens=[greedy[i]])
                 else:
                     sampled.append(i)
