@@ -93,7 +93,7 @@ class DriverOptions(Struct, forbid_unknown_fields=True):
         "Advertised and enforced `max_sampler_rows`: samplers of every type in one forward."))] = 8192
     max_output_elements: Annotated[int, Meta(ge=1, le=1 << 24, description=(
         "Advertised and enforced `max_output_elements`: the sum of `dist` `k` and of `logprobs` `token_ids` "
-        "counts in one forward (about 14 bytes of reply each)."))] = 1 << 20
+        "counts in one forward, plus one per `return_logprob` sampler (about 14 bytes of reply each)."))] = 1 << 20
     virtual_kv_page_size: Annotated[int, Meta(ge=1, le=1 << 16, description=(
         "Advertised (virtual) `kv_page_size`."))] = 16
     virtual_total_pages: Annotated[int, Meta(ge=1, le=U32_MAX, description=(
