@@ -177,3 +177,23 @@ def test_sleep_frees_the_kv_cache_and_then_the_weights_and_wake_serves_again(tin
     _decode(cpu, want, 5)
     assert histories == want
     assert gpu.decoder._graphs
+
+
+def test_sampled_logprobs_on_cuda_match_cpu_float32(tiny_model, device: str = "cuda:0"):
+    """`return_logprob` on the CUDA paths (a prefill, then the decode batch) equals a CPU `logprobs` sampler
+    of the token the GPU chose: raw with no temperature, processed at T for a sampler without filters."""
+    gpu, cpu = engine(tiny_model, device, "float32"), engine(tiny_model, "cpu", "float32")
+    samplers = {0: (Sampler(type="greedy", at=0, temperature=0.0, return_logprob=True), 1.0),
+                1: (Sampler(type="top_k", at=0, top_k=20, temperature=0.8, return_logprob=True, logprob_mode="raw"),
+                    1.0),
+                2: (Sampler(type="multinomial", at=0, temperature=0.7, return_logprob=True), 0.7)}
+    history = [5, 6, 7, 8]
+    for step in range(6):  # step 0 prefills every context; the others decode one token each, in one batch
+        rows = [Row(c, history, len(history), sampler, seed=step) for c, (sampler, _) in samplers.items()]
+        results = gpu.step(rows)
+        for result, (_, temperature) in zip(results, samplers.values(), strict=True):
+            assert result.error is None and len(result.tokens) == len(result.token_logprobs) == 1
+            check = Sampler(type="logprobs", at=0, temperature=temperature, token_ids=(result.tokens[0],))
+            (expected,) = cpu.step([Row(9, history, len(history), check)])[0].logprobs
+            assert result.token_logprobs[0] == pytest.approx(expected, abs=1e-4)
+        history.append(results[0].tokens[0])

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from test_protocol_fastpath import check_paths_agree
 from trtllm_support import CoreHarness
 
+from pie_driver_trtllm.client import logprob_sampler
 from pie_driver_trtllm.config import parse_config
 from pie_driver_trtllm.engines.model_facts import read_model_info
 from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
@@ -333,3 +334,34 @@ def test_a_runs_return_logprobs_honours_logprob_mode(engines, mode: str) -> None
             expected = processed_from_dist(dict(zip(*dist, strict=True)), sampler, token)
         assert expected is not None and logprob == pytest.approx(expected, abs=1e-5)
         history.append(token)
+
+
+# ---------------------------------------------------------------- through driver subprocesses
+
+
+@pytest.mark.slow
+def test_a_replica_pair_carries_logprob_fields_to_its_replicas(start_driver) -> None:
+    """The router's one pass hands the fields on as written: a pair answers as one driver does (the
+    client's helpers build the samplers)."""
+
+    def answers(client: Any) -> tuple[list[Any], list[Any]]:
+        requests = [{"context": c, "tokens": [3 + c, 9, 40 + c], "positions": [0, 1, 2],
+                     "samplers": [logprob_sampler(2, {"type": "top_k", "top_k": 7, "seed": c}, mode),
+                                  logprob_sampler(2, {"type": "greedy"})]}
+                    for c, mode in enumerate(["raw", "processed", None, "raw"])]
+        replies = client.forward(requests)
+        runs = [client.generate(10 + c, [4, c, 8], {"type": "min_p", "min_p": 0.05, "seed": c}, 6, max_tokens=3,
+                                return_logprobs=True, logprob_mode=mode)
+                for c, mode in enumerate(["raw", "processed"])]
+        return replies, [(g.tokens, g.logprobs) for g in runs]
+
+    pair = answers(start_driver(driver={"device": ["cpu", "cpu"]}).client())
+    single = answers(start_driver().client())
+    for got, want in zip(pair[0], single[0], strict=True):
+        assert [o["token"] for o in got["outputs"]] == [o["token"] for o in want["outputs"]]
+        assert [o["logprob"] for o in got["outputs"]] == pytest.approx([o["logprob"] for o in want["outputs"]],
+                                                                        abs=1e-5)
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(pair[1], single[1], strict=True):
+        assert tokens == want_tokens and logprobs == pytest.approx(want_logprobs, abs=1e-5)
+    raw, processed = single[1]
+    assert len(raw[1]) == len(processed[1]) == 6
