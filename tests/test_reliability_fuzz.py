@@ -90,6 +90,10 @@ def sampler(draw: st.DrawFn, n_tokens: int) -> dict[str, Any]:
         s["token_ids"] = draw(st.lists(st.integers(0, VOCAB + 1), max_size=10))
     if draw(st.booleans()):
         s["seed"] = draw(st.integers(0, 2**64 - 1))
+    if draw(st.integers(0, 3)) == 0:
+        s["return_logprob"] = draw(st.booleans())
+        if draw(st.booleans()):
+            s["logprob_mode"] = draw(st.sampled_from(["raw", "processed", "Raw", ""]))
     return s
 
 
@@ -178,6 +182,8 @@ def frame(draw: st.DrawFn) -> bytes | list[bytes]:
             s["k"] = draw(st.sampled_from([1, 64, VOCAB]))
         if kind_of == "logprobs":
             s["token_ids"] = list(range(8))
+        if kind_of in ("greedy", "multinomial") and draw(st.booleans()):
+            s["return_logprob"] = True
         return msgpack.packb({**base, "op": "forward", "requests": [
             {"context": 5000 + c, "tokens": [1], "positions": [0], "samplers": [s] * per_request}
             for c in range(requests)]})
