@@ -18,7 +18,9 @@ from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 VOCAB = 50
 GREEDY = Sampler(type="greedy", at=0, temperature=0.0)
 SAMPLERS = (GREEDY, Sampler(type="top_k", at=0, top_k=5), Sampler(type="top_k", at=0, top_k=5, seed=11),
-            Sampler(type="dist", at=0, k=2), Sampler(type="top_p", at=0, temperature=0.0, top_p=0.5))
+            Sampler(type="dist", at=0, k=2), Sampler(type="greedy", at=0, temperature=0.0, return_logprob=True),
+            Sampler(type="top_k", at=0, top_k=5, seed=11, return_logprob=True, logprob_mode="raw"),
+            Sampler(type="top_p", at=0, temperature=0.0, top_p=0.5))
 
 
 class ScriptedEngine:
@@ -47,7 +49,8 @@ class ScriptedEngine:
                 for _ in range(r.steps):
                     made.append((sum(prefix) * 7 + len(prefix) + (r.seed or 0)) % VOCAB)
                     prefix.append(made[-1])
-                results.append(RowResult(tokens=made))
+                logprobs = [-token / VOCAB for token in made] if r.sampler.return_logprob else None
+                results.append(RowResult(tokens=made, token_logprobs=logprobs))
         return results
 
     def fork(self, src: int, dst: int, length: int) -> None:
@@ -134,6 +137,21 @@ def test_fast_path_does_what_the_general_path_does(ops: list[tuple[str, Any]], l
                 core.release(Release((arg,)))
         assert replies[:1] == replies[1:]
         assert state(fast) == state(general)
+
+
+def test_a_decode_step_with_log_probabilities_takes_the_fast_path() -> None:
+    core = DriverCore(ScriptedEngine(), max_contexts=8, lookahead_tokens=4, random_seed=5)
+    first = core.forward(Forward([ForwardItem(c, [1, 2], [0, 1], (Sampler(type="greedy", at=1, temperature=0.0),))
+                                  for c in range(3)]))
+    fed = [result["outputs"][0]["token"] for result in first["results"]]
+    samplers = (GREEDY, SAMPLERS[4], SAMPLERS[5])  # plain greedy, greedy and top_k with return_logprob
+    step = core.plan_decode(Forward([ForwardItem(c, [fed[c]], [2], (samplers[c],)) for c in range(3)]))
+    assert step is not None and step.logprobs
+    assert step.tokens[0] is not None and [row.steps for row in step.rows] == [1, 1]  # 0 from the buffer
+    reply = core.finish_decode(step, core.run_rows(step.rows))
+    assert not isinstance(reply, ForwardTokens)
+    assert [set(r["outputs"][0]) for r in reply["results"]] == [{"token"}, {"token", "logprob"}, {"token", "logprob"}]
+    assert sorted(core.lookahead._predictions) == [0, 1]  # the greedy row with its log-probability kept its buffer
 
 
 def test_a_decode_step_takes_the_fast_path() -> None:

@@ -2,16 +2,18 @@
 
 That is the forward a host sends on almost every step, so it gets its own loop: one pass to check that
 the forward is one, one to append and build the engine rows, and a reply that is a list of tokens
-(`ForwardTokens`, encoded straight to bytes) rather than a map per request. Anything else (a new
-context, a rollback, a context twice, several tokens or samplers, a distribution sampler, a token with
-its log-probability, a failed request) is declined before anything changes and takes the general path;
-what the fast path does is exactly what the general path would do.
+(`ForwardTokens`, encoded straight to bytes) rather than a map per request (a step where a sampler asks
+for its token's log-probability answers with the maps). Anything else (a new context, a rollback, a
+context twice, several tokens or samplers, a distribution sampler, a run, a failed request) is declined
+before anything changes and takes the general path; what the fast path does is exactly what the
+general path would do.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from pie_driver_trtllm.core.histories import ContextStore
 from pie_driver_trtllm.core.lookahead import LookaheadBuffer
@@ -30,16 +32,19 @@ class DecodePlan:
     rows: list[Row]
     slots: list[int] | None  # the request of each row; None when row i is request i
     contexts: set[int]
+    logprobs: bool = False  # a sampler asked for its token's log-probability: the reply is maps, not tokens
 
 
 def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, max_len: int,
                 rng: random.Random) -> DecodePlan | None:
     """The plan of a decode step, or None (nothing changed) when `items` is not one."""
+    logprobs = False
     for item in items:
         if type(item) is not ForwardItem or len(item.tokens) != 1 or len(item.samplers) != 1 \
-                or item.samplers[0].type not in _TOKEN_SAMPLERS or item.samplers[0].max_tokens \
-                or item.samplers[0].return_logprob:  # a run, or a reply that is more than its token
+                or item.samplers[0].type not in _TOKEN_SAMPLERS or item.samplers[0].max_tokens:  # a run
             return None
+        if item.samplers[0].return_logprob:
+            logprobs = True
     contexts = [item.context for item in items]
     unique = set(contexts)
     histories = store._histories
@@ -58,7 +63,9 @@ def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, ma
     for context in contexts:
         move_to_end(context)
     if lookahead._predictions or lookahead.size > 1:
-        return _plan_with_lookahead(items, lives, lookahead, max_len, rng)
+        plan = _plan_with_lookahead(items, lives, lookahead, max_len, rng)
+        plan.logprobs = logprobs
+        return plan
     rows = []
     for item, live, context in zip(items, lives, contexts, strict=True):
         sampler = item.samplers[0]
@@ -67,7 +74,7 @@ def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, ma
         else:
             rows.append(Row(context, live, len(live), sampler,
                             sampler.seed if sampler.seed is not None else rng.getrandbits(63), 1))
-    return DecodePlan([None] * len(rows), rows, None, unique)
+    return DecodePlan([None] * len(rows), rows, None, unique, logprobs)
 
 
 def _plan_with_lookahead(items: list, lives: list[list[int]], lookahead: LookaheadBuffer, max_len: int,
@@ -81,7 +88,10 @@ def _plan_with_lookahead(items: list, lives: list[list[int]], lookahead: Lookahe
         context = item.context
         length = len(live)
         sampler = item.samplers[0]
-        if sampler.is_greedy:
+        if sampler.is_greedy and sampler.return_logprob:  # a buffered token has no log-probability
+            steps = 1  # the engine makes this one; the buffer stays for the steps after it
+            seed = None
+        elif sampler.is_greedy:
             if context in predictions:
                 buffered = lookahead.take(context, live, length)
                 if buffered is not None:
@@ -102,9 +112,10 @@ def _plan_with_lookahead(items: list, lives: list[list[int]], lookahead: Lookahe
     return DecodePlan(tokens, rows, slots, {row.context for row in rows})
 
 
-def finish_decode(plan: DecodePlan, results: list[RowResult], lookahead: LookaheadBuffer) -> ForwardTokens | None:
-    """The reply of a decode step, or None (nothing changed) when an engine row failed or made no token:
-    the general path assembles that one."""
+def finish_decode(plan: DecodePlan, results: list[RowResult],
+                  lookahead: LookaheadBuffer) -> ForwardTokens | dict[str, Any] | None:
+    """The reply of a decode step, or None (nothing changed) when an engine row failed or made no token
+    (or no log-probability asked for): the general path assembles that one."""
     tokens, slots = plan.tokens, plan.slots
     try:
         made = [result.tokens[0] for result in results if result.error is None]  # type: ignore[index]
@@ -112,12 +123,24 @@ def finish_decode(plan: DecodePlan, results: list[RowResult], lookahead: Lookahe
         return None
     if len(made) != len(plan.rows) or len(results) != len(plan.rows):
         return None
+    if plan.logprobs and any(row.sampler.return_logprob and not result.token_logprobs
+                             for row, result in zip(plan.rows, results, strict=True)):
+        return None
     if lookahead.size > 1:  # otherwise every row asked for one token
         for row, result in zip(plan.rows, results, strict=True):
             if row.steps > 1:
                 lookahead.fill(row.context, row.length, result.tokens)  # type: ignore[arg-type]
-    if slots is None:
-        return ForwardTokens(made)
-    for index, token in zip(slots, made, strict=True):
-        tokens[index] = token
-    return ForwardTokens(tokens)  # type: ignore[arg-type]
+    if slots is not None:
+        for index, token in zip(slots, made, strict=True):
+            tokens[index] = token
+        made = tokens  # type: ignore[assignment]
+    return _with_logprobs(made, plan, results) if plan.logprobs else ForwardTokens(made)
+
+
+def _with_logprobs(tokens: list[int], plan: DecodePlan, results: list[RowResult]) -> dict[str, Any]:
+    """The reply maps of a decode step in which some samplers asked for their token's log-probability."""
+    outputs: list[dict[str, Any]] = [{"token": token} for token in tokens]
+    for index, row, result in zip(plan.slots or range(len(results)), plan.rows, results, strict=True):
+        if row.sampler.return_logprob:
+            outputs[index]["logprob"] = result.token_logprobs[0]  # type: ignore[index]
+    return {"results": [{"ok": True, "outputs": [out]} for out in outputs]}

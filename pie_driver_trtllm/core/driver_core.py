@@ -117,8 +117,12 @@ class DriverCore:
             general = ForwardPlan([[None if t is None else {"token": t}] for t in plan.tokens], [None] * n,
                                   plan.rows, [(index, 0) for index in slots])
             return self.finish_forward(general, results)
-        self.counters.tokens_out += len(reply.tokens)
-        reply.weights_version = self.weights_version
+        if type(reply) is ForwardTokens:
+            self.counters.tokens_out += len(reply.tokens)
+            reply.weights_version = self.weights_version
+        else:  # maps: some samplers asked for their tokens' log-probabilities
+            self.counters.tokens_out += len(reply["results"])
+            reply["weights_version"] = self.weights_version
         return reply
 
     def plan_forward(self, body: Forward) -> ForwardPlan:
