@@ -350,6 +350,9 @@ def test_a_replica_pair_carries_logprob_fields_to_its_replicas(start_driver) -> 
                                   logprob_sampler(2, {"type": "greedy"})]}
                     for c, mode in enumerate(["raw", "processed", None, "raw"])]
         replies = client.forward(requests)
+        step = [{"context": c, "tokens": [reply["outputs"][1]["token"]], "positions": [3],  # a decode step
+                 "samplers": [logprob_sampler(0, {"type": "greedy"})]} for c, reply in enumerate(replies)]
+        replies += client.forward(step)
         runs = [client.generate(10 + c, [4, c, 8], {"type": "min_p", "min_p": 0.05, "seed": c}, 6, max_tokens=3,
                                 return_logprobs=True, logprob_mode=mode)
                 for c, mode in enumerate(["raw", "processed"])]
