@@ -254,26 +254,35 @@ def test_a_sampled_tokens_logprob_is_of_the_distribution_it_was_drawn_from(
     assert processed["logprob"] == pytest.approx(expected, abs=1e-5)
 
 
+def step_outputs(harness: CoreHarness, fed: list[int], start: int, samplers: list[dict[str, Any]]) -> list[Any]:
+    """One forward feeding `fed` to contexts 1, 2, ... at `start`, each with its sampler after the last token."""
+    replies = harness.forward([{"context": context, "tokens": fed, "positions": list(range(start, start + len(fed))),
+                                "samplers": [{"at": len(fed) - 1, **sampler}]}
+                               for context, sampler in enumerate(samplers, 1)])
+    assert all(reply["ok"] for reply in replies), replies
+    return [reply["outputs"][0] for reply in replies]
+
+
 @pytest.mark.parametrize("path", ["batched", "eager"])
 @pytest.mark.parametrize("sampler", [{"type": "greedy"}, {"type": "multinomial", "temperature": 0.6},
                                      {"type": "top_k", "top_k": 5, "temperature": 1.3}])
 def test_decode_steps_with_return_logprob(engines, path: str, sampler: dict[str, Any]) -> None:
-    """A decode loop (one new token per step, the engine's decode batch) in both modes, each step's
-    log-probability that of a `logprobs` sampler at that prefix; the same seeds give the tokens of a
-    loop without return_logprob."""
+    """A decode loop of two contexts (one new token each per step, one decode batch), one in each mode:
+    each step's log-probability is that of a `logprobs` sampler at that prefix, and the same seeds give
+    the tokens of a loop without return_logprob."""
     harness, plain_harness, check = (harness_of(engines, 0, path), CoreHarness(*engines[0, path]),
                                      CoreHarness(*engines[0, path]))
     history = [11, 12, 13]
+    modes = {1: "raw", 2: "processed"}  # context: mode
     for step in range(6):
         fed = history if step == 0 else history[-1:]
         start = 0 if step == 0 else len(history) - 1
-        tokens: list[int | None] = [None, None]
-        for context, mode in ((1, "raw"), (2, "processed")):
-            wanted = {**sampler, "seed": 100 + step, "return_logprob": True, "logprob_mode": mode}
-            out = one(harness, context, fed, wanted, start)
-            plain = one(plain_harness, context + 10, fed, {**sampler, "seed": 100 + step}, start)
-            assert out["token"] == plain["token"]
-            tokens[context - 1] = out["token"]
+        seeded = {**sampler, "seed": 100 + step}
+        outs = step_outputs(harness, fed, start, [{**seeded, "return_logprob": True, "logprob_mode": mode}
+                                                  for mode in modes.values()])
+        plain = step_outputs(plain_harness, fed, start, [seeded, seeded])
+        assert [out["token"] for out in outs] == [out["token"] for out in plain]
+        for out, mode in zip(outs, modes.values(), strict=True):
             temperature = 1.0 if mode == "raw" or sampler["type"] == "greedy" else sampler["temperature"]
             if sampler["type"] == "top_k" and mode == "processed":
                 dist = one(check, 9, history, {"type": "dist", "k": 512, "temperature": temperature})["dist"]
@@ -282,8 +291,8 @@ def test_decode_steps_with_return_logprob(engines, path: str, sampler: dict[str,
                 (expected,) = one(check, 9, history, {"type": "logprobs", "token_ids": [out["token"]],
                                                       "temperature": temperature})["logprobs"]
             assert expected is not None and out["logprob"] == pytest.approx(expected, abs=1e-5)
-        assert tokens[0] == tokens[1]  # one seed, one token, whatever the mode
-        history.append(tokens[0])  # type: ignore[arg-type]
+        assert outs[0]["token"] == outs[1]["token"]  # one seed, one token, whatever the mode
+        history.append(outs[0]["token"])
 
 
 def test_a_greedy_return_logprob_is_the_engines_not_the_lookahead_buffers(engines) -> None:
