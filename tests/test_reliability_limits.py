@@ -178,3 +178,17 @@ def test_the_routers_one_pass_leaves_row_and_output_caps_to_the_general_path():
         assert decode_spliced(frame(requests), LIMITS) is None
     assert refused(frame([request(c, [{"at": 0, "type": "greedy"}] * 11) for c in range(3)])).code == \
         ErrorCode.CAPACITY
+
+
+@pytest.mark.parametrize("kind", ["dist", "logprobs"])
+def test_caps_hold_whatever_string_encoding_names_the_sampler_type(kind):
+    # msgpack may write a short string with a longer header (str8: 0xd9, length); the frame's bound must
+    # still see every such sampler, on the general and the fast path alike.
+    sampler = {"at": 0, "type": "dist", "k": 1} if kind == "dist" else {"at": 0, "type": "logprobs", "token_ids": [1]}
+    plain = msgpack.packb(kind)
+    str8 = b"\xd9" + bytes((len(kind),)) + kind.encode()
+    data = frame([request(c, [sampler]) for c in range(9)]).replace(plain, str8)
+    assert data.count(plain) == 0 and msgpack.unpackb(data)["requests"][0]["samplers"][0]["type"] == kind
+    error = refused(data)
+    cap = "max_prob_rows" if kind == "dist" else "max_logit_rows"
+    assert error.code == ErrorCode.CAPACITY and cap in error.message

@@ -31,7 +31,9 @@ class Limits:
     max_output_elements: int = 1 << 20
 
 
-_DIST, _LOGPROBS = b"\xa4dist", b"\xa8logprobs"  # the sampler types as msgpack strings
+# The sampler types without their msgpack header, so that any string encoding of them is counted (other
+# strings holding them, such as `return_logprobs`, only make the bound more cautious).
+_DIST, _LOGPROBS = b"dist", b"logprobs"
 _RETURN_LOGPROB = b"return_logprob"  # without its header: found in any string encoding (and in `return_logprobs`)
 
 
