@@ -6,6 +6,11 @@ than one new token (first prefill, rollback, a fork's suffix) are prefilled toge
 over the slots they span (one at a time when that would waste most of the forward); all rows that
 need exactly one new token run together, and greedy lookahead continues them together.
 
+Shared prefixes: a row that needs a prefill first copies the longest prefix of its tokens that another
+resident slot holds (a fork's source, a sibling sample, a context with the same prompt), and a row whose
+prefix another row of the same step is about to prefill waits for that prefill and copies it, so n
+samples of one prompt compute the prompt once, however the host sent it.
+
 Overlap: in a steady decode loop the host feeds every context the token it was just given, so when a
 step's rows repeat the previous step's prediction, the engine launches the predicted next step before
 returning (on CUDA the GPU runs it while the reply travels and the host prepares its next forward).
@@ -52,6 +57,10 @@ class _Decode:
         self.tokens.append(token)
         self.positions.append(position)
 
+    def feeds(self, slot: _Slot) -> bool:
+        """Whether this step's decode computes the last token `slot` holds (not in its cache yet)."""
+        return any(s is slot and t >= 0 for s, t in zip(self.slots, self.tokens, strict=True))
+
 
 @dataclass
 class _Prefill:
@@ -61,6 +70,7 @@ class _Prefill:
     slot: _Slot
     chunk: list[int]
     start: int
+    tokens: list[int]  # the row's whole token list (read only): a later row of the step may share its prefix
 
 
 @dataclass(slots=True)
@@ -91,7 +101,8 @@ class BatchedReferenceEngine:
         self._ahead: _Ahead | None = None
         self.ahead_hits = 0
         self.ahead_launches = 0
-        self.prompt_tokens_computed = 0
+        self.prompt_tokens_computed = 0  # tokens run in passes of several tokens of one context
+        self._waiting: list[tuple[int, list[Row], list[int]]] | None = None  # rows waiting on a step's prefill
         self.memory = EngineMemory(self.decoder.model, device)
 
     def step(self, rows: list[Row]) -> list[RowResult]:
@@ -106,12 +117,24 @@ class BatchedReferenceEngine:
         results: list[RowResult | None] = [None] * len(rows)
         decodes = _Decode()
         prefills: list[_Prefill] = []
+        waiting: list[tuple[int, list[Row], list[int]]] = []
+        self._waiting = waiting
         if contexts == len(rows):
             self._prepare_single(rows, decodes, prefills, results)
         else:
             self._prepare_groups(rows, decodes, prefills, results)
+        self._waiting = None
         if prefills:
             self._prefill(rows, prefills, decodes, results)
+        if waiting:  # their prefixes are resident now: they copy them and run only the rest
+            later: list[_Prefill] = []
+            for context, group, indexes in waiting:
+                try:
+                    self._prepare(context, group, indexes, decodes, later, results)
+                except Exception as exc:  # one context's failure must not cost the others
+                    self._fail([context], indexes, exc, results)
+            if later:
+                self._prefill(rows, later, decodes, results)
         if decodes.rows:
             try:
                 self._decode(rows, decodes, results)
@@ -153,10 +176,9 @@ class BatchedReferenceEngine:
         source = self._slots.get(src)
         keep = min(length, len(source.tokens)) if source else 0
         if source is None or keep == 0:
-            return
+            return  # nothing cached to copy: dst's first step shares whatever prefix is resident then
         target = self._slot(dst, protect=src)
-        for cache in (*self.decoder.k, *self.decoder.v):
-            cache[target.index, :, :keep] = cache[source.index, :, :keep]
+        self._copy(source, target, 0, keep)
         target.tokens = source.tokens[:keep]
 
     def drop(self, contexts: list[int]) -> None:
@@ -233,16 +255,17 @@ class BatchedReferenceEngine:
                 if final[key[0]] == key:
                     self._prepare(key[0], [rows[i] for i in indexes], indexes, decodes, prefills, results)
                 else:
-                    self._run_now(key[0], [rows[i] for i in indexes], indexes, results)
+                    self._run_now(key[0], [rows[i] for i in indexes], indexes, decodes, results)
             except Exception as exc:  # one context's failure must not cost the others
                 self._fail([key[0]], indexes, exc, results)
 
-    def _run_now(self, context: int, rows: list[Row], indexes: list[int], results: list[RowResult | None]) -> None:
+    def _run_now(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
+                 results: list[RowResult | None]) -> None:
         """Rows of one token list, prefilled and answered at once (one token each: no lookahead)."""
-        slot, keep, end = self._crop(context, rows)
+        slot, keep, end = self._crop(context, rows, decodes)
         self._prefill_rows(slot, rows, indexes, keep, end, results)
 
-    def _crop(self, context: int, rows: list[Row]) -> tuple[_Slot, int, int]:
+    def _crop(self, context: int, rows: list[Row], decodes: _Decode) -> tuple[_Slot, int, int]:
         """The context's slot, cut back to what it shares with the rows' tokens (at least one token is left
         to run); returns the slot, the tokens kept and the rows' end."""
         end = max(row.length for row in rows)
@@ -252,7 +275,43 @@ class BatchedReferenceEngine:
             self._ahead.expect.pop(slot.index, None)
         keep = min(common_prefix(slot.tokens, rows[0].tokens, end), first_needed)
         del slot.tokens[keep:]
+        if first_needed - keep > 1:
+            keep = self._share(slot, rows[0].tokens, keep, first_needed, decodes)
         return slot, keep, end
+
+    def _share(self, slot: _Slot, tokens: list[int], keep: int, first_needed: int, decodes: _Decode) -> int:
+        """Copy into `slot` the longest prefix of `tokens[:first_needed]` that another resident slot holds,
+        when that saves two tokens or more; returns what the slot holds now."""
+        best, donor = keep + 1, None
+        for other in self._slots.values():
+            held = other.tokens
+            if len(held) > best and held[best] == tokens[best] and other is not slot:  # cheap test first
+                shared = common_prefix(held, tokens, first_needed)
+                if shared == len(held) and decodes.feeds(other):
+                    shared -= 1  # its last token waits for this step's decode: not in its cache yet
+                if shared > best:
+                    best, donor = shared, other
+        if donor is None:
+            return keep
+        self._copy(donor, slot, keep, best)
+        slot.tokens.extend(tokens[keep:best])
+        return best
+
+    def _copy(self, source: _Slot, target: _Slot, start: int, stop: int) -> None:
+        """Positions [start, stop) of `source`'s keys and values into `target` (on the device)."""
+        for cache in (*self.decoder.k, *self.decoder.v):
+            cache[target.index, :, start:stop] = cache[source.index, :, start:stop]
+
+    def _waits(self, tokens: list[int], keep: int, first_needed: int, prefills: list[_Prefill]) -> bool:
+        """Whether a prefill already planned in this step will hold two or more tokens of this row's
+        prefix beyond what its own slot keeps (then the row copies them once that prefill has run)."""
+        probe = keep + 1
+        for p in prefills:
+            held = p.start + len(p.chunk)
+            if held > probe and p.tokens[probe] == tokens[probe] and \
+                    common_prefix(p.tokens, tokens, min(first_needed, held)) > probe:
+                return True
+        return False
 
     def _prefill_rows(self, slot: _Slot, rows: list[Row], indexes: list[int], keep: int, end: int,
                       results: list[RowResult | None]) -> None:
@@ -260,7 +319,8 @@ class BatchedReferenceEngine:
         wanted = sorted({row.length - 1 - keep for row in rows})
         logits = self.decoder.prefill(slot.index, tokens[keep:end], keep, wanted)
         slot.tokens.extend(tokens[keep:end])
-        self.prompt_tokens_computed += end - keep
+        if end - keep > 1:
+            self.prompt_tokens_computed += end - keep
         by_length = {offset + keep + 1: logits[i] for i, offset in enumerate(wanted)}
         for index, row in zip(indexes, rows, strict=True):
             results[index] = row_result(by_length[row.length], row.sampler, row.seed)
@@ -268,13 +328,16 @@ class BatchedReferenceEngine:
     def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
                  prefills: list[_Prefill], results: list[RowResult | None]) -> None:
         tokens = rows[0].tokens
-        slot, keep, end = self._crop(context, rows)
+        slot, keep, end = self._crop(context, rows, decodes)
         if len(rows) == 1 and keep == end - 1:  # one new token: joins the step's batch
             slot.tokens.append(tokens[end - 1])
             decodes.add(indexes[0], slot, tokens[end - 1], end - 1)
             return
         if len(rows) == 1:  # several new tokens, one sampler: batched with others
-            prefills.append(_Prefill(indexes[0], slot, tokens[keep:end], keep))
+            if self._waiting is not None and self._waits(tokens, keep, end - 1, prefills):
+                self._waiting.append((context, rows, indexes))
+                return
+            prefills.append(_Prefill(indexes[0], slot, tokens[keep:end], keep, tokens))
             return
         self._prefill_rows(slot, rows, indexes, keep, end, results)
         for index, row in zip(indexes, rows, strict=True):
@@ -302,7 +365,8 @@ class BatchedReferenceEngine:
                 self._fail([row.context], [p.row], exc, results)
                 continue
             p.slot.tokens.extend(p.chunk)
-            self.prompt_tokens_computed += len(p.chunk)
+            if len(p.chunk) > 1:
+                self.prompt_tokens_computed += len(p.chunk)
             results[p.row] = result = row_result(last, row.sampler, row.seed)
             end = p.start + len(p.chunk)
             if row.steps > 1 and chained_in_engine(row) and result.tokens:

@@ -1,7 +1,9 @@
 """Reference engine: a Hugging Face causal LM run with PyTorch, on CPU or one CUDA device.
 
 It is the ground truth the TensorRT-LLM engine must agree with. Each context keeps its KV cache between
-steps, so a decode step only runs the tokens the cache does not already hold.
+steps, so a decode step only runs the tokens the cache does not already hold; a context that needs a
+prefill starts from a copy of the longest prefix another context's cache holds (a fork's source, a
+sibling sample), so n samples of one prompt compute the prompt once.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class ReferenceEngine:
         self._device = device
         self.model = info
         self._resident: dict[int, _Resident] = {}
-        self.prompt_tokens_computed = 0
+        self.prompt_tokens_computed = 0  # tokens run in passes of several tokens of one context
         self.memory = EngineMemory(model, device)
 
     @classmethod
@@ -108,16 +110,11 @@ class ReferenceEngine:
         return results  # type: ignore[return-value]
 
     def fork(self, src: int, dst: int, length: int) -> None:
-        import copy
-
         self._resident.pop(dst, None)
         source = self._resident.get(src)
         if source is None or length == 0:
             return
-        keep = min(length, len(source.tokens))
-        cache = copy.deepcopy(source.cache)
-        _crop(cache, len(source.tokens), keep)
-        self._resident[dst] = _Resident(cache, source.tokens[:keep])
+        self._resident[dst] = _copy(source, min(length, len(source.tokens)))
 
     def drop(self, contexts: list[int]) -> None:
         for context in contexts:
@@ -127,6 +124,7 @@ class ReferenceEngine:
         self._resident.clear()
 
     def stats(self) -> dict[str, int]:
+        """Counters the driver's `stats` op reports under `engine`."""
         return {"prompt_tokens_computed": self.prompt_tokens_computed}
 
     def load_weights(self, path: str) -> None:
@@ -152,13 +150,17 @@ class ReferenceEngine:
         first_needed = min(row.length for row in rows) - 1
         resident = self._resident.get(context)
         keep = min(common_prefix(resident.tokens, tokens, end), first_needed) if resident else 0
-        if resident is None or keep == 0:
+        donor, shared = self._donor(context, tokens, keep, first_needed)
+        if donor is not None:
+            resident = self._resident[context] = _copy(donor, shared)
+            keep = shared
+        elif resident is None or keep == 0:
             resident = self._resident[context] = _Resident(self._new_cache())
         else:
             _crop(resident.cache, len(resident.tokens), keep)
             del resident.tokens[keep:]
         wanted = sorted({row.length - 1 - keep for row in rows})
-        if end - keep > 1 or keep == 0:
+        if end - keep > 1:
             self.prompt_tokens_computed += end - keep
         logits = self._forward(resident, tokens[keep:end], wanted)
         row_logits = {offset + keep + 1: logits[i] for i, offset in enumerate(wanted)}
@@ -183,10 +185,32 @@ class ReferenceEngine:
         resident.tokens.extend(new_tokens)
         return out.logits[0].float()
 
+    def _donor(self, context: int, tokens: list[int], keep: int, first_needed: int) -> tuple[_Resident | None, int]:
+        """Another context whose cache holds at least two more tokens of `tokens[:first_needed]` than
+        `keep`, the one holding most, and how many it shares; (None, keep) when there is none."""
+        best, donor = keep + 1, None
+        if first_needed - keep > 1:
+            for other, resident in self._resident.items():
+                held = resident.tokens
+                if len(held) > best and held[best] == tokens[best] and other != context:  # cheap test first
+                    shared = common_prefix(held, tokens, first_needed)
+                    if shared > best:
+                        best, donor = shared, resident
+        return donor, best if donor is not None else keep
+
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
         return DynamicCache(config=self._model.config)
+
+
+def _copy(source: _Resident, keep: int) -> _Resident:
+    """A context of its own holding `source`'s first `keep` tokens."""
+    import copy
+
+    cache = copy.deepcopy(source.cache)
+    _crop(cache, len(source.tokens), keep)
+    return _Resident(cache, source.tokens[:keep])
 
 
 def _crop(cache: Any, length: int, keep: int) -> None:
