@@ -26,6 +26,7 @@ NUMBERS: dict[str, list[str]] = {
     "codec": ["requests", "tokens", "frame_bytes", "mean_ms", "p50_ms", "p99_ms", "decode_mean_ms",
               "encode_reply_mean_ms", "host_encode_mean_ms"],
     "multitoken": ["rows.0.tokens_per_s", "rows.0.round_trips_per_token", "rows.1.tokens_per_s_ratio"],
+    "rl": ["prompt_ratio", "fresh_prompt_ratio", "forks_tokens_per_s", "fresh_tokens_per_s", "tokens_per_s_ratio"],
 }
 OVERHEAD_ROW = ["driver_tokens_per_s", "in_process_tokens_per_s", "ratio", "driver_step_ms", "in_process_step_ms"]
 
@@ -64,6 +65,7 @@ def test_quick_set_writes_every_documented_number(tmp_path: Path) -> None:
     multi = results["multitoken"]
     assert multi["all_equal"] and len(multi["rows"]) == 2 * 2 * 2 * 2  # contexts x samplers x host times x runs
     assert {r["round_trips_per_token"] for r in multi["rows"] if r["max_tokens"] == 16} == {2 / 32}
+    assert results["rl"]["prompt_ratio"] == 1.0  # each prompt computed once for all its samples
 
 
 def test_codec_frame_holds_64_requests_and_8192_tokens() -> None:

@@ -18,6 +18,12 @@ headline number, plus `repeats` and `spread` ({target: {median, min, max, values
   `encode_reply_mean_ms`, `host_encode_mean_ms`.
 - multitoken: `rows`, one per (contexts, sampler, host_ms, max_tokens) with `forwards`, `round_trips_per_token`,
   `tokens_per_s`, `same_tokens_as_one_token_loop` and, for `max_tokens` 16, `tokens_per_s_ratio`; `all_equal`.
+- rl: the shape (`prompts`, `prompt_tokens`, `samples`, `new_tokens`, `wave`), `prompt_ratio` (prompt tokens
+  the engine computed over prompts x prompt_tokens, samples by fork) and `fresh_prompt_ratio` (each sample a
+  fresh context), `forks_tokens_per_s`, `fresh_tokens_per_s`, `tokens_per_s_ratio` (forks over fresh),
+  `same_tokens_share`; `refit` ({refit_s, floor_s, ratio, ...}) and `sleep` ({wake_and_first_forward_s,
+  wake_over_refit, asleep_forward_error, and on CUDA freed_share, freed_bytes, driver_bytes}), each null
+  when the driver does not advertise the op, with the reason in `skipped`.
 
 Times come from `time.perf_counter`; on CUDA the device is synchronized before each clock read.
 The exit status is 1 when a target is not met (each one is named), 2 for a usage error.
@@ -44,7 +50,7 @@ from rich.table import Table
 
 from pie_driver_trtllm.benchmarks.common import Bench, machine
 
-WORKLOADS = ("transport", "overhead", "lookahead", "history", "codec", "driver_cost", "multitoken")
+WORKLOADS = ("transport", "overhead", "lookahead", "history", "codec", "driver_cost", "multitoken", "rl")
 QUICK_NOTE = "--quick: smoke-test sizes, not a measurement"
 # A one-minute load average above this share of the CPUs means other work competes with the measurement.
 LOADED_SHARE = 0.5
@@ -94,6 +100,19 @@ def targets(name: str, r: dict[str, Any]) -> list[Target]:
         return [Target(name, f"multitoken {row['contexts']} ctx {row['sampler']} host {row['host_ms']} ms: x",
                        row["tokens_per_s_ratio"], ">=", 5.0 if row["host_ms"] else 1.0)
                 for row in r["rows"] if row["max_tokens"] > 1]
+    if name == "rl":  # the refit and sleep targets are for a GPU (the floor and the memory are a GPU's)
+        found = [Target(name, "rl: prompt tokens computed / (P x L), samples by fork", r["prompt_ratio"], "<=", 1.05),
+                 Target(name, "rl: tokens/s, forks over fresh contexts", r["tokens_per_s_ratio"], ">=", 0.9)]
+        gpu = r["device"].startswith("cuda")
+        if gpu and r.get("refit"):
+            found.append(Target(name, "rl: load_weights / floor (read + copy)", r["refit"]["ratio"], "<=", 1.5))
+        if gpu and r.get("sleep") and "freed_share" in r["sleep"]:
+            found.append(Target(name, "rl: sleep 2 frees of the driver's GPU memory", r["sleep"]["freed_share"],
+                                ">=", 0.9))
+        if gpu and r.get("sleep") and "wake_over_refit" in r["sleep"]:
+            found.append(Target(name, "rl: wake + first forward / load_weights", r["sleep"]["wake_over_refit"],
+                                "<=", 2.0))
+        return found
     return []
 
 
