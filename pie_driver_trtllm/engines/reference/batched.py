@@ -298,9 +298,9 @@ class BatchedReferenceEngine:
         return best
 
     def _copy(self, source: _Slot, target: _Slot, start: int, stop: int) -> None:
-        """Positions [start, stop) of `source`'s keys and values into `target` (on the device)."""
-        for cache in (*self.decoder.k, *self.decoder.v):
-            cache[target.index, :, start:stop] = cache[source.index, :, start:stop]
+        """Positions [start, stop) of `source`'s keys and values into `target` (on the device, one copy a layer)."""
+        for cache in self.decoder.cache:  # [slot, k|v, head, column, dim]
+            cache[target.index, :, :, start:stop] = cache[source.index, :, :, start:stop]
 
     def _waits(self, tokens: list[int], keep: int, first_needed: int, prefills: list[_Prefill]) -> bool:
         """Whether a prefill already planned in this step will hold two or more tokens of this row's
