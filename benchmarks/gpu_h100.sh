@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every single-GPU measurement in one go (one lent H100): the driver's overhead next to the in-process
 # engine (this tree, and optionally an earlier tree measured by the same harness), the null-engine driver
-# cost, the multi-token workload and the GPU tests of the reference engine. Results land in $OUT.
+# cost, the multi-token and RL rollout workloads and the GPU tests of the reference engine. Results land in $OUT.
 #   OUT=gpu-results BEFORE=path/to/earlier/tree bash benchmarks/gpu_h100.sh [overhead|tests|all]
 set -uo pipefail
 OUT=${OUT:-gpu-results}
@@ -39,5 +39,9 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
   if python -c "import pie_driver_trtllm.benchmarks.multitoken" 2>/dev/null; then
     python -m pie_driver_trtllm.benchmarks -w multitoken --size 1b --device cuda:0 --dtype bfloat16 \
         --out "$OUT/multitoken" --repeat 1 || true
+  fi
+  if python -c "import pie_driver_trtllm.benchmarks.rl" 2>/dev/null; then
+    python -m pie_driver_trtllm.benchmarks -w rl --size 1b --device cuda:0 --dtype bfloat16 \
+        --out "$OUT/rl" --repeat 3 || true
   fi
 fi

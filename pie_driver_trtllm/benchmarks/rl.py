@@ -36,7 +36,7 @@ def plan(bench: Bench) -> dict[str, int]:
         return {"prompts": 4, "prompt_tokens": 32, "samples": 4, "new_tokens": 8, "wave": 16}
     if bench.size == "1b":
         return {"prompts": 64, "prompt_tokens": 512, "samples": 8, "new_tokens": 128, "wave": 256}
-    return {"prompts": 16, "prompt_tokens": 128, "samples": 8, "new_tokens": 32, "wave": 64}
+    return {"prompts": 8, "prompt_tokens": 128, "samples": 8, "new_tokens": 32, "wave": 64}
 
 
 def main(argv: list[str] | None = None) -> None:
