@@ -26,6 +26,7 @@ from typing import Any
 from pie_driver_trtllm.benchmarks.common import Bench, header, table, write_config, write_result
 from pie_driver_trtllm.client import DriverClient, spawn
 
+FORKS_IN_FLIGHT = 128  # half the driver's default max_queued_requests
 REFITS = 3  # load_weights calls timed (alternating checkpoints), each against a floor read just after it
 
 
@@ -83,12 +84,12 @@ def rollout(client: DriverClient, shape: dict[str, int], vocab: int, forks: bool
                 requests.append({"context": first_id + p * samples, "tokens": tokens,
                                  "positions": list(range(length)), "samplers": [sampler(p, 0, 0, length - 1)]})
             pending = _step(client, requests, made, ids, new)
+            _forks(client, [(first_id + p * samples, first_id + p * samples + s) for p in wave
+                            for s in range(1, samples)], length)
             for p in wave:
                 last = prompt_tokens(p, length, vocab)[-1:]
-                for s in range(1, samples):
-                    client.call("fork", src=first_id + p * samples, dst=first_id + p * samples + s, length=length)
-                    pending.append({"context": first_id + p * samples + s, "tokens": last,
-                                    "positions": [length - 1], "samplers": [sampler(p, s, 0, 0)]})
+                pending += [{"context": first_id + p * samples + s, "tokens": last, "positions": [length - 1],
+                             "samplers": [sampler(p, s, 0, 0)]} for s in range(1, samples)]
         else:
             pending = [{"context": first_id + p * samples + s, "tokens": prompt_tokens(p, length, vocab),
                         "positions": list(range(length)), "samplers": [sampler(p, s, 0, length - 1)]}
@@ -98,6 +99,18 @@ def rollout(client: DriverClient, shape: dict[str, int], vocab: int, forks: bool
         client.call("release", contexts=list(ids))
     seconds = time.perf_counter() - began
     return {"tokens": made, "seconds": seconds, "prompt_tokens_computed": engine_computed(client) - before}
+
+
+def _forks(client: DriverClient, pairs: list[tuple[int, int]], length: int) -> None:
+    """The forks sent back to back, then their replies read (a host need not wait for each; the driver
+    answers state ops in order and holds up to `max_queued_requests` of them)."""
+    for first in range(0, len(pairs), FORKS_IN_FLIGHT):
+        sent = [client.send("fork", src=src, dst=dst, length=length)
+                for src, dst in pairs[first:first + FORKS_IN_FLIGHT]]
+        for request_id in sent:
+            reply = client.recv()
+            if reply.id != request_id or not reply.ok:
+                raise RuntimeError(f"fork {request_id} answered {reply!r}")
 
 
 def _step(client: DriverClient, requests: list[dict[str, Any]], made: dict[tuple[int, int], list[int]],
