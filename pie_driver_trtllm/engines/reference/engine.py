@@ -160,9 +160,9 @@ class ReferenceEngine:
             _crop(resident.cache, len(resident.tokens), keep)
             del resident.tokens[keep:]
         wanted = sorted({row.length - 1 - keep for row in rows})
+        logits = self._forward(resident, tokens[keep:end], wanted)
         if end - keep > 1:
             self.prompt_tokens_computed += end - keep
-        logits = self._forward(resident, tokens[keep:end], wanted)
         row_logits = {offset + keep + 1: logits[i] for i, offset in enumerate(wanted)}
 
         results = []
