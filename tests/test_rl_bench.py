@@ -77,11 +77,26 @@ def test_rl_ops_are_read_from_the_handshake_caps():
     assert rl.rl_ops({"caps": {}}) == []
 
 
+SMALLEST = {"prompts": 2, "prompt_tokens": 8, "samples": 3, "new_tokens": 3, "wave": 6}
+
+
 def test_a_driver_without_the_ops_skips_them_with_a_reason(bench, capsys, monkeypatch):
-    """The whole workload at its smallest, through a real driver that does not offer the RL ops."""
-    monkeypatch.setattr(rl, "plan", lambda _: {"prompts": 2, "prompt_tokens": 8, "samples": 3, "new_tokens": 3,
-                                               "wave": 6})
+    """The whole workload at its smallest through a real driver, read as one that offers no RL ops."""
+    monkeypatch.setattr(rl, "plan", lambda _: SMALLEST)
+    monkeypatch.setattr(rl, "rl_ops", lambda _: [])
     result = rl.run(bench)
-    assert result["prompt_ratio"] == 1.0 and result["refit"] is None and result["sleep"] is None
-    assert set(result["skipped"]) == {"refit", "sleep"}
+    assert result["prompt_ratio"] == result["fresh_prompt_ratio"] == 1.0
+    assert result["refit"] is None and result["sleep"] is None and set(result["skipped"]) == {"refit", "sleep"}
     assert "rl: skipped: the driver does not advertise load_weights" in capsys.readouterr().out
+
+
+def test_a_driver_with_the_ops_is_refitted_put_to_sleep_and_woken(bench, monkeypatch):
+    from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
+
+    if not hasattr(ReferenceEngine, "load_weights"):
+        pytest.skip("this build's reference engine offers no load_weights")
+    monkeypatch.setattr(rl, "plan", lambda _: SMALLEST)
+    result = rl.run(bench)
+    assert not result["skipped"] and result["prompt_ratio"] == 1.0
+    assert result["refit"]["ratio"] > 0 and len(result["refit"]["refit_values_s"]) == rl.REFITS
+    assert result["sleep"]["asleep_forward_error"] == "ASLEEP" and result["sleep"]["wake_over_refit"] > 0
