@@ -6,10 +6,8 @@ than one new token (first prefill, rollback, a fork's suffix) are prefilled toge
 over the slots they span (one at a time when that would waste most of the forward); all rows that
 need exactly one new token run together, and greedy lookahead continues them together.
 
-Shared prefixes: a row that needs a prefill first copies the longest prefix of its tokens that another
-resident slot holds (a fork's source, a sibling sample, a context with the same prompt), and a row whose
-prefix another row of the same step is about to prefill waits for that prefill and copies it, so n
-samples of one prompt compute the prompt once, however the host sent it.
+Shared prefixes (`prefixes.py`): a prefill first copies the longest prefix another slot holds, or waits
+for a prefill of the same step that will hold it, so samples of one prompt compute it once.
 
 Overlap: in a steady decode loop the host feeds every context the token it was just given, so when a
 step's rows repeat the previous step's prediction, the engine launches the predicted next step before
@@ -29,6 +27,7 @@ from typing import Any
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
 from pie_driver_trtllm.engines.reference.batched_llama import BatchedLlama, DecodeOutput
 from pie_driver_trtllm.engines.reference.memory import EngineMemory
+from pie_driver_trtllm.engines.reference.prefixes import best_donor, will_hold
 from pie_driver_trtllm.engines.reference.weights import apply
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result, row_results
@@ -273,45 +272,20 @@ class BatchedReferenceEngine:
         slot = self._slot(context)
         if self._ahead is not None:  # this context leaves the predicted loop: its cache may change below
             self._ahead.expect.pop(slot.index, None)
-        keep = min(common_prefix(slot.tokens, rows[0].tokens, end), first_needed)
+        tokens = rows[0].tokens
+        keep = min(common_prefix(slot.tokens, tokens, end), first_needed)
         del slot.tokens[keep:]
-        if first_needed - keep > 1:
-            keep = self._share(slot, rows[0].tokens, keep, first_needed, decodes)
-        return slot, keep, end
-
-    def _share(self, slot: _Slot, tokens: list[int], keep: int, first_needed: int, decodes: _Decode) -> int:
-        """Copy into `slot` the longest prefix of `tokens[:first_needed]` that another resident slot holds,
-        when that saves two tokens or more; returns what the slot holds now."""
-        best, donor = keep + 1, None
-        for other in self._slots.values():
-            held = other.tokens
-            if len(held) > best and held[best] == tokens[best] and other is not slot:  # cheap test first
-                shared = common_prefix(held, tokens, first_needed)
-                if shared == len(held) and decodes.feeds(other):
-                    shared -= 1  # its last token waits for this step's decode: not in its cache yet
-                if shared > best:
-                    best, donor = shared, other
-        if donor is None:
-            return keep
-        self._copy(donor, slot, keep, best)
-        slot.tokens.extend(tokens[keep:best])
-        return best
+        donor, shared = best_donor(((s, s.tokens) for s in self._slots.values() if s is not slot), tokens, keep,
+                                   first_needed, decodes.feeds) if first_needed - keep > 1 else (None, keep)
+        if donor is not None:  # a prefill: it copies what another slot holds of it
+            self._copy(donor, slot, keep, shared)
+            slot.tokens.extend(tokens[keep:shared])
+        return slot, shared, end
 
     def _copy(self, source: _Slot, target: _Slot, start: int, stop: int) -> None:
         """Positions [start, stop) of `source`'s keys and values into `target` (on the device, one copy a layer)."""
         for cache in self.decoder.cache:  # [slot, k|v, head, column, dim]
             cache[target.index, :, :, start:stop] = cache[source.index, :, :, start:stop]
-
-    def _waits(self, tokens: list[int], keep: int, first_needed: int, prefills: list[_Prefill]) -> bool:
-        """Whether a prefill already planned in this step will hold two or more tokens of this row's
-        prefix beyond what its own slot keeps (then the row copies them once that prefill has run)."""
-        probe = keep + 1
-        for p in prefills:
-            held = p.start + len(p.chunk)
-            if held > probe and p.tokens[probe] == tokens[probe] and \
-                    common_prefix(p.tokens, tokens, min(first_needed, held)) > probe:
-                return True
-        return False
 
     def _prefill_rows(self, slot: _Slot, rows: list[Row], indexes: list[int], keep: int, end: int,
                       results: list[RowResult | None]) -> None:
@@ -334,7 +308,8 @@ class BatchedReferenceEngine:
             decodes.add(indexes[0], slot, tokens[end - 1], end - 1)
             return
         if len(rows) == 1:  # several new tokens, one sampler: batched with others
-            if self._waiting is not None and self._waits(tokens, keep, end - 1, prefills):
+            if self._waiting is not None and will_hold(((p.tokens, p.start + len(p.chunk)) for p in prefills),
+                                                       tokens, keep, end - 1):
                 self._waiting.append((context, rows, indexes))
                 return
             prefills.append(_Prefill(indexes[0], slot, tokens[keep:end], keep, tokens))

@@ -17,6 +17,7 @@ from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_pre
 from pie_driver_trtllm.engines.model_facts import read_model_info
 from pie_driver_trtllm.engines.reference.batched_llama import slot_bytes, supports
 from pie_driver_trtllm.engines.reference.memory import EngineMemory
+from pie_driver_trtllm.engines.reference.prefixes import best_donor
 from pie_driver_trtllm.engines.reference.weights import apply
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result
@@ -150,7 +151,8 @@ class ReferenceEngine:
         first_needed = min(row.length for row in rows) - 1
         resident = self._resident.get(context)
         keep = min(common_prefix(resident.tokens, tokens, end), first_needed) if resident else 0
-        donor, shared = self._donor(context, tokens, keep, first_needed)
+        donor, shared = best_donor(((r, r.tokens) for c, r in self._resident.items() if c != context), tokens, keep,
+                                   first_needed)
         if donor is not None:
             resident = self._resident[context] = _copy(donor, shared)
             keep = shared
@@ -184,19 +186,6 @@ class ReferenceEngine:
         out = self._model(input_ids=ids, past_key_values=resident.cache, use_cache=True, logits_to_keep=keep)
         resident.tokens.extend(new_tokens)
         return out.logits[0].float()
-
-    def _donor(self, context: int, tokens: list[int], keep: int, first_needed: int) -> tuple[_Resident | None, int]:
-        """Another context whose cache holds at least two more tokens of `tokens[:first_needed]` than
-        `keep`, the one holding most, and how many it shares; (None, keep) when there is none."""
-        best, donor = keep + 1, None
-        if first_needed - keep > 1:
-            for other, resident in self._resident.items():
-                held = resident.tokens
-                if len(held) > best and held[best] == tokens[best] and other != context:  # cheap test first
-                    shared = common_prefix(held, tokens, first_needed)
-                    if shared > best:
-                        best, donor = shared, resident
-        return donor, best if donor is not None else keep
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
