@@ -15,6 +15,8 @@ import sys
 import threading
 from typing import Any
 
+import torch
+
 from pie_driver_trtllm.config import DriverConfig
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
@@ -48,10 +50,44 @@ class SamplingParamsBuilder:
         self.common = {"end_id": end, "pad_id": pad, "detokenize": False, "ignore_eos": True}
 
     def kwargs(self, sampler: Sampler, steps: int) -> dict[str, Any]:
-        if sampler.is_greedy and not sampler.return_logprobs:  # a greedy run: `steps` tokens in one request
+        if greedy_chain(sampler):  # a greedy run: `steps` tokens in one request
             return {**self.common, "max_tokens": steps, "temperature": 0.0, **stop_kwargs(sampler)}
         # One position's logits; the driver samples from them (see the module docstring).
         return {**self.common, "max_tokens": 1, "temperature": 0.0, "return_generation_logits": True}
+
+
+def greedy_chain(sampler: Sampler) -> bool:
+    """TensorRT-LLM's own argmax tokens serve it: greedy, and no log-probability asked for."""
+    return sampler.is_greedy and not sampler.return_logprobs and not sampler.return_logprob
+
+
+def _chained(row: Row) -> bool:
+    return chained_in_engine(row) and greedy_chain(row.sampler)
+
+
+def chosen_logprob(logits: torch.Tensor, sampler: Sampler, token: int) -> float:
+    """The log-probability of `token` that `sampler.logprob_mode` names, from float32 logits.
+
+    raw: log-softmax of the logits. processed: log of the probability the sampler drew it with, softmax of
+    logits / T over the tokens top-k, top-p and min-p keep (the filters of `engines/sampling.sample_token`,
+    in the same float32 order), renormalised; a greedy sampler has no distribution of its own, so raw.
+    """
+    wide = logits.double()
+    if sampler.logprob_mode == "raw" or sampler.is_greedy:
+        return float(torch.log_softmax(wide - wide.max(), dim=-1)[token])
+    scores = logits / sampler.temperature
+    if sampler.top_k and sampler.top_k < scores.numel():
+        scores = scores.masked_fill(scores < torch.topk(scores, sampler.top_k).values[-1], float("-inf"))
+    if sampler.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - torch.softmax(ordered, dim=-1) >= sampler.top_p
+        scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    if sampler.min_p > 0.0:
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < sampler.min_p * probs.max(), float("-inf"))
+    kept = scores.double()
+    return float(torch.log_softmax(kept - kept.max(), dim=-1)[token])
 
 
 def stop_kwargs(sampler: Sampler) -> dict[str, Any]:
@@ -67,6 +103,7 @@ class GenerateEngine:
     kind = "tensorrt_llm"
     execution_mode = "generate"
     samplers = frozenset(ALL_SAMPLERS)
+    logprob_modes = ("raw", "processed")  # both exact: the driver reads TensorRT-LLM's logits, never its logprobs
 
     def __init__(self, llm: Any, trt: Any, config: DriverConfig, info: ModelInfo, version: str) -> None:
         self.llm = llm
@@ -76,20 +113,33 @@ class GenerateEngine:
         self._params = SamplingParamsBuilder(info)
         self._salted = config.options.enable_cache_salt
         self._salt: dict[int, str] = {}  # a fork inherits its source's salt, so it reuses the shared prefix
+        self.kv_epoch = 0  # bumped whenever cached KV must never be reused again (new weights, a wake)
+        self.prompt_tokens_computed = 0
 
     def step(self, rows: list[Row]) -> list[RowResult]:
         # A greedy run is one request of max_tokens; any other run's later tokens take one generate call per
         # token (every run of the forward in it), each sampled here with its per-step seed.
-        return step_with_runs(self._step_once, rows, chained_in_engine)
+        return step_with_runs(self._step_once, rows, _chained)
 
     def _step_once(self, rows: list[Row]) -> list[RowResult]:
         if not rows:
             return []
         prompts = [row.tokens[: row.length] for row in rows]
         params = [self._sampling_params(**self._params.kwargs(row.sampler, row.steps)) for row in rows]
-        salts = [self._salt.setdefault(row.context, str(row.context)) for row in rows]
+        salts = [self._salt_of(row.context) for row in rows]
+        outputs = self._generate(prompts, params, salts)
+        for prompt, output in zip(prompts, outputs, strict=True):
+            if not isinstance(output, RowResult):  # the prompt tokens TensorRT-LLM did not find in its cache
+                self.prompt_tokens_computed += len(prompt) - int(getattr(output, "cached_tokens", 0) or 0)
         return [output if isinstance(output, RowResult) else _read(row, output)
-                for row, output in zip(rows, self._generate(prompts, params, salts), strict=True)]
+                for row, output in zip(rows, outputs, strict=True)]
+
+    def _salt_of(self, context: int) -> str:
+        family = self._salt.setdefault(context, str(context))
+        return family if self.kv_epoch == 0 else f"{family}@{self.kv_epoch}"
+
+    def stats(self) -> dict[str, int]:
+        return {"prompt_tokens_computed": self.prompt_tokens_computed}
 
     def _generate(self, prompts: list[list[int]], params: list[Any], salts: list[str]) -> list[Any]:
         try:
@@ -112,7 +162,7 @@ class GenerateEngine:
             return RowResult(error=f"{type(exc).__name__}: {exc}")
 
     def fork(self, src: int, dst: int, length: int) -> None:
-        self._salt[dst] = self._salt.get(src, str(src))
+        self._salt[dst] = self._salt.setdefault(src, str(src))
 
     def drop(self, contexts: list[int]) -> None:
         for context in contexts:
@@ -124,11 +174,14 @@ class GenerateEngine:
 
 def _read(row: Row, output: Any) -> RowResult:
     completion = output.outputs[0]
-    if not chained_in_engine(row):
+    if not _chained(row):
         logits = getattr(completion, "generation_logits", None)
         if logits is None or len(logits) < 1:
             return RowResult(error="LLM.generate returned no generation logits")
-        return row_result(logits[0].float(), row.sampler, row.seed)
+        result = row_result(logits[0].float(), row.sampler, row.seed)
+        if (row.sampler.return_logprob or row.sampler.return_logprobs) and result.tokens and result.error is None:
+            result.token_logprobs = [chosen_logprob(logits[0].float(), row.sampler, result.tokens[0])]
+        return result
     tokens = list(completion.token_ids)
     if not tokens:
         return RowResult(error=f"LLM.generate returned no tokens (finish_reason {completion.finish_reason})")
