@@ -152,7 +152,7 @@ def test_refit_serves_the_new_weights_to_old_and_new_contexts(double, tiny_model
 
 
 def test_no_block_computed_with_old_weights_is_reused_after_a_refit(double, tiny_model, second_model):
-    harness, trt = rl_engine(tiny_model)
+    harness, _ = rl_engine(tiny_model)
     harness.forward([greedy(1, PROMPT)])
     harness.engine.load_weights(str(second_model))
     harness.forward([greedy(1, PROMPT)])
@@ -181,13 +181,13 @@ def test_a_checkpoint_of_another_shape_is_refused_before_any_update(double, tiny
     with pytest.raises(WeightsLoadError, match="F16") as failure:
         harness.engine.load_weights(str(other))
     assert failure.value.serving_previous is True and calls(trt, "update_weights") == []
-    with pytest.raises(WeightsLoadError, match="no \\*.safetensors"):
+    with pytest.raises(WeightsLoadError, match=r"no \*\.safetensors"):
         harness.engine.load_weights(str(tmp_path))
 
 
 def test_a_refit_that_fails_part_way_refuses_every_step_until_a_good_load(double, tiny_model, second_model,
                                                                           monkeypatch):
-    harness, trt = rl_engine(tiny_model)
+    harness, _ = rl_engine(tiny_model)
     monkeypatch.setenv("PIE_TRTLLM_DOUBLE_FAIL_UPDATE_AFTER", "3")
     with pytest.raises(WeightsLoadError) as failure:
         harness.engine.load_weights(str(second_model))
