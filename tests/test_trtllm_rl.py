@@ -274,3 +274,29 @@ def test_return_logprob_equals_the_logprob_of_the_same_token(double, tiny_model,
     kept = probs * keep
     assert logprob == pytest.approx(float(torch.log(kept[token] / kept.sum())), abs=1e-4)
     assert logprob >= raw - 1e-9 or sampler.temperature < 1.0  # renormalised over fewer tokens
+
+
+def test_raw_logprob_equals_what_the_double_reports_as_logprobs(double, tiny_model):
+    """TensorRT-LLM's PyTorch backend reports raw log-softmax values for `logprobs`; raw mode is the same number."""
+    harness, trt = load_double_engine(tiny_model)
+    asked = Sampler("greedy", 0, return_logprob=True, logprob_mode="raw")
+    (result,) = harness.engine.step([Row(1, PROMPT, len(PROMPT), asked)])
+    reported = harness.engine.llm.generate(PROMPT, trt.SamplingParams(end_id=-1, max_tokens=1, temperature=0.0,
+                                                                      logprobs=1))
+    token = reported.outputs[0].token_ids[0]
+    assert result.tokens == [token]
+    assert result.token_logprobs[0] == pytest.approx(reported.outputs[0].logprobs[0][token].logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+def test_a_run_reports_each_tokens_logprob_in_the_mode_asked(double, tiny_model, mode):
+    harness, _ = load_double_engine(tiny_model)
+    sampler = Sampler("top_k", 0, temperature=0.8, top_k=4, seed=21, max_tokens=3, return_logprobs=True,
+                      logprob_mode=mode)
+    (run,) = harness.engine.step([Row(1, PROMPT, len(PROMPT), sampler, 21, steps=3)])
+    assert len(run.tokens) == len(run.token_logprobs) == 3
+    for i, token in enumerate(run.tokens):  # each equals a one-token step fed the run's earlier tokens
+        one = Sampler("top_k", 0, temperature=0.8, top_k=4, return_logprob=True, logprob_mode=mode)
+        history = PROMPT + run.tokens[:i]
+        (step,) = harness.engine.step([Row(1, history, len(history), one, 21 + i)])
+        assert step.tokens == [token] and step.token_logprobs[0] == pytest.approx(run.token_logprobs[i], abs=1e-6)

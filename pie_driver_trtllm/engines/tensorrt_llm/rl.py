@@ -43,7 +43,6 @@ class RLGenerateEngine(GenerateEngine):
             self._expected = manifest(config.model.snapshot_dir)  # what every later checkpoint must match
         except CheckpointError as exc:
             raise StartupError(f"engine tensorrt_llm: rl_ops needs a safetensors checkpoint: {exc}") from None
-        self._uuid = importlib.import_module("tensorrt_llm._torch.utils").get_device_uuid(0)
         self._device = "cuda:0" if torch.cuda.is_available() else "cpu"  # cpu: only ever the test double
         self.asleep = 0
         self.weights_unavailable: str | None = None  # why no weights are served (a swap failed part way)
@@ -64,9 +63,14 @@ class RLGenerateEngine(GenerateEngine):
         except CheckpointError as exc:
             raise WeightsLoadError(str(exc)) from None
         try:
+            # Asked here, not at start-up: the question opens a CUDA context in this process.
+            uuid = importlib.import_module("tensorrt_llm._torch.utils").get_device_uuid(0)
+        except Exception as exc:
+            raise WeightsLoadError(f"cannot name this GPU for TensorRT-LLM ({type(exc).__name__}: {exc})") from None
+        try:
             for names in buckets(tensors):
                 payload, device_tensors = handles(tensors, names, self._device)
-                self.llm._collective_rpc("update_weights", ({self._uuid: payload},))
+                self.llm._collective_rpc("update_weights", ({uuid: payload},))
                 del device_tensors  # the worker has copied them
             self.llm._collective_rpc("update_weights", (None,))  # post-load hooks, then reset the prefix cache
         except Exception as exc:
