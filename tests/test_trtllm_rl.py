@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 from trtllm_support import DOUBLE_DIR, load_double_engine
 
@@ -300,3 +302,29 @@ def test_a_run_reports_each_tokens_logprob_in_the_mode_asked(double, tiny_model,
         history = PROMPT + run.tokens[:i]
         (step,) = harness.engine.step([Row(1, history, len(history), one, 21 + i)])
         assert step.tokens == [token] and step.token_logprobs[0] == pytest.approx(run.token_logprobs[i], abs=1e-6)
+
+
+@given(st.lists(st.integers(0, 40), max_size=30), st.integers(1, 64))
+def test_buckets_keep_every_tensor_once_in_order_within_the_limit(sizes, limit):
+    from pie_driver_trtllm.engines.tensorrt_llm.refit import buckets
+
+    tensors = {f"w{i}": torch.zeros(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    groups = buckets(tensors, limit)
+    assert [name for group in groups for name in group] == list(tensors)
+    for group in groups:
+        assert len(group) == 1 or sum(tensors[n].numel() for n in group) <= limit
+
+
+@given(st.integers(0, 2**31), st.floats(0.05, 3.0), st.integers(0, 60), st.floats(0.05, 1.0), st.floats(0.0, 0.9))
+def test_processed_logprobs_are_the_distribution_the_token_is_drawn_from(seed, temperature, top_k, top_p, min_p):
+    import math
+
+    from pie_driver_trtllm.engines.sampling import sample_token
+    from pie_driver_trtllm.engines.tensorrt_llm.generate import chosen_logprob
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(seed)) * 4
+    sampler = Sampler("top_k_top_p", 0, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                      logprob_mode="processed")
+    mass = sum(math.exp(chosen_logprob(logits, sampler, t)) for t in range(50))
+    assert mass == pytest.approx(1.0, abs=1e-9)
+    assert math.isfinite(chosen_logprob(logits, sampler, sample_token(logits, sampler, seed)))
