@@ -328,3 +328,16 @@ def test_processed_logprobs_are_the_distribution_the_token_is_drawn_from(seed, t
     mass = sum(math.exp(chosen_logprob(logits, sampler, t)) for t in range(50))
     assert mass == pytest.approx(1.0, abs=1e-9)
     assert math.isfinite(chosen_logprob(logits, sampler, sample_token(logits, sampler, seed)))
+
+
+def test_pyexecutor_mode_reports_the_same_logprobs_as_generate_mode(double, tiny_model):
+    rows = [Row(1, PROMPT, len(PROMPT), Sampler("top_k", 0, temperature=0.8, top_k=4, return_logprob=True), 9),
+            Row(2, PROMPT, len(PROMPT), Sampler("greedy", 0, return_logprob=True, logprob_mode="raw")),
+            Row(3, PROMPT, len(PROMPT), Sampler("min_p", 0, min_p=0.1, return_logprobs=True, max_tokens=2,
+                                                logprob_mode="raw"), 4, steps=2)]
+    generate, _ = load_double_engine(tiny_model)
+    expected = generate.engine.step(rows)
+    pyexecutor, _ = load_double_engine(tiny_model, execution_mode="pyexecutor")
+    assert pyexecutor.engine.logprob_modes == ("raw", "processed")
+    for got, want in zip(pyexecutor.engine.step(rows), expected, strict=True):
+        assert got.tokens == want.tokens and got.token_logprobs == pytest.approx(want.token_logprobs, abs=1e-5)

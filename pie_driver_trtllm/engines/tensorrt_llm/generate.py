@@ -61,8 +61,17 @@ def greedy_chain(sampler: Sampler) -> bool:
     return sampler.is_greedy and not sampler.return_logprobs and not sampler.return_logprob
 
 
-def _chained(row: Row) -> bool:
+def chained_here(row: Row) -> bool:
+    """The row's tokens come from TensorRT-LLM's own greedy chain (no logits read)."""
     return chained_in_engine(row) and greedy_chain(row.sampler)
+
+
+def from_logits(logits: torch.Tensor, row: Row) -> RowResult:
+    """A logits-path row's result, with the drawn token's log-probability in the mode asked."""
+    result = row_result(logits, row.sampler, row.seed)
+    if (row.sampler.return_logprob or row.sampler.return_logprobs) and result.tokens and result.error is None:
+        result.token_logprobs = [chosen_logprob(logits, row.sampler, result.tokens[0])]
+    return result
 
 
 def chosen_logprob(logits: torch.Tensor, sampler: Sampler, token: int) -> float:
@@ -119,7 +128,7 @@ class GenerateEngine:
     def step(self, rows: list[Row]) -> list[RowResult]:
         # A greedy run is one request of max_tokens; any other run's later tokens take one generate call per
         # token (every run of the forward in it), each sampled here with its per-step seed.
-        return step_with_runs(self._step_once, rows, _chained)
+        return step_with_runs(self._step_once, rows, chained_here)
 
     def _step_once(self, rows: list[Row]) -> list[RowResult]:
         if not rows:
@@ -174,14 +183,11 @@ class GenerateEngine:
 
 def _read(row: Row, output: Any) -> RowResult:
     completion = output.outputs[0]
-    if not _chained(row):
+    if not chained_here(row):
         logits = getattr(completion, "generation_logits", None)
         if logits is None or len(logits) < 1:
             return RowResult(error="LLM.generate returned no generation logits")
-        result = row_result(logits[0].float(), row.sampler, row.seed)
-        if (row.sampler.return_logprob or row.sampler.return_logprobs) and result.tokens and result.error is None:
-            result.token_logprobs = [chosen_logprob(logits[0].float(), row.sampler, result.tokens[0])]
-        return result
+        return from_logits(logits[0].float(), row)
     tokens = list(completion.token_ids)
     if not tokens:
         return RowResult(error=f"LLM.generate returned no tokens (finish_reason {completion.finish_reason})")
