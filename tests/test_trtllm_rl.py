@@ -215,7 +215,9 @@ def test_sleep_frees_by_memory_tag_and_wake_restores_service(double, tiny_model,
     harness.engine.fork(1, 4, len(PROMPT))  # histories only: allowed while asleep
     harness.engine.wake()
     assert calls(trt, "collective_rpc")[-1]["method"] == "wakeup"
+    computed = harness.engine.prompt_tokens_computed
     assert decode(harness, 5, PROMPT, 2) == before
+    assert harness.engine.prompt_tokens_computed - computed >= len(PROMPT)  # nothing indexed before sleep reused
     assert calls(trt, "generate")[-1]["cache_salt"] == ["5@1"]
 
 
@@ -341,3 +343,12 @@ def test_pyexecutor_mode_reports_the_same_logprobs_as_generate_mode(double, tiny
     assert pyexecutor.engine.logprob_modes == ("raw", "processed")
     for got, want in zip(pyexecutor.engine.step(rows), expected, strict=True):
         assert got.tokens == want.tokens and got.token_logprobs == pytest.approx(want.token_logprobs, abs=1e-5)
+
+
+def test_without_per_context_salts_the_weights_epoch_still_salts_every_request(double, tiny_model, second_model):
+    harness, trt = rl_engine(tiny_model, enable_cache_salt=False)
+    harness.forward([greedy(1, PROMPT)])
+    assert calls(trt, "generate")[-1]["cache_salt"] is None
+    harness.engine.load_weights(str(second_model))
+    assert decode(harness, 1, PROMPT, 2) == hf_greedy(second_model, PROMPT, 2)
+    assert calls(trt, "generate")[-1]["cache_salt"] == ["@1"]

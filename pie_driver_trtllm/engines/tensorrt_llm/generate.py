@@ -143,17 +143,20 @@ class GenerateEngine:
         return [output if isinstance(output, RowResult) else _read(row, output)
                 for row, output in zip(rows, outputs, strict=True)]
 
-    def _salt_of(self, context: int) -> str:
-        family = self._salt.setdefault(context, str(context))
-        return family if self.kv_epoch == 0 else f"{family}@{self.kv_epoch}"
+    def _salt_of(self, context: int) -> str | None:
+        """The fork family, and the KV epoch once there is one; without per-context salts, the epoch alone."""
+        family = self._salt.setdefault(context, str(context)) if self._salted else ""
+        if self.kv_epoch == 0:
+            return family or None
+        return f"{family}@{self.kv_epoch}"
 
     def stats(self) -> dict[str, int]:
         return {"prompt_tokens_computed": self.prompt_tokens_computed}
 
-    def _generate(self, prompts: list[list[int]], params: list[Any], salts: list[str]) -> list[Any]:
+    def _generate(self, prompts: list[list[int]], params: list[Any], salts: list[str | None]) -> list[Any]:
         try:
             outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False,
-                                        cache_salt=salts if self._salted else None)
+                                        cache_salt=salts if any(salts) else None)
         except Exception:
             if len(prompts) == 1:
                 raise
@@ -163,10 +166,10 @@ class GenerateEngine:
             raise RuntimeError(f"LLM.generate returned {len(outputs)} outputs for {len(prompts)} prompts")
         return outputs
 
-    def _one(self, prompt: list[int], params: Any, salt: str) -> Any:
+    def _one(self, prompt: list[int], params: Any, salt: str | None) -> Any:
         try:
             return self.llm.generate([prompt], sampling_params=[params], use_tqdm=False,
-                                     cache_salt=[salt] if self._salted else None)[0]
+                                     cache_salt=[salt] if salt else None)[0]
         except Exception as exc:
             return RowResult(error=f"{type(exc).__name__}: {exc}")
 

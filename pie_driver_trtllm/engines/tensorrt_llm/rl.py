@@ -12,6 +12,7 @@ that a load and a wake bump, so no block indexed before can match a later reques
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -86,8 +87,10 @@ class RLGenerateEngine(GenerateEngine):
         if level <= self.asleep:
             return
         tags = [t for t in LEVEL_TAGS[level] if t not in LEVEL_TAGS.get(self.asleep, ())]
-        # Releasing the KV cache keeps its reuse index: reset it first, or wrong KV is served after wake.
-        self.llm._collective_rpc("reset_prefix_cache")
+        # Releasing the KV cache keeps its reuse index, so a block indexed now would serve lost KV after wake:
+        # reset it where the worker extension offers that, and the salt epoch bumped by wake isolates the rest.
+        with contextlib.suppress(AttributeError):  # an extension without it (not every 1.2-era rlhf_utils has one)
+            self.llm._collective_rpc("reset_prefix_cache")
         self.asleep = level  # from here on nothing may run, whatever the release says
         self.llm._collective_rpc("sleep", (tags,))
 

@@ -3,8 +3,10 @@
 `WorkerExtension.update_weights(ipc_handles)` as in TensorRT-LLM PR #8302: `ipc_handles` maps a device UUID
 to a list of `(name, (rebuild, args))`; each tensor is rebuilt with `args[6]` set to the worker's device (a
 CUDA IPC handle's device slot) and loaded in place, partial loading allowed. `update_weights(None)`
-finalises: post-load hooks, then `engine.reset_prefix_cache()`. A failure part way leaves the tensors
-already copied in place (TensorRT-LLM issue #16642: a failed partial refit serves mixed weights).
+finalises: post-load hooks, then `engine.reset_prefix_cache()`. Later copies add a `reset_prefix_cache`
+worker method; it is left out here because the 1.2 release was not seen to have it. A failure part way
+leaves the tensors already copied in place (TensorRT-LLM issue #16642: a failed partial refit serves mixed
+weights).
 
 Double only: the tensors copy into a transformers model by its parameter names; an unknown name or a
 shape the parameter does not have raises. CPU tensors (no GPU here) come as `reduce_tensor` makes them for
@@ -63,9 +65,6 @@ class WorkerExtension:
                     raise ValueError(f"test double: {name} has shape {tuple(target.shape)}, not "
                                      f"{tuple(tensor.shape)}")
                 target.copy_(tensor.to(target.dtype))
-
-    def reset_prefix_cache(self) -> None:
-        self.engine.reset_prefix_cache()
 
 
 __all__ = ["WorkerExtension"]
