@@ -352,3 +352,11 @@ def test_without_per_context_salts_the_weights_epoch_still_salts_every_request(d
     harness.engine.load_weights(str(second_model))
     assert decode(harness, 1, PROMPT, 2) == hf_greedy(second_model, PROMPT, 2)
     assert calls(trt, "generate")[-1]["cache_salt"] == ["@1"]
+
+
+def test_pyexecutor_mode_counts_prefill_tokens_not_decode_steps(double, tiny_model):
+    harness, _ = load_double_engine(tiny_model, execution_mode="pyexecutor", lookahead_tokens=1)
+    made = decode(harness, 1, PROMPT, 4)  # one prefill, then decode steps on the resident request
+    assert harness.engine.stats() == {"prompt_tokens_computed": len(PROMPT)}
+    harness.forward([greedy(1, [made[0] + 1], len(PROMPT))])  # a rollback: the request is made again
+    assert harness.engine.stats() == {"prompt_tokens_computed": 2 * len(PROMPT) + 1}
