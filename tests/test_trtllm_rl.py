@@ -197,6 +197,9 @@ def test_a_refit_that_fails_part_way_refuses_every_step_until_a_good_load(double
     (result,) = harness.engine.step([Row(1, PROMPT, len(PROMPT), Sampler("greedy", 0))])
     assert result.code == "WEIGHTS_UNAVAILABLE" and "part way" in result.error
     monkeypatch.delenv("PIE_TRTLLM_DOUBLE_FAIL_UPDATE_AFTER")
+    with pytest.raises(WeightsLoadError) as still:  # a bad checkpoint now: still nothing served
+        harness.engine.load_weights(str(second_model / "missing"))
+    assert still.value.serving_previous is False
     harness.engine.load_weights(str(second_model))
     assert decode(harness, 1, PROMPT, 3) == hf_greedy(second_model, PROMPT, 3)
 
@@ -360,3 +363,20 @@ def test_pyexecutor_mode_counts_prefill_tokens_not_decode_steps(double, tiny_mod
     assert harness.engine.stats() == {"prompt_tokens_computed": len(PROMPT)}
     harness.forward([greedy(1, [made[0] + 1], len(PROMPT))])  # a rollback: the request is made again
     assert harness.engine.stats() == {"prompt_tokens_computed": 2 * len(PROMPT) + 1}
+
+
+def test_deeper_sleep_releases_only_the_weights_and_a_load_waits_for_wake(double, tiny_model, second_model):
+    harness, trt = rl_engine(tiny_model)
+    harness.engine.sleep(1)
+    harness.engine.sleep(2)
+    harness.engine.sleep(1)  # already deeper: nothing to release
+    sleeps = [c["args"][0] for c in calls(trt, "collective_rpc") if c["method"] == "sleep"]
+    assert len(sleeps) == 2 and set(sleeps[1]) == {"model", "draft_model"}
+    with pytest.raises(WeightsLoadError, match="wake") as failure:
+        harness.engine.load_weights(str(second_model))
+    assert failure.value.serving_previous is True and calls(trt, "update_weights") == []
+    harness.engine.wake()
+    harness.engine.wake()  # awake already: no second wakeup
+    assert [c["method"] for c in calls(trt, "collective_rpc")].count("wakeup") == 1
+    harness.engine.load_weights(str(second_model))
+    assert decode(harness, 1, PROMPT, 2) == hf_greedy(second_model, PROMPT, 2)

@@ -38,6 +38,8 @@ def rl_llm_arguments() -> dict[str, Any]:
 
 
 class RLGenerateEngine(GenerateEngine):
+    sleep_levels = (1, 2)
+
     def __init__(self, llm: Any, trt: Any, config: DriverConfig, info: ModelInfo, version: str) -> None:
         super().__init__(llm, trt, config, info, version)
         try:
@@ -57,17 +59,19 @@ class RLGenerateEngine(GenerateEngine):
         return super().step(rows)
 
     def load_weights(self, path: str) -> None:
+        serving = self.weights_unavailable is None  # what a failure before the first update leaves served
         if self.asleep == 2:
-            raise WeightsLoadError("the weights are released (asleep at level 2); send wake first")
+            raise WeightsLoadError("the weights are released (asleep at level 2); send wake first", serving)
         try:
             tensors = stage(path, self._expected)
         except CheckpointError as exc:
-            raise WeightsLoadError(str(exc)) from None
+            raise WeightsLoadError(str(exc), serving) from None
         try:
             # Asked here, not at start-up: the question opens a CUDA context in this process.
             uuid = importlib.import_module("tensorrt_llm._torch.utils").get_device_uuid(0)
         except Exception as exc:
-            raise WeightsLoadError(f"cannot name this GPU for TensorRT-LLM ({type(exc).__name__}: {exc})") from None
+            raise WeightsLoadError(f"cannot name this GPU for TensorRT-LLM ({type(exc).__name__}: {exc})",
+                                   serving) from None
         try:
             for names in buckets(tensors):
                 payload, device_tensors = handles(tensors, names, self._device)
