@@ -325,7 +325,7 @@ def test_processed_logprobs_are_the_distribution_the_token_is_drawn_from(seed, t
     import math
 
     from pie_driver_trtllm.engines.sampling import sample_token
-    from pie_driver_trtllm.engines.tensorrt_llm.generate import chosen_logprob
+    from pie_driver_trtllm.engines.sampling import sampled_logprob as chosen_logprob
 
     logits = torch.randn(50, generator=torch.Generator().manual_seed(seed)) * 4
     sampler = Sampler("top_k_top_p", 0, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

@@ -15,8 +15,6 @@ import sys
 import threading
 from typing import Any
 
-import torch
-
 from pie_driver_trtllm.config import DriverConfig
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
@@ -50,53 +48,10 @@ class SamplingParamsBuilder:
         self.common = {"end_id": end, "pad_id": pad, "detokenize": False, "ignore_eos": True}
 
     def kwargs(self, sampler: Sampler, steps: int) -> dict[str, Any]:
-        if greedy_chain(sampler):  # a greedy run: `steps` tokens in one request
+        if sampler.is_greedy and not (sampler.return_logprobs or sampler.return_logprob):  # `steps` tokens, one request
             return {**self.common, "max_tokens": steps, "temperature": 0.0, **stop_kwargs(sampler)}
         # One position's logits; the driver samples from them (see the module docstring).
         return {**self.common, "max_tokens": 1, "temperature": 0.0, "return_generation_logits": True}
-
-
-def greedy_chain(sampler: Sampler) -> bool:
-    """TensorRT-LLM's own argmax tokens serve it: greedy, and no log-probability asked for."""
-    return sampler.is_greedy and not sampler.return_logprobs and not sampler.return_logprob
-
-
-def chained_here(row: Row) -> bool:
-    """The row's tokens come from TensorRT-LLM's own greedy chain (no logits read)."""
-    return chained_in_engine(row) and greedy_chain(row.sampler)
-
-
-def from_logits(logits: torch.Tensor, row: Row) -> RowResult:
-    """A logits-path row's result, with the drawn token's log-probability in the mode asked."""
-    result = row_result(logits, row.sampler, row.seed)
-    if (row.sampler.return_logprob or row.sampler.return_logprobs) and result.tokens and result.error is None:
-        result.token_logprobs = [chosen_logprob(logits, row.sampler, result.tokens[0])]
-    return result
-
-
-def chosen_logprob(logits: torch.Tensor, sampler: Sampler, token: int) -> float:
-    """The log-probability of `token` that `sampler.logprob_mode` names, from float32 logits.
-
-    raw: log-softmax of the logits. processed: log of the probability the sampler drew it with, softmax of
-    logits / T over the tokens top-k, top-p and min-p keep (the filters of `engines/sampling.sample_token`,
-    in the same float32 order), renormalised; a greedy sampler has no distribution of its own, so raw.
-    """
-    wide = logits.double()
-    if sampler.logprob_mode == "raw" or sampler.is_greedy:
-        return float(torch.log_softmax(wide - wide.max(), dim=-1)[token])
-    scores = logits / sampler.temperature
-    if sampler.top_k and sampler.top_k < scores.numel():
-        scores = scores.masked_fill(scores < torch.topk(scores, sampler.top_k).values[-1], float("-inf"))
-    if sampler.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - torch.softmax(ordered, dim=-1) >= sampler.top_p
-        scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
-    if sampler.min_p > 0.0:
-        probs = torch.softmax(scores, dim=-1)
-        scores = scores.masked_fill(probs < sampler.min_p * probs.max(), float("-inf"))
-    kept = scores.double()
-    return float(torch.log_softmax(kept - kept.max(), dim=-1)[token])
 
 
 def stop_kwargs(sampler: Sampler) -> dict[str, Any]:
@@ -128,7 +83,7 @@ class GenerateEngine:
     def step(self, rows: list[Row]) -> list[RowResult]:
         # A greedy run is one request of max_tokens; any other run's later tokens take one generate call per
         # token (every run of the forward in it), each sampled here with its per-step seed.
-        return step_with_runs(self._step_once, rows, chained_here)
+        return step_with_runs(self._step_once, rows, chained_in_engine)
 
     def _step_once(self, rows: list[Row]) -> list[RowResult]:
         if not rows:
@@ -186,11 +141,11 @@ class GenerateEngine:
 
 def _read(row: Row, output: Any) -> RowResult:
     completion = output.outputs[0]
-    if not chained_here(row):
+    if not chained_in_engine(row):
         logits = getattr(completion, "generation_logits", None)
         if logits is None or len(logits) < 1:
             return RowResult(error="LLM.generate returned no generation logits")
-        return from_logits(logits[0].float(), row)
+        return row_result(logits[0].float(), row.sampler, row.seed)
     tokens = list(completion.token_ids)
     if not tokens:
         return RowResult(error=f"LLM.generate returned no tokens (finish_reason {completion.finish_reason})")

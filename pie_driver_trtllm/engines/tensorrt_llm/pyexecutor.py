@@ -22,8 +22,9 @@ import torch
 
 from pie_driver_trtllm.config import DriverConfig, StartupError
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult
-from pie_driver_trtllm.engines.runs import step_with_runs
-from pie_driver_trtllm.engines.tensorrt_llm.generate import SamplingParamsBuilder, chained_here, from_logits
+from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
+from pie_driver_trtllm.engines.sampling import row_result
+from pie_driver_trtllm.engines.tensorrt_llm.generate import SamplingParamsBuilder
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
 
 PINNED_VERSION = "1.2.1"
@@ -95,7 +96,7 @@ class PyExecutorEngine:
     def step(self, rows: list[Row]) -> list[RowResult]:
         # A greedy run is its request running n iterations; any other run's later tokens take one iteration
         # per token (every run of the forward in it), each sampled here with its per-step seed.
-        return step_with_runs(self._step_once, rows, chained_here)
+        return step_with_runs(self._step_once, rows, chained_in_engine)
 
     def _step_once(self, rows: list[Row]) -> list[RowResult]:
         results: list[RowResult | None] = [self._refusal(row) for row in rows]
@@ -147,9 +148,9 @@ class PyExecutorEngine:
 
     def _run_wave(self, rows: list[Row]) -> dict[int, RowResult]:
         requests = [self._session_for(row).request for row in rows]
-        targets = [row.length + (row.steps if chained_here(row) else 1) for row in rows]
+        targets = [row.length + (row.steps if chained_in_engine(row) else 1) for row in rows]
         wanted = {id(request): i for i, (request, row) in enumerate(zip(requests, rows, strict=True))
-                  if not chained_here(row)}
+                  if not chained_in_engine(row)}
         logits: dict[int, torch.Tensor] = {}
         pe = self._executor
         stalled = 0
@@ -173,10 +174,10 @@ class PyExecutorEngine:
             _discard_responses(pe)
         out: dict[int, RowResult] = {}
         for index, (request, row) in enumerate(zip(requests, rows, strict=True)):
-            if not chained_here(row):
+            if not chained_in_engine(row):
                 if index not in logits:
                     raise RuntimeError(f"no logits for context {row.context}")
-                out[index] = from_logits(logits[index], row)
+                out[index] = row_result(logits[index], row.sampler, row.seed)
                 continue
             produced = request.get_tokens(0)[row.length:]
             if not produced:
