@@ -380,3 +380,42 @@ def test_deeper_sleep_releases_only_the_weights_and_a_load_waits_for_wake(double
     assert [c["method"] for c in calls(trt, "collective_rpc")].count("wakeup") == 1
     harness.engine.load_weights(str(second_model))
     assert decode(harness, 1, PROMPT, 2) == hf_greedy(second_model, PROMPT, 2)
+
+
+def op(harness, name, **fields):
+    import msgpack
+
+    from pie_driver_trtllm.wire.codec import decode_frame
+
+    body = decode_frame(msgpack.packb({"v": 1, "id": 1, "op": name, **fields}), harness.limits).body
+    return getattr(harness.core, name)(body)
+
+
+def test_the_driver_core_drives_the_rl_operations_of_this_engine(double, tiny_model, second_model, tmp_path):
+    from pie_driver_trtllm.wire.errors import DriverError
+
+    harness, _ = rl_engine(tiny_model)
+    assert op(harness, "load_weights", path=str(second_model), version=7) == {"weights_version": 7}
+    assert decode(harness, 1, PROMPT, 2) == hf_greedy(second_model, PROMPT, 2)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(DriverError) as failure:
+        op(harness, "load_weights", path=str(tmp_path), version=8)
+    assert failure.value.code == "WEIGHTS_LOAD_FAILED"
+    assert harness.core.weights_health()["weights"] == "serving"
+    assert op(harness, "sleep", level=2) == {"asleep": 2}
+    assert op(harness, "wake") == {"asleep": 0}
+    assert decode(harness, 2, PROMPT, 2) == hf_greedy(second_model, PROMPT, 2)
+
+
+def test_a_release_that_fails_leaves_the_engine_awake_as_the_core_believes(double, tiny_model, monkeypatch):
+    harness, trt = rl_engine(tiny_model)
+    import tensorrt_llm.executor.ray_gpu_worker as worker
+
+    def refuse(self, tags):
+        raise RuntimeError("the release failed")
+
+    monkeypatch.setattr(worker.RayGPUWorker, "sleep", refuse)
+    with pytest.raises(RuntimeError, match="release failed"):
+        harness.engine.sleep(1)
+    assert harness.engine.asleep == 0 and calls(trt, "collective_rpc")[-1]["method"] == "wakeup"
+    assert decode(harness, 1, PROMPT, 2) == hf_greedy(tiny_model, PROMPT, 2)

@@ -95,8 +95,16 @@ class RLGenerateEngine(GenerateEngine):
         # reset it where the worker extension offers that, and the salt epoch bumped by wake isolates the rest.
         with contextlib.suppress(AttributeError):  # an extension without it (not every 1.2-era rlhf_utils has one)
             self.llm._collective_rpc("reset_prefix_cache")
-        self.asleep = level  # from here on nothing may run, whatever the release says
-        self.llm._collective_rpc("sleep", (tags,))
+        previous, self.asleep = self.asleep, level  # nothing may run while the release is under way
+        try:
+            self.llm._collective_rpc("sleep", (tags,))
+        except Exception:
+            # The caller still counts this engine as awake (or at the previous level): map back whatever
+            # part of the release happened, so that the engine is what the caller believes.
+            with contextlib.suppress(Exception):
+                self.llm._collective_rpc("wakeup", (tags,))
+            self.asleep = previous
+            raise
 
     def wake(self) -> None:
         if not self.asleep:
