@@ -77,6 +77,10 @@ class DriverOptions(Struct, forbid_unknown_fields=True):
     pyexecutor_worker_stop_timeout_s: Annotated[float, Meta(ge=0.0, le=3600.0, description=(
         "Join timeout when stopping TensorRT-LLM's worker."))] = 30.0
     enable_cache_salt: Annotated[bool, Meta(description="Give each context its own TensorRT-LLM cache salt.")] = True
+    rl_ops: Annotated[bool, Meta(description=(
+        "TensorRT-LLM `generate` mode: start `LLM` on the Ray orchestrator with `enable_sleep` and the RLHF worker "
+        "extension, so that `load_weights`, `sleep` and `wake` work (needs `ray`; its virtual-memory allocator "
+        "costs some speed)."))] = False
     reference_compile: Annotated[bool, Meta(description=(
         "Reference engine on CUDA: `torch.compile` the per-layer elementwise work of the captured decode step "
         "(about 10% faster; the first step of each batch size compiles for a second or two)."))] = True
@@ -218,6 +222,9 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> DriverCo
     if options.execution_mode == "pyexecutor" and options.max_history_tokens is not None:
         raise StartupError("config: driver.options.max_history_tokens must be unset with execution_mode = "
                            "\"pyexecutor\" (the executor needs full histories)")
+    if options.rl_ops and options.execution_mode == "pyexecutor":
+        raise StartupError("config: driver.options.rl_ops needs execution_mode = \"generate\" (TensorRT-LLM "
+                           "1.2 offers sleep and weight updates only through its Ray orchestrator)")
     if options.curve_client_keys_file is not None and options.curve_secret_key_file is None:
         raise StartupError("config: driver.options.curve_client_keys_file needs curve_secret_key_file as well")
     for key in ("curve_secret_key_file", "curve_client_keys_file"):

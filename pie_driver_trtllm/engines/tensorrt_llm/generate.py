@@ -48,7 +48,7 @@ class SamplingParamsBuilder:
         self.common = {"end_id": end, "pad_id": pad, "detokenize": False, "ignore_eos": True}
 
     def kwargs(self, sampler: Sampler, steps: int) -> dict[str, Any]:
-        if sampler.is_greedy and not sampler.return_logprobs:  # a greedy run: `steps` tokens in one request
+        if sampler.is_greedy and not (sampler.return_logprobs or sampler.return_logprob):  # `steps` tokens, one request
             return {**self.common, "max_tokens": steps, "temperature": 0.0, **stop_kwargs(sampler)}
         # One position's logits; the driver samples from them (see the module docstring).
         return {**self.common, "max_tokens": 1, "temperature": 0.0, "return_generation_logits": True}
@@ -67,6 +67,7 @@ class GenerateEngine:
     kind = "tensorrt_llm"
     execution_mode = "generate"
     samplers = frozenset(ALL_SAMPLERS)
+    logprob_modes = ("raw", "processed")  # both exact: the driver reads TensorRT-LLM's logits, never its logprobs
 
     def __init__(self, llm: Any, trt: Any, config: DriverConfig, info: ModelInfo, version: str) -> None:
         self.llm = llm
@@ -76,6 +77,8 @@ class GenerateEngine:
         self._params = SamplingParamsBuilder(info)
         self._salted = config.options.enable_cache_salt
         self._salt: dict[int, str] = {}  # a fork inherits its source's salt, so it reuses the shared prefix
+        self.kv_epoch = 0  # bumped whenever cached KV must never be reused again (new weights, a wake)
+        self.prompt_tokens_computed = 0
 
     def step(self, rows: list[Row]) -> list[RowResult]:
         # A greedy run is one request of max_tokens; any other run's later tokens take one generate call per
@@ -87,14 +90,28 @@ class GenerateEngine:
             return []
         prompts = [row.tokens[: row.length] for row in rows]
         params = [self._sampling_params(**self._params.kwargs(row.sampler, row.steps)) for row in rows]
-        salts = [self._salt.setdefault(row.context, str(row.context)) for row in rows]
+        salts = [self._salt_of(row.context) for row in rows]
+        outputs = self._generate(prompts, params, salts)
+        for prompt, output in zip(prompts, outputs, strict=True):
+            if not isinstance(output, RowResult):  # the prompt tokens TensorRT-LLM did not find in its cache
+                self.prompt_tokens_computed += len(prompt) - int(getattr(output, "cached_tokens", 0) or 0)
         return [output if isinstance(output, RowResult) else _read(row, output)
-                for row, output in zip(rows, self._generate(prompts, params, salts), strict=True)]
+                for row, output in zip(rows, outputs, strict=True)]
 
-    def _generate(self, prompts: list[list[int]], params: list[Any], salts: list[str]) -> list[Any]:
+    def _salt_of(self, context: int) -> str | None:
+        """The fork family, and the KV epoch once there is one; without per-context salts, the epoch alone."""
+        family = self._salt.setdefault(context, str(context)) if self._salted else ""
+        if self.kv_epoch == 0:
+            return family or None
+        return f"{family}@{self.kv_epoch}"
+
+    def stats(self) -> dict[str, int]:
+        return {"prompt_tokens_computed": self.prompt_tokens_computed}
+
+    def _generate(self, prompts: list[list[int]], params: list[Any], salts: list[str | None]) -> list[Any]:
         try:
             outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False,
-                                        cache_salt=salts if self._salted else None)
+                                        cache_salt=salts if any(salts) else None)
         except Exception:
             if len(prompts) == 1:
                 raise
@@ -104,15 +121,15 @@ class GenerateEngine:
             raise RuntimeError(f"LLM.generate returned {len(outputs)} outputs for {len(prompts)} prompts")
         return outputs
 
-    def _one(self, prompt: list[int], params: Any, salt: str) -> Any:
+    def _one(self, prompt: list[int], params: Any, salt: str | None) -> Any:
         try:
             return self.llm.generate([prompt], sampling_params=[params], use_tqdm=False,
-                                     cache_salt=[salt] if self._salted else None)[0]
+                                     cache_salt=[salt] if salt else None)[0]
         except Exception as exc:
             return RowResult(error=f"{type(exc).__name__}: {exc}")
 
     def fork(self, src: int, dst: int, length: int) -> None:
-        self._salt[dst] = self._salt.get(src, str(src))
+        self._salt[dst] = self._salt.setdefault(src, str(src))
 
     def drop(self, contexts: list[int]) -> None:
         for context in contexts:

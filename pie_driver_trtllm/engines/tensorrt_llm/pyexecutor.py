@@ -68,6 +68,7 @@ class PyExecutorEngine:
     kind = "tensorrt_llm"
     execution_mode = "pyexecutor"
     samplers = frozenset(ALL_SAMPLERS)
+    logprob_modes = ("raw", "processed")  # from the forward step's logits, as in generate mode
 
     def __init__(self, llm: Any, trt: Any, config: DriverConfig, info: ModelInfo, version: str) -> None:
         self.llm = llm
@@ -84,6 +85,7 @@ class PyExecutorEngine:
         self._salt_id = getattr(importlib.import_module("tensorrt_llm.inputs"), "get_cache_salt_id", None)
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
         self._next_id = 1
+        self.prompt_tokens_computed = 0
         self.capacity = self._capacity()
         args = getattr(llm, "args", None)
         self._max_num_tokens = getattr(args, "max_num_tokens", None)
@@ -125,6 +127,9 @@ class PyExecutorEngine:
         if session is None or _finished(session.request) or session.request.get_tokens(0) != row.tokens[: row.length]:
             return None
         return session
+
+    def stats(self) -> dict[str, int]:
+        return {"prompt_tokens_computed": self.prompt_tokens_computed}
 
     def fork(self, src: int, dst: int, length: int) -> None:
         self._end_session(dst)  # dst's history was replaced; its next step recreates its request
@@ -188,6 +193,8 @@ class PyExecutorEngine:
         order = list(batch.context_requests) + list(batch.generation_requests)
         lengths = {id(r): len(r.get_tokens(0)) for r in order if id(r) in wanted}
         pe.resource_manager.prepare_resources(batch)
+        # Prefill progress, read after the KV manager placed any reused prefix: what this iteration computes.
+        started = {id(r): int(r.context_current_position) for r in batch.context_requests}
         outputs = pe._forward_step(batch)
         if outputs is None:
             raise RuntimeError(_reported_error(pe, order) or "the forward step failed")
@@ -199,6 +206,8 @@ class PyExecutorEngine:
         if state.sampler_event is not None:
             state.sampler_event.synchronize()
         pe._update_request_states(batch)
+        self.prompt_tokens_computed += sum(int(r.context_current_position) - started[id(r)]
+                                           for r in batch.context_requests)
         pe._update_requests(state, pe.resource_manager)
         for request in order:
             if id(request) in lengths and len(request.get_tokens(0)) > lengths[id(request)]:

@@ -99,6 +99,14 @@ def require_gpu(device: str) -> None:
                            "engine = \"reference\"")
 
 
+def require_ray() -> None:
+    """`rl_ops` runs TensorRT-LLM's Ray orchestrator (the test double starts no Ray)."""
+    if os.environ.get(TEST_DOUBLE_ENV) != "1" and importlib.util.find_spec("ray") is None:
+        raise StartupError("engine tensorrt_llm: rl_ops = true needs the ray package (TensorRT-LLM 1.2 offers "
+                           "sleep and weight updates only on its Ray orchestrator); `pip install ray`, or set "
+                           "rl_ops = false")
+
+
 def pin_device(device: str) -> None:
     """TensorRT-LLM uses the first visible GPU: make that the configured one before CUDA starts."""
     if device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -113,6 +121,11 @@ def llm_arguments(config: DriverConfig, trt: Any) -> dict[str, Any]:
                 "max_num_tokens"):
         value = getattr(o, key)
         if value is not None:
+            kwargs.setdefault(key, value)
+    if o.rl_ops:
+        from pie_driver_trtllm.engines.tensorrt_llm.rl import rl_llm_arguments
+
+        for key, value in rl_llm_arguments().items():
             kwargs.setdefault(key, value)
     kv = kwargs.get("kv_cache_config")
     if kv is None or isinstance(kv, dict):
@@ -139,6 +152,8 @@ class TensorRTLLMEngine:
 
             check_private_api(trt, config)
             os.environ["TLLM_WORKER_USE_SINGLE_PROCESS"] = "1"  # the executor must live in this process
+        if config.options.rl_ops:
+            require_ray()
         arguments = llm_arguments(config, trt)
         try:
             llm = trt.LLM(**arguments)
@@ -148,6 +163,10 @@ class TensorRTLLMEngine:
         version = str(getattr(trt, "__version__", "unknown"))
         if mode == "pyexecutor":
             return PyExecutorEngine(llm, trt, config, info, version)
+        if config.options.rl_ops:
+            from pie_driver_trtllm.engines.tensorrt_llm.rl import RLGenerateEngine
+
+            return RLGenerateEngine(llm, trt, config, info, version)
         from pie_driver_trtllm.engines.tensorrt_llm.generate import GenerateEngine
 
         return GenerateEngine(llm, trt, config, info, version)

@@ -27,6 +27,7 @@ from ..executor.result import CompletionOutput, GenerationResult, Logprob, Reque
 from ..executor.utils import RequestError
 from ..inputs.data import get_cache_salt_id, prompt_inputs
 from ..sampling_params import SamplingParams
+from ._block_reuse import LIVE, BlockIndex, logits_with_reuse
 from .llm_args import TRT_ONLY_FIELDS, TorchLlmArgs
 
 logger = logging.getLogger("tensorrt_llm")
@@ -103,7 +104,7 @@ class LLM:
         self.tokenizer = None if skip_tokenizer_init else self._load_tokenizer(tokenizer, model)
         self.llm_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}"
         self._next_client_id = 1
-        self._seen: list[tuple[int | None, list[int]]] = []  # (cache_salt_id, tokens) for cached_tokens
+        self._index = BlockIndex(self.args.kv_cache_config.tokens_per_block)  # block reuse (cached_tokens)
         if self.args.sampler_type not in ("auto", "TorchSampler"):
             raise NotImplementedError(f"the TensorRT-LLM test double models only TorchSampler, not sampler_type="
                                       f"{self.args.sampler_type!r}")
@@ -116,6 +117,10 @@ class LLM:
         an MPI worker, which first imports the main module again (mpi_session.py), and this process only holds
         a proxy (no `.engine`). The real package reads the variable
         once per process (@cache); the double reads it at each construction."""
+        if self.args.orchestrator_type == "ray":  # executor/ray_gpu_worker.py: one in-process worker here
+            from ..executor.ray_gpu_worker import RayExecutor
+
+            return RayExecutor(self)
         single = os.environ.get("TLLM_WORKER_USE_SINGLE_PROCESS", "0") == "1"
         if self.args.tensor_parallel_size == 1 and (single or self.args.gather_generation_logits):
             from .._torch.pyexecutor.py_executor_creator import create_py_executor
@@ -170,6 +175,12 @@ class LLM:
     def __getstate__(self) -> Any:
         raise RuntimeError("LLM object can not be pickled.")
 
+    def _collective_rpc(self, method: str, args: tuple[Any, ...] = (), kwargs: dict | None = None,
+                        non_block: bool = False, unique_reply_rank: int | None = None) -> list[Any]:
+        if hasattr(self._executor, "collective_rpc"):
+            return self._executor.collective_rpc(method, args, kwargs, non_block, unique_reply_rank)
+        raise ValueError(f"Executor type {type(self._executor)} does not support collective RPC.")
+
     def get_stats(self, timeout: float | None = 2) -> list[dict[str, Any]]:
         return []
 
@@ -219,6 +230,11 @@ class LLM:
                scheduling_params=scheduling_params)
         if self._executor is None or self._executor.is_shutdown():
             raise RuntimeError("LLM is shutting down")
+        from .._torch.virtual_memory import released_tags
+
+        if released_tags():  # the real engine would run on unmapped memory; the double refuses instead
+            raise RuntimeError(f"test double: generate while the memory tagged {sorted(released_tags())} is "
+                               "released")
         prompt_dict = prompt_inputs(inputs)
         prompt: str | None = None
         if prompt_dict.get("prompt_token_ids") is not None:
@@ -247,8 +263,10 @@ class LLM:
         salt_id = get_cache_salt_id(cache_salt) if cache_salt is not None else None
         result = GenerationResult._create(request_id=client_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
                                           n=sampling_params.n, steps=iter(()), streaming=streaming)
-        result.cached_tokens = self._cached_tokens(salt_id, prompt_token_ids)
-        result._steps = self._run(result, sampling_params, max_tokens, stop_words, salt_id)
+        reused, source = self._index.match(salt_id, prompt_token_ids) if self.args.kv_cache_config.enable_block_reuse \
+            else (0, LIVE)
+        result.cached_tokens = reused
+        result._steps = self._run(result, sampling_params, max_tokens, stop_words, salt_id, (reused, source))
         return result
 
     def _prepare_sampling_params(self, sampling_params: SamplingParams | None) -> SamplingParams:
@@ -291,29 +309,9 @@ class LLM:
             raise ValueError(f"`max_tokens` ({max_tokens}) must be greater than 0")
         return max_tokens
 
-    def _cached_tokens(self, salt_id: int | None, prompt: list[int]) -> int:
-        """Block-granular prefix reuse against earlier sequences with the same salt (trtllm-api.md 8.8)."""
-        kv = self.args.kv_cache_config
-        if not kv.enable_block_reuse:
-            return 0
-        best = 0
-        for seen_salt, tokens in self._seen:
-            if seen_salt != salt_id:
-                continue
-            common = 0
-            for a, b in zip(tokens, prompt, strict=False):
-                if a != b:
-                    break
-                common += 1
-            best = max(best, common)
-        best = min(best, len(prompt) - 1)  # guess: the last prompt token is always recomputed
-        return best // kv.tokens_per_block * kv.tokens_per_block
-
     # -- the engine --------------------------------------------------------------------------------------------
-    def _logits(self, ids: list[int]) -> Any:
-        torch = self._torch
-        with torch.inference_mode():
-            return self._model(torch.tensor([ids], dtype=torch.long)).logits[0].float()
+    def _logits(self, ids: list[int], reuse: tuple[int, Any] = (0, LIVE)) -> Any:
+        return logits_with_reuse(self._model, ids, *reuse)
 
     def _choose(self, logits: Any, sp: SamplingParams, generator: Any) -> int:
         torch = self._torch
@@ -335,7 +333,8 @@ class LLM:
         return int(torch.multinomial(probs, 1, generator=generator))
 
     def _run(self, result: RequestOutput, sp: SamplingParams, max_tokens: int,
-             stop_words: list[tuple[int | str, list[int]]], salt_id: int | None) -> Iterator[None]:
+             stop_words: list[tuple[int | str, list[int]]], salt_id: int | None,
+             reuse: tuple[int, Any] = (0, LIVE)) -> Iterator[None]:
         """One yield per generated step across all sequences (one streamed response per iteration)."""
         torch = self._torch
         prompt = result.prompt_token_ids
@@ -354,7 +353,7 @@ class LLM:
         while live:
             for i in list(live):
                 seq = seqs[i]
-                all_logits = self._logits(prompt + seq.token_ids)
+                all_logits = self._logits(prompt + seq.token_ids, reuse)
                 if step == 0 and i == 0 and sp.return_context_logits:
                     result.context_logits = all_logits[: len(prompt)].clone()
                 logits = all_logits[-1]
@@ -399,7 +398,7 @@ class LLM:
             new.index = new_index
         result.outputs = outputs
         for seq in seqs:
-            self._seen.append((salt_id, list(prompt) + seq.token_ids))
+            self._index.add(salt_id, list(prompt) + seq.token_ids, reuse[1])
         result.finished = True
         yield None
 
