@@ -35,7 +35,7 @@ if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   python -m pie_driver_trtllm.benchmarks -w driver_cost --out "$OUT/driver_cost" --repeat 1 || true
 fi
 if [ "$PART" = tests ] || [ "$PART" = all ]; then
-  python -m pytest -q -p no:cacheprovider tests/test_reference_gpu.py tests/test_runs_gpu.py 2>&1 | tail -15
+  python -m pytest -q -p no:cacheprovider --tb=short tests/test_reference_gpu.py tests/test_runs_gpu.py 2>&1 | tail -60
   if python -c "import pie_driver_trtllm.benchmarks.multitoken" 2>/dev/null; then
     python -m pie_driver_trtllm.benchmarks -w multitoken --size 1b --device cuda:0 --dtype bfloat16 \
         --out "$OUT/multitoken" --repeat 1 || true
