@@ -111,6 +111,12 @@ class DriverOptions(Struct, forbid_unknown_fields=True):
         "`busy: true`."))] = 256
     max_queued_bytes: Annotated[int, Meta(ge=1024, le=1 << 34, description=(
         "Frame bytes of the state ops held waiting; past it a frame gets CAPACITY with `busy: true`."))] = 64 << 20
+    max_connections: Annotated[int, Meta(ge=1, le=1 << 16, description=(
+        "Connections the socket holds at once; one accepted past it is closed at once (newest first; the "
+        "connections already served keep theirs)."))] = 64
+    max_unread_reply_bytes: Annotated[int, Meta(ge=1 << 16, le=1 << 34, description=(
+        "Reply bytes one connection may leave unread in the driver; a reply past it is replaced by CAPACITY with "
+        "`busy: true` (a reply to a connection with nothing unread is always sent)."))] = 64 << 20
     max_total_history_tokens: Annotated[int, Meta(ge=1, le=U32_MAX, description=(
         "Tokens kept over all context histories; past it the least recently used contexts are evicted (about "
         "40 bytes a token)."))] = 1 << 24

@@ -74,21 +74,23 @@ def build_handshake(config: DriverConfig, engine: Engine, caps: dict[str, Any]) 
 
 PARENT_POLL_S = 0.2
 MIN_OPEN_FILES = 2048  # below this many descriptors a few hundred hosts could exhaust them
+FD_RESERVE = 1024  # descriptors beyond max_connections: model files, replicas, connections not yet closed
 MAX_OPEN_FILES = 1 << 20  # never ask for more, however high the hard limit is
 
 
-def raise_open_files_limit() -> int:
+def raise_open_files_limit(needed: int = MIN_OPEN_FILES) -> int:
     """Raise the soft open-files limit to the hard one (each connection holds a descriptor, and libzmq
-    aborts when accepting one fails for lack of them); refuse to start below `MIN_OPEN_FILES`."""
+    aborts when accepting one fails for lack of them); refuse to start below `needed`."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
     if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
-        raise StartupError(f"endpoint: the open-files limit is {soft} (hard limit {hard}); the driver needs at least "
-                           f"{MIN_OPEN_FILES}: raise it (ulimit -n)")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise StartupError(f"endpoint: the open-files limit is {soft} (hard limit {hard}); the driver needs at "
+                           f"least {needed} (max_connections + {FD_RESERVE}, at least {MIN_OPEN_FILES}): raise it "
+                           "(ulimit -n)")
     return soft
 
 
@@ -169,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
     try:
         check_handshake_fd(args.handshake_fd)
-        raise_open_files_limit()
         config = load_config(args.config)
+        raise_open_files_limit(max(MIN_OPEN_FILES, config.options.max_connections + FD_RESERVE))
         if args.replica is not None:
             select_replica(config, args.replica)
         if config.engine == "tensorrt_llm" and len(config.driver.device) == 1:
@@ -190,7 +192,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
         server = DriverServer(endpoint, limits, backend, handshake, parent_pid=parent, curve=curve,
                               busy_poll_s=config.options.busy_poll_us / 1e6,
                               max_queued=config.options.max_queued_requests,
-                              max_queued_bytes=config.options.max_queued_bytes)
+                              max_queued_bytes=config.options.max_queued_bytes,
+                              max_connections=config.options.max_connections,
+                              max_unread_reply_bytes=config.options.max_unread_reply_bytes)
 
         def request_stop(signum: int, frame: object) -> None:
             stopped_by.append(signum)

@@ -23,14 +23,17 @@ from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.serving import endpoint as endpoints
 from pie_driver_trtllm.serving.backend import Pending
 from pie_driver_trtllm.serving.backlog import Backlog
+from pie_driver_trtllm.serving.connection_cap import ConnectionCap
 from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
+from pie_driver_trtllm.serving.unread_replies import TRACKED_BYTES, UnreadReplies
 from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, Request, encode_error, encode_ok
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
 HARD_CAP_FACTOR = 4  # ZeroMQ drops a peer whose message exceeds this many times the frame limit
 RECEIVE_HWM = 64  # messages ZeroMQ queues per connection before it stops reading that connection
+SEND_HWM = 64  # replies ZeroMQ queues per connection (a host's own socket reads them as they come)
 
 
 class Backend(Protocol):
@@ -84,7 +87,8 @@ class _Run:
 class DriverServer:
     def __init__(self, endpoint: Endpoint, limits: Limits, backend: Backend,
                  handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None,
-                 busy_poll_s: float = 0.0, max_queued: int = 256, max_queued_bytes: int = 64 << 20) -> None:
+                 busy_poll_s: float = 0.0, max_queued: int = 256, max_queued_bytes: int = 64 << 20,
+                 max_connections: int = 64, max_unread_reply_bytes: int = 64 << 20) -> None:
         self.endpoint = endpoint
         self.limits = limits
         self.backend = backend
@@ -98,6 +102,7 @@ class DriverServer:
         self._lock = threading.Lock()  # its holder owns the ROUTER socket and the driver state
         self._run: _Run | None = None
         self._backlog = Backlog(max_queued, max_queued_bytes)  # state ops waiting behind the run
+        self._unread = UnreadReplies(max_unread_reply_bytes)
         self._wakeup = Wakeup()
         self._closed = threading.Event()
         self._context = zmq.Context.instance()
@@ -106,12 +111,15 @@ class DriverServer:
         self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes * HARD_CAP_FACTOR)
         self._router.setsockopt(zmq.LINGER, 1000)
         self._router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        self._router.setsockopt(zmq.SNDHWM, SEND_HWM)
         if endpoint.url.startswith("tcp://["):
             self._router.setsockopt(zmq.IPV6, 1)
         self._auth = self._secure(curve) if curve is not None else None
+        self._connections = ConnectionCap(self._context, self._router, max_connections)
         try:
             self._bind(endpoint, curve is not None)
         except StartupError:
+            self._connections.close()
             self._router.close(0)
             self._wakeup.close()
             if self._auth is not None:
@@ -121,6 +129,7 @@ class DriverServer:
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wakeup.fd, zmq.POLLIN)
+        self._poller.register(self._connections.socket, zmq.POLLIN)
 
     def _bind(self, endpoint: Endpoint, curve: bool) -> None:
         """Bind where the endpoint says and check where the socket really listens."""
@@ -137,6 +146,7 @@ class DriverServer:
             os.chmod(endpoint.socket_path, 0o600)
             endpoints.note_bound(endpoint)
         endpoint.url = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a tcp wildcard port
+        self._connections.listening_on(endpoint.url)
         endpoints.check_bound_address(endpoint.url, curve)
 
     def _secure(self, curve: CurveKeys) -> Any:
@@ -209,6 +219,8 @@ class DriverServer:
             events = self._wait()
             if self._wakeup.fd in events:
                 self._wakeup.clear()
+            if self._connections.socket in events:
+                self._connections.drain()
             if self._router in events:
                 self._receive_frames()
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -263,6 +275,8 @@ class DriverServer:
         elif request.op == "stats":
             stats = self.backend.stats()
             stats["dropped_replies"] = self.dropped_replies
+            stats["connections"] = self._connections.connections
+            stats["refused_connections"] = self._connections.refused
             self._send(identity, encode_ok(request.id, stats))
         elif request.op == "shutdown":
             self._send(identity, encode_ok(request.id, {}))
@@ -294,11 +308,15 @@ class DriverServer:
 
     def _send(self, identity: bytes, payload: bytes) -> None:
         self._spin_until = time.perf_counter() + self.busy_poll_s
+        frames = [identity, b"", payload] if type(identity) is Delimited else [identity, payload]
+        tracked = len(payload) >= TRACKED_BYTES  # counted against the connection until ZeroMQ lets go of it
         try:
-            frames = [identity, b"", payload] if type(identity) is Delimited else [identity, payload]
-            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            tracker = self._router.send_multipart(frames, zmq.NOBLOCK, copy=False, track=tracked)
         except zmq.ZMQError:  # host gone (ROUTER_MANDATORY) or its queue is full: drop, never block
             self.dropped_replies += 1
+            return
+        if tracked:
+            self._unread.sent(identity, tracker, len(payload))
 
     # ------------------------------------------------------------------ state ops
 
@@ -321,6 +339,9 @@ class DriverServer:
                 self._execute(_Run(identity, request, outcome))
                 return True
             payload = encode_ok(request.id, outcome)
+            if not self._unread.admits(identity, len(payload)):
+                raise DriverError(ErrorCode.CAPACITY, f"{self._unread.unread(identity)} bytes of replies to this "
+                                  "connection are unread; read them, then send it again", busy=True)
         except DriverError as exc:
             self.backend.count_error(exc.code)
             payload = encode_error(request.id, exc)
@@ -359,6 +380,7 @@ class DriverServer:
         self._start_standby()  # for this thread's own engine calls from now on
 
     def _shutdown(self) -> None:
+        self._connections.close()
         self._router.close()
         self._wakeup.close()
         if self._auth is not None:
