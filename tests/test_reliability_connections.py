@@ -134,8 +134,9 @@ def test_unread_reply_bytes_per_connection_are_bounded(start):
     wait_for(lambda: watcher.call("health").result["replicas"][0]["inflight"] == 0, timeout_s=120)
     grown_kib = rss_kib(pid) - start_rss
     # Unbounded, the driver held 40 x 0.9 MB = 36 MB of replies. Bounded: 1 MiB, plus one reply, plus
-    # what the allocator keeps; 16 MiB leaves room for that and is half the unbounded growth.
-    assert grown_kib < 16 << 10, f"RSS grew {grown_kib} KiB"
+    # what the allocator keeps and a reply's Python objects while it is built (about 11 MiB measured); 20 MiB
+    # is about half the unbounded growth.
+    assert grown_kib < 20 << 10, f"RSS grew {grown_kib} KiB"
     replies = []
     while len(replies) < sent:
         assert reader.poll(30_000)
