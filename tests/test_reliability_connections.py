@@ -178,3 +178,11 @@ def test_a_peer_claiming_a_connected_peers_routing_id_gets_nothing_and_takes_not
     assert not holder.poll(200)
     claimant.close(0)
     holder.close(0)
+
+
+def test_start_up_needs_descriptors_for_max_connections_and_a_reserve():
+    from pie_driver_trtllm.config import StartupError
+    from pie_driver_trtllm.serving.driver import FD_RESERVE, raise_open_files_limit
+
+    with pytest.raises(StartupError, match=rf"max_connections \+ {FD_RESERVE}"):
+        raise_open_files_limit((1 << 20) + 1)  # more than any soft limit the driver asks for
