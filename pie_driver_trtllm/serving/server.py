@@ -33,7 +33,7 @@ from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
 HARD_CAP_FACTOR = 4  # ZeroMQ drops a peer whose message exceeds this many times the frame limit
 RECEIVE_HWM = 64  # messages ZeroMQ queues per connection before it stops reading that connection
-SEND_HWM = 64  # replies ZeroMQ queues per connection (a host's own socket reads them as they come)
+SEND_HWM = 256  # replies ZeroMQ queues per connection; it learns of reads in batches of half that
 
 
 class Backend(Protocol):
