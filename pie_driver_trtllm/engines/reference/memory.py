@@ -4,6 +4,7 @@ cache and weights are freed, moved and rebuilt."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -65,4 +66,8 @@ class EngineMemory:
     def _release(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            gc.collect()  # tensors held only by reference cycles (graphs, compiled code) go now, not later
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:  # cuBLAS keeps a workspace per handle and stream otherwise
+                clear_workspaces()
             torch.cuda.empty_cache()
