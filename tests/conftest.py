@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import settings
 
 from pie_driver_trtllm.client import DriverProcess, spawn
+from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV
 from pie_driver_trtllm.modelgen import make_model
 
 # Property tests: in CI (the CI variable set) a fixed seed and more examples, so that a run cannot pass by
@@ -20,6 +22,20 @@ from pie_driver_trtllm.modelgen import make_model
 settings.register_profile("ci", derandomize=True, max_examples=40, print_blob=True, deadline=None)
 settings.register_profile("dev", max_examples=10, print_blob=True, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture
+def double(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make `import tensorrt_llm` find the test double for one test; undo it afterwards."""
+    from trtllm_support import DOUBLE_DIR
+
+    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
+    monkeypatch.setenv(TEST_DOUBLE_ENV, "1")
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        del sys.modules[name]
 
 
 @pytest.fixture(scope="session")

@@ -6,27 +6,13 @@ These tests assert what the engine sends to TensorRT-LLM: the exact `LLM(...)` a
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from trtllm_support import DOUBLE_DIR, load_double_engine
+from trtllm_support import load_double_engine
 
 from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV, TensorRTLLMEngine
-
-
-@pytest.fixture
-def double(monkeypatch):
-    """Make `import tensorrt_llm` find the test double; undo it afterwards."""
-    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
-    monkeypatch.setenv(TEST_DOUBLE_ENV, "1")
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        del sys.modules[name]
 
 
 def calls(trt, kind):

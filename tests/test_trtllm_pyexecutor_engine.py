@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from trtllm_support import DOUBLE_DIR, load_double_engine
+from trtllm_support import load_double_engine
 
 from pie_driver_trtllm.config import StartupError
-from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV
-
-
-@pytest.fixture
-def double(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
-    monkeypatch.setenv(TEST_DOUBLE_ENV, "1")
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        del sys.modules[name]
 
 
 def calls(trt: Any, kind: str) -> list[dict[str, Any]]:

@@ -7,34 +7,21 @@ weights epoch, and the log-probability of a drawn token in both modes.
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
-from trtllm_support import DOUBLE_DIR, load_double_engine
+from trtllm_support import load_double_engine
 
 from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.engines.base import Row, WeightsLoadError
-from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV
 from pie_driver_trtllm.modelgen import make_model
 from pie_driver_trtllm.sampler import Sampler
 from pie_driver_trtllm.wire.codec import Fork
 
 PROMPT = [5 + (i * 7) % 200 for i in range(40)]  # past one 32-token block, so block reuse has something to serve
-
-
-@pytest.fixture
-def double(monkeypatch):
-    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
-    monkeypatch.setenv(TEST_DOUBLE_ENV, "1")
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        del sys.modules[name]
 
 
 @pytest.fixture(scope="module")

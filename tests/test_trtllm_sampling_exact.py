@@ -6,17 +6,14 @@ engine must sample in the driver: a seeded draw is the reference engine's draw o
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from trtllm_support import DOUBLE_DIR, load_double_engine
+from trtllm_support import load_double_engine
 
 from pie_driver_trtllm.engines.sampling import sample_token
-from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV
 from pie_driver_trtllm.sampler import ALL_SAMPLERS, Sampler
 
 SAMPLERS = [
@@ -27,17 +24,6 @@ SAMPLERS = [
     {"type": "top_k_top_p", "temperature": 1.1, "top_k": 7, "top_p": 0.9},
 ]
 PROMPT = [9, 8, 7, 6]
-
-
-@pytest.fixture
-def double(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.syspath_prepend(str(DOUBLE_DIR))
-    monkeypatch.setenv(TEST_DOUBLE_ENV, "1")
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        del sys.modules[name]
 
 
 def last_logits(model_dir: Path, prompt: list[int]) -> torch.Tensor:
