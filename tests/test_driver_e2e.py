@@ -148,8 +148,10 @@ def test_fork_and_release(driver, tiny_model):
     batched = engine["execution_mode"] == "batched"  # the reference engine's batched path
     # The reference engine's counters come through the guard and the socket; it runs ahead on CUDA only.
     # Context 2 computed its 4 tokens, then context 1 copied them and computed the rest: the prompt once.
+    # TensorRT-LLM reuses whole 32-token blocks only, so there both contexts compute this short prompt.
+    computed = len(prompt) if engine["kind"] == "reference" else 4 + len(prompt)
     assert stats["engine"] == ({"overlap_launches": 0, "overlap_hits": 0} if batched else {}) | (
-        {"prompt_tokens_computed": len(prompt)} if engine["kind"] == "reference" else {})
+        {"prompt_tokens_computed": computed})
     after = client.forward([{"context": 1, "tokens": [1], "positions": [4]}])[0]
     assert after["error"]["code"] == "HISTORY_GAP" and after["error"]["known_length"] == 0
 
