@@ -103,7 +103,7 @@ def test_after_a_refit_every_token_equals_a_fresh_engine_on_the_new_weights(tiny
     decode(old, histories, 2)
     engine = old.engine
     if kind == "batched-overlap":  # a step was run ahead on the old weights when the refit came
-        assert engine._ahead is not None and engine._ahead.output is not None
+        assert engine.run_ahead.pending is not None and engine.run_ahead.pending.output is not None
     else:  # greedy tokens of the old weights wait in the lookahead buffer
         assert len(old.core.lookahead) == len(PROMPTS)
 

@@ -9,12 +9,8 @@ need exactly one new token run together, and greedy lookahead continues them tog
 Shared prefixes (`prefixes.py`): a prefill first copies the longest prefix another slot holds, or waits
 for a prefill of the same step that will hold it, so samples of one prompt compute it once.
 
-Overlap: in a steady decode loop the host feeds every context the token it was just given, so when a
-step's rows repeat the previous step's prediction, the engine launches the predicted next step before
-returning (on CUDA the GPU runs it while the reply travels and the host prepares its next forward).
-The next step uses that result only if each of its decode rows is exactly a predicted (slot, token,
-position); anything else discards it. A discarded step wrote keys and values only past what the slot is
-known to hold, so nothing reads them.
+Overlap (`run_ahead.py`): in a steady decode loop the step predicted to come next is launched before the
+engine returns, and used only if the next step is exactly that prediction.
 """
 
 from __future__ import annotations
@@ -25,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
-from pie_driver_trtllm.engines.reference.batched_llama import BatchedLlama, DecodeOutput
+from pie_driver_trtllm.engines.reference.batched_llama import BatchedLlama
 from pie_driver_trtllm.engines.reference.memory import EngineMemory
 from pie_driver_trtllm.engines.reference.prefixes import best_donor, will_hold
+from pie_driver_trtllm.engines.reference.run_ahead import RunAhead
 from pie_driver_trtllm.engines.reference.weights import apply
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result, row_results
@@ -72,14 +69,6 @@ class _Prefill:
     tokens: list[int]  # the row's whole token list (read only): a later row of the step may share its prefix
 
 
-@dataclass(slots=True)
-class _Ahead:
-    """The decode step predicted to come next: each row fed its own result at the next position."""
-
-    expect: dict[int, tuple[_Slot, int, int]]  # slot index -> (slot, token, position)
-    output: DecodeOutput | None = None         # launched already; None: only predicted
-
-
 class BatchedReferenceEngine:
     kind = "reference"
     execution_mode = "batched"
@@ -95,11 +84,8 @@ class BatchedReferenceEngine:
         self.decoder = BatchedLlama(model, slots, info.max_model_len, device, graphs=True, compile=compile)
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._free = list(range(slots))
-        # Running ahead pays only where the step is asynchronous (CUDA); on CPU it would run inline.
-        self.overlap = self.decoder.use_graphs if overlap is None else overlap
-        self._ahead: _Ahead | None = None
-        self.ahead_hits = 0
-        self.ahead_launches = 0
+        self.run_ahead = RunAhead(self.decoder, info.max_model_len - 1,
+                                  launch=self.decoder.use_graphs if overlap is None else overlap)
         self.prompt_tokens_computed = 0  # tokens run in passes of several tokens of one context
         self._waiting: list[tuple[int, list[Row], list[int]]] | None = None  # rows waiting on a step's prefill
         self.memory = EngineMemory(self.decoder.model, device)
@@ -146,6 +132,14 @@ class BatchedReferenceEngine:
         slot = self._slots.get(context)
         return None if slot is None else slot.index
 
+    @property
+    def ahead_hits(self) -> int:
+        return self.run_ahead.hits
+
+    @property
+    def ahead_launches(self) -> int:
+        return self.run_ahead.launches
+
     def stats(self) -> dict[str, int]:
         """Counters the driver's `stats` op reports under `engine`."""
         return {"overlap_launches": self.ahead_launches, "overlap_hits": self.ahead_hits,
@@ -167,7 +161,7 @@ class BatchedReferenceEngine:
         self.memory.wake(self.decoder.new_cache, self.decoder.weights_to)
 
     def _forget_all(self) -> None:
-        self._ahead = None  # a step run ahead is discarded with the caches it extended
+        self.run_ahead.discard()  # a step run ahead is discarded with the caches it extended
         self.drop(list(self._slots))
 
     def fork(self, src: int, dst: int, length: int) -> None:
@@ -185,8 +179,7 @@ class BatchedReferenceEngine:
             slot = self._slots.pop(context, None)
             if slot is not None:
                 heapq.heappush(self._free, slot.index)
-                if self._ahead is not None:
-                    self._ahead.expect.pop(slot.index, None)
+                self.run_ahead.forget(slot.index)
 
     def close(self) -> None:
         self.drop(list(self._slots))
@@ -270,8 +263,7 @@ class BatchedReferenceEngine:
         end = max(row.length for row in rows)
         first_needed = min(row.length for row in rows) - 1
         slot = self._slot(context)
-        if self._ahead is not None:  # this context leaves the predicted loop: its cache may change below
-            self._ahead.expect.pop(slot.index, None)
+        self.run_ahead.forget(slot.index)  # this context leaves the predicted loop: its cache may change below
         tokens = rows[0].tokens
         keep = min(common_prefix(slot.tokens, tokens, end), first_needed)
         del slot.tokens[keep:]
@@ -359,7 +351,7 @@ class BatchedReferenceEngine:
                 slots = [decodes.slots[i] for i in fresh]
                 tokens = [decodes.tokens[i] for i in fresh]
                 positions = [decodes.positions[i] for i in fresh]
-            ahead = self._take_ahead(slots, tokens, positions)
+            ahead = self.run_ahead.take(slots, tokens, positions)
             out = ahead.output if ahead is not None and ahead.output is not None else \
                 self.decoder.run([slot.index for slot in slots], tokens, positions)
             greedy = out.tokens()
@@ -382,10 +374,10 @@ class BatchedReferenceEngine:
                   and results[index] and results[index].tokens]  # type: ignore[union-attr]
         if not active:
             if fresh and len(fresh) == len(decodes.rows):
-                self._predict(slots, positions, [results[i] for i in indexes], decodes.prefilled,
-                              launch=ahead is not None)
+                self.run_ahead.predict(slots, positions, [results[i] for i in indexes], decodes.prefilled,
+                                       launch=ahead is not None)
             return
-        self._ahead = None  # the passes below reuse the graphs whose buffers hold a step launched ahead
+        self.run_ahead.discard()  # the passes below reuse the graphs whose buffers hold a step launched ahead
         made = [results[decodes.rows[i]].tokens for i in active]  # type: ignore[union-attr]
         groups: dict[int, list[int]] = {}  # rows wanting the same number of tokens continue together
         for k, i in enumerate(active):
@@ -398,43 +390,6 @@ class BatchedReferenceEngine:
                 tokens_made = made[k]
                 tokens_made.extend(step[column] for step in chain)  # type: ignore[union-attr]
                 slot.tokens.extend(tokens_made[:-1])  # type: ignore[index]  # every token fed to the cache
-
-    def _take_ahead(self, slots: list[_Slot], tokens: list[int], positions: list[int]) -> _Ahead | None:
-        """The last prediction, if every row of this step is one of its (slot, token, position), else None."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return None
-        expect = ahead.expect
-        for slot, token, position in zip(slots, tokens, positions, strict=True):
-            predicted = expect.get(slot.index)
-            if predicted is None or predicted[0] is not slot or predicted[1] != token or predicted[2] != position:
-                return None
-        if ahead.output is not None:
-            self.ahead_hits += 1
-            ahead.output = ahead.output.for_slots([slot.index for slot in slots])
-        return ahead
-
-    def _predict(self, slots: list[_Slot], positions: list[int], results: list[RowResult | None],
-                 prefilled: list[tuple[_Slot, int, int]], launch: bool) -> None:
-        """Record the step that follows if the host feeds each row its result (the contexts prefilled in
-        this step included); launch it when this step's decode rows were predicted (a decode loop)."""
-        last = self.model.max_model_len - 1
-        expect = {slot.index: (slot, result.tokens[0], position + 1)  # type: ignore[union-attr,index]
-                  for slot, position, result in zip(slots, positions, results, strict=True)
-                  if result is not None and result.tokens and position < last}
-        expect.update((slot.index, (slot, token, position)) for slot, token, position in prefilled
-                      if position <= last)
-        if not expect:
-            return
-        ahead = self._ahead = _Ahead(expect)
-        if launch and self.overlap:
-            indexes, fed = list(expect), list(expect.values())
-            try:
-                ahead.output = self.decoder.run(indexes, [f[1] for f in fed], [f[2] for f in fed])
-            except Exception:  # only a guess failed (out of memory, say): this step's results stand
-                self._ahead = None
-                return
-            self.ahead_launches += 1
 
     def _slot(self, context: int, protect: int | None = None) -> _Slot:
         slot = self._slots.get(context)
