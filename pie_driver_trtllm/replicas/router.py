@@ -33,6 +33,7 @@ from pie_driver_trtllm.replicas.batches import (
     take_replies,
 )
 from pie_driver_trtllm.replicas.host_counters import HostCounters
+from pie_driver_trtllm.replicas.placement import Placement
 from pie_driver_trtllm.replicas.pool import Replica, ReplicaPool
 from pie_driver_trtllm.replicas.splice import (
     FAILED_MARK,
@@ -66,7 +67,7 @@ class ReplicaSet:
 
     def __init__(self, config_path: str | Path, devices: list[str], private_dir: str) -> None:
         self._routing_state()
-        self._pool = ReplicaPool(config_path, devices, private_dir, on_death=self._lose_contexts)
+        self._pool = ReplicaPool(config_path, devices, private_dir, on_death=self._placement.lose)
         self._lock = self._pool.lock
         self.replicas = self._pool.replicas
         handshake = self.replicas[0].control.call("handshake").result  # type: ignore[union-attr]
@@ -78,24 +79,15 @@ class ReplicaSet:
         self._weights.catch_up(self.replicas, self._call)  # records each replica's first process
 
     def _routing_state(self) -> None:
-        """Where each context lives, and the counters of what the host sent and received."""
-        self._owner: dict[int, int] = {}
-        self._lost: set[int] = set()
+        """Where each context lives (`placement`), and the counters of what the host sent and received."""
+        self._placement = Placement()
         self._ids = itertools.count(1)
         self._counters = HostCounters()
         self._weights = FleetWeights()
-        self._moves = 0  # counts every change of `_owner`
         self._split: tuple[int, list[int], Split] | None = None  # (moves, contexts, grouping) of the last forward
 
     def close(self) -> None:
         self._pool.close()
-
-    def _lose_contexts(self, replica: Replica) -> None:
-        """A replica died (under the pool's lock): its contexts must be replayed from position 0."""
-        for context in replica.contexts:
-            self._owner.pop(context, None)
-            self._lost.add(context)
-        self._moves += 1
 
     # ------------------------------------------------------------------ Backend
 
@@ -190,17 +182,18 @@ class ReplicaSet:
         with self._lock:
             # A decode step usually names the contexts of the last one, in its order: while no context
             # moved since, the last grouping holds.
-            if self._split is None or self._split[0] != self._moves or self._split[1] != contexts:
-                if self._lost and not self._lost.isdisjoint(contexts):
+            placement = self._placement
+            if self._split is None or self._split[0] != placement.moves or self._split[1] != contexts:
+                if placement.lost and not placement.lost.isdisjoint(contexts):
                     return None
-                places = list(map(self._owner.get, contexts))  # the placement table: a lookup per request
+                places = list(map(placement.owner.get, contexts))  # the placement table: a lookup per request
                 if None in places:
                     try:
-                        places = [self._place(request).index if place is None else place
+                        places = [placement.place(request, self.replicas).index if place is None else place
                                   for place, request in zip(places, requests, strict=True)]
                     except DriverError:
                         return None
-                self._split = (self._moves, contexts, Split.of(places, len(self.replicas)))
+                self._split = (placement.moves, contexts, Split.of(places, len(self.replicas)))
             split = self._split[2]
         shares = split.shares(requests)
         max_requests, max_tokens = self._replica_caps
@@ -336,56 +329,28 @@ class ReplicaSet:
 
     def _place(self, item: ForwardItem) -> Replica:
         with self._lock:
-            if item.context in self._lost:
-                if not item.positions or item.positions[0] != 0:
-                    raise DriverError(ErrorCode.REPLICA_LOST, f"context {item.context} lived on a replica that "
-                                      "died; replay it from position 0")
-                self._lost.discard(item.context)
-            owner = self._owner.get(item.context)
-            if owner is not None:
-                return self.replicas[owner]
-            alive = [r for r in self.replicas if r.alive]
-            if not alive:
-                raise DriverError(ErrorCode.REPLICA_LOST, "no replica is alive; retry shortly")
-            replica = min(alive, key=lambda r: (len(r.contexts), r.index))
-            self._owner[item.context] = replica.index
-            self._moves += 1
-            replica.contexts.add(item.context)
-            return replica
+            return self._placement.place(item, self.replicas)
 
     def _owner_of(self, context: int) -> Replica:
         with self._lock:
-            if context in self._lost:
-                raise DriverError(ErrorCode.REPLICA_LOST, f"context {context} lived on a replica that died")
-            owner = self._owner.get(context)
-            if owner is None or not self.replicas[owner].alive:
-                raise DriverError(ErrorCode.UNKNOWN_CONTEXT, f"context {context} is not known")
-            return self.replicas[owner]
+            return self._placement.owner_of(context, self.replicas)
 
     def _fork(self, body: Fork) -> dict[str, Any]:
         source = self._owner_of(body.src)
         # The source's replica checks the fork first, so a refused fork leaves dst where it was, intact.
         reply = self._call(source, "fork", src=body.src, dst=body.dst, length=body.length)
-        target = self._owner.get(body.dst)
+        target = self._placement.owner.get(body.dst)
         if target is not None and target != source.index:  # dst moved to src's replica: drop the old copy
             self._forget(body.dst)
             with contextlib.suppress(DriverError):  # a replica that is down holds nothing any more
                 self._call(self.replicas[target], "release", contexts=[body.dst])
         with self._lock:
-            self._lost.discard(body.dst)
-            self._owner[body.dst] = source.index
-            self._moves += 1
-            source.contexts.add(body.dst)
+            self._placement.assign(body.dst, source)
         return reply
 
     def _release(self, contexts: tuple[int, ...]) -> int:
-        groups: dict[int, list[int]] = {}
         with self._lock:
-            for context in contexts:
-                self._lost.discard(context)
-                owner = self._owner.get(context)
-                if owner is not None:
-                    groups.setdefault(owner, []).append(context)
+            groups = self._placement.by_owner(contexts)
         released = 0
         for index, group in groups.items():
             released += self._call(self.replicas[index], "release", contexts=group)["released"]
@@ -395,10 +360,7 @@ class ReplicaSet:
 
     def _forget(self, context: int) -> None:
         with self._lock:
-            owner = self._owner.pop(context, None)
-            self._moves += 1
-            if owner is not None:
-                self.replicas[owner].contexts.discard(context)
+            self._placement.forget(context, self.replicas)
 
     def _call(self, replica: Replica, op: str, **fields: Any) -> dict[str, Any]:
         client = replica.work
