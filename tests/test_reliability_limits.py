@@ -42,6 +42,15 @@ def refused(data: bytes) -> DriverError:
     return caught.value.error
 
 
+def refused_with_peak(data: bytes) -> tuple[DriverError, int]:
+    """The error a frame is refused with, and the peak of Python allocations while refusing it."""
+    tracemalloc.start()
+    try:
+        return refused(data), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_samplers_over_max_sampler_rows_are_refused_before_planning():
     samplers = [{"at": 0, "type": "greedy"}] * 11
     assert isinstance(decode_frame(frame([request(c, samplers) for c in range(2)]), LIMITS).body.items[0].samplers,
@@ -75,12 +84,7 @@ def test_a_request_count_over_the_cap_is_refused_from_the_array_header():
     # 2 million empty maps in 2 MB: decoding them would allocate well over 100 MB.
     body = b"\xdd" + (2_000_000).to_bytes(4, "big") + b"\x80" * 2_000_000
     data = b"\x84\xa1v\x01\xa2id\x09\xa2op\xa7forward\xa8requests" + body
-    tracemalloc.start()
-    try:
-        error = refused(data)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    error, peak = refused_with_peak(data)
     assert error.code == ErrorCode.CAPACITY and "max_forward_requests" in error.message
     assert peak < 1 << 20  # threshold: 1 MiB of Python allocations
 
@@ -90,12 +94,7 @@ def test_tokens_over_the_cap_are_refused_while_decoding():
     tokens = b"\xdd" + (4_000_000).to_bytes(4, "big") + b"\xce\x00\x00\x01\x00" * 4_000_000
     data = (b"\x84\xa1v\x01\xa2id\x09\xa2op\xa7forward\xa8requests\x91\x83\xa7context\x01\xa6tokens" + tokens
             + b"\xa9positions\x90")
-    tracemalloc.start()
-    try:
-        error = refused(data)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    error, peak = refused_with_peak(data)
     assert error.code == ErrorCode.CAPACITY
     assert peak < 1 << 20  # threshold: 1 MiB of Python allocations
 
