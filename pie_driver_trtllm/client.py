@@ -127,14 +127,18 @@ class DriverClient:
                                "no connected driver") from None
 
     def recv(self, timeout_s: float | None = None) -> Reply:
+        return parse_reply(self.recv_frame(timeout_s))
+
+    def recv_frame(self, timeout_s: float | None = None) -> bytes:
+        """The next reply's bytes, undecoded."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         until = time.perf_counter() + self.busy_poll_s  # a latency-sensitive host spins before it sleeps
         while time.perf_counter() < until:
             if self.socket.poll(0):
-                return parse_reply(self.socket.recv())
+                return self.socket.recv()
         if not self.socket.poll(int(timeout * 1000)):
             raise TimeoutError(f"no reply from {self.endpoint} within {timeout} s")
-        return parse_reply(self.socket.recv())
+        return self.socket.recv()
 
     def call(self, op: str, check: bool = True, **fields: Any) -> Reply:
         request_id = self.send(op, **fields)

@@ -128,6 +128,10 @@ class DriverOptions(Struct, forbid_unknown_fields=True):
     busy_poll_us: Annotated[int, Meta(ge=0, le=100_000, description=(
         "After each reply the socket is polled without sleeping for this long, since the host's next request "
         "usually follows within microseconds (a sleep and wake-up costs 100-300 us). 0 turns it off."))] = 200
+    stage_times: Annotated[bool, Meta(description=(
+        "Time each forward's stages inside the driver (decode, plan, engine, finish, encode, send, and the wait "
+        "for the next forward) and report their totals in `stats.stages`; for profiling, about 1 us a forward."
+        ))] = False
     engine_step_timeout_s: Annotated[float, Meta(ge=0.0, le=86400.0, description=(
         "Deadline of one engine call; past it the forward's requests get ENGINE_ERROR and the engine is fenced "
         "off (health `degraded`) until the call returns. 0 waits forever; a deadline acts no sooner than 10 ms "

@@ -12,6 +12,7 @@ median and spread (min, max). On a GPU the host busy-polls for replies (`HOST_BU
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from pie_driver_trtllm.benchmarks.common import (
     write_config,
     write_result,
 )
-from pie_driver_trtllm.client import spawn
+from pie_driver_trtllm.client import DriverClient, parse_reply, spawn
 from pie_driver_trtllm.wire.codec import Release
 
 BATCHES = (1, 16, 64)
@@ -36,6 +37,28 @@ HOST_BUSY_POLL_S = 0.05
 
 
 REPS, STEPS, BLOCKS = 5, 400, 4  # repetitions per point, steps per side in each, blocks they alternate in
+
+
+class TimedHost:
+    """The host's side of each driver step, split: encoding and sending the request, the round trip until
+    the reply is in hand (the driver's work plus the transport both ways), and decoding the reply."""
+
+    def __init__(self, client: DriverClient) -> None:
+        self.client = client
+        self.seconds = {"host_encode": 0.0, "round_trip": 0.0, "host_decode": 0.0}
+
+    def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        clock, seconds = time.perf_counter, self.seconds
+        start = clock()
+        self.client.send("forward", requests=requests)
+        sent = clock()
+        frame = self.client.recv_frame()
+        arrived = clock()
+        results = parse_reply(frame)["results"]
+        seconds["host_encode"] += sent - start
+        seconds["round_trip"] += arrived - sent
+        seconds["host_decode"] += clock() - arrived
+        return results
 
 
 def plan(bench: Bench, batch: int) -> tuple[int, int, int, int, int]:
@@ -69,6 +92,12 @@ def run(bench: Bench) -> dict[str, Any]:
                       f"{r['driver_engine_ms']:.3f} / {r['in_process_engine_ms']:.3f}",
                       f"{r['driver_cost_us']:.0f} ({r['driver_cost_us_min']:.0f}-{r['driver_cost_us_max']:.0f})"]
                      for r in measured]))
+        stages, host = list(measured[0]["driver_stage_us"]), list(measured[0]["host_us"])
+        print(table(f"overhead: where a driver step goes, us (median of the repetitions; reference_overlap "
+                    f"{str(overlap).lower()}): the driver's stages, the host's, and the transport both ways "
+                    "(the host's round trip less the driver's stages)", ["batch", *stages, *host, "transport"],
+                    [[r["batch"], *(f"{r['driver_stage_us'][s]:.1f}" for s in stages),
+                      *(f"{r['host_us'][h]:.1f}" for h in host), f"{r['transport_us']:.1f}"] for r in measured]))
     write_result(bench, "overhead", result)
     return result
 
@@ -79,7 +108,8 @@ def _measure(bench: Bench, model: Path, overlap: bool) -> list[dict[str, Any]]:
     # On CPU both sides get one intra-op thread: two torch processes whose idle OpenMP threads spin on the
     # same few cores would otherwise slow whichever side runs next.
     threads = {"OMP_NUM_THREADS": "1"} if bench.device == "cpu" else {}
-    driver = spawn(write_config(bench, config, model, lookahead_tokens=1, reference_overlap=overlap),
+    # stage_times: the driver also reports where its time goes (about 1 us a forward, charged to it here)
+    driver = spawn(write_config(bench, config, model, lookahead_tokens=1, reference_overlap=overlap, stage_times=True),
                    ready_timeout_s=600, env=threads)
     core = in_process_core(bench, model, lookahead_tokens=1, reference_overlap=overlap)
     if threads:
@@ -110,26 +140,41 @@ def _measure(bench: Bench, model: Path, overlap: bool) -> list[dict[str, Any]]:
 def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
     prompt_len, warmup, reps, steps, blocks = plan(bench, batch)
     contexts = list(range(batch * 1000, batch * 1000 + batch))
-    sides = {"driver": (Decode(contexts, prompt_len), client.forward),
+    host = TimedHost(client)
+    sides = {"driver": (Decode(contexts, prompt_len), host.forward),
              "in_process": (Decode(contexts, prompt_len), core_forward(core))}
     for decode, forward in sides.values():
         timed_steps(bench, decode, forward, 1 + warmup)  # prefill, then warm-up decode steps
     # Seconds inside engine calls on each side (the driver's from its `stats`), read between timed blocks:
     # they split a step into the engine call and everything around it.
-    engine_s = {"driver": lambda: client.call("stats")["engine_s"], "in_process": lambda: core.counters.engine_s}
+    # The driver's stage totals (`stats.stages`) split its side further: decode, plan, engine, ..., wait.
+    def counters(name: str) -> tuple[float, dict[str, float]]:
+        if name == "in_process":
+            return core.counters.engine_s, {}
+        stats = client.call("stats").result
+        return stats["engine_s"], stats["stages"]["seconds"]
+
     repetitions = []
     for _ in range(reps):
         times: dict[str, list[float]] = {"driver": [], "in_process": []}
         in_engine = dict.fromkeys(sides, 0.0)
+        stages: dict[str, float] = {}
+        host_before = dict(host.seconds)
         for _ in range(blocks):
             for name, (decode, forward) in sides.items():
-                before = engine_s[name]()
+                engine_before, stages_before = counters(name)
                 times[name] += timed_steps(bench, decode, forward, steps // blocks)
-                in_engine[name] += engine_s[name]() - before
+                engine_after, stages_after = counters(name)
+                in_engine[name] += engine_after - engine_before
+                for stage, seconds in stages_after.items():
+                    stages[stage] = stages.get(stage, 0.0) + seconds - stages_before[stage]
         driver_step, inproc_step = statistics.fmean(times["driver"]), statistics.fmean(times["in_process"])
         repetitions.append({"driver_step_ms": driver_step * 1e3, "in_process_step_ms": inproc_step * 1e3,
                             "driver_engine_ms": in_engine["driver"] / len(times["driver"]) * 1e3,
                             "in_process_engine_ms": in_engine["in_process"] / len(times["in_process"]) * 1e3,
+                            "driver_stage_us": {k: v / len(times["driver"]) * 1e6 for k, v in stages.items()},
+                            "host_us": {k: (v - host_before[k]) / len(times["driver"]) * 1e6
+                                        for k, v in host.seconds.items()},
                             "ratio": inproc_step / driver_step, "driver_cost_us": (driver_step - inproc_step) * 1e6,
                             "ratio_p50": statistics.median(times["in_process"]) / statistics.median(times["driver"])})
     client.call("release", contexts=contexts)  # free both engines' caches before the next batch
@@ -146,5 +191,11 @@ def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
             "ratio_p50": median("ratio_p50"),
             "driver_step_ms": driver_step * 1e3, "in_process_step_ms": inproc_step * 1e3,
             "driver_engine_ms": median("driver_engine_ms"), "in_process_engine_ms": median("in_process_engine_ms"),
+            "driver_stage_us": {stage: statistics.median(r["driver_stage_us"][stage] for r in repetitions)
+                                for stage in repetitions[0]["driver_stage_us"]},
+            "host_us": {key: statistics.median(r["host_us"][key] for r in repetitions)
+                        for key in repetitions[0]["host_us"]},
+            "transport_us": statistics.median(r["host_us"]["round_trip"] - sum(
+                us for stage, us in r["driver_stage_us"].items() if stage != "wait") for r in repetitions),
             "driver_cost_us": median("driver_cost_us"), "driver_cost_us_min": min(costs),
             "driver_cost_us_max": max(costs)}

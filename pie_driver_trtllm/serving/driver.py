@@ -194,7 +194,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
                               max_queued=config.options.max_queued_requests,
                               max_queued_bytes=config.options.max_queued_bytes,
                               max_connections=config.options.max_connections,
-                              max_unread_reply_bytes=config.options.max_unread_reply_bytes)
+                              max_unread_reply_bytes=config.options.max_unread_reply_bytes,
+                              stage_times=config.options.stage_times)
 
         def request_stop(signum: int, frame: object) -> None:
             stopped_by.append(signum)

@@ -26,6 +26,7 @@ from pie_driver_trtllm.serving.backlog import Backlog
 from pie_driver_trtllm.serving.connection_cap import ConnectionCap
 from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
+from pie_driver_trtllm.serving.stage_clock import StageClock
 from pie_driver_trtllm.serving.unread_replies import TRACKED_BYTES, UnreadReplies
 from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, Request, encode_error, encode_ok
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
@@ -88,7 +89,8 @@ class DriverServer:
     def __init__(self, endpoint: Endpoint, limits: Limits, backend: Backend,
                  handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None,
                  busy_poll_s: float = 0.0, max_queued: int = 256, max_queued_bytes: int = 64 << 20,
-                 max_connections: int = 64, max_unread_reply_bytes: int = 64 << 20) -> None:
+                 max_connections: int = 64, max_unread_reply_bytes: int = 64 << 20,
+                 stage_times: bool = False) -> None:
         self.endpoint = endpoint
         self.limits = limits
         self.backend = backend
@@ -99,6 +101,7 @@ class DriverServer:
         self.dropped_replies = 0
         self.busy_poll_s = busy_poll_s
         self._spin_until = 0.0  # busy-poll the socket until then: the host's next request is likely near
+        self.stages = StageClock() if stage_times else None
         self._lock = threading.Lock()  # its holder owns the ROUTER socket and the driver state
         self._run: _Run | None = None
         self._backlog = Backlog(max_queued, max_queued_bytes)  # state ops waiting behind the run
@@ -251,6 +254,8 @@ class DriverServer:
             if len(parts) > 2 and not parts[1].buffer:  # an empty delimiter: kept in the reply's envelope
                 identity = Delimited(identity)
                 del parts[1]
+            if self.stages is not None:
+                self.stages.frame()
             if len(parts) != 2:
                 self._reject(identity, None, DriverError(
                     ErrorCode.BAD_FRAME, f"expected one frame per message, got {len(parts) - 1}"))
@@ -266,6 +271,8 @@ class DriverServer:
         except FrameRejected as rejected:
             self._reject(identity, rejected.request_id, rejected.error)
             return
+        if self.stages is not None:
+            self.stages.mark("decode")
         if self.stop_requested.is_set():
             self._reject(identity, request.id, DriverError(ErrorCode.SHUTTING_DOWN, "the driver is shutting down"))
         elif request.op == "handshake":
@@ -277,6 +284,8 @@ class DriverServer:
             stats["dropped_replies"] = self.dropped_replies
             stats["connections"] = self._connections.connections
             stats["refused_connections"] = self._connections.refused
+            if self.stages is not None:
+                stats["stages"] = self.stages.report()
             self._send(identity, encode_ok(request.id, stats))
         elif request.op == "shutdown":
             self._send(identity, encode_ok(request.id, {}))
@@ -306,7 +315,7 @@ class DriverServer:
         self.backend.count_error(error.code)
         self._send(identity, encode_error(request_id, error))
 
-    def _send(self, identity: bytes, payload: bytes) -> None:
+    def _send(self, identity: bytes, payload: bytes, forward: bool = False) -> None:
         self._spin_until = time.perf_counter() + self.busy_poll_s
         frames = [identity, b"", payload] if type(identity) is Delimited else [identity, payload]
         tracked = len(payload) >= TRACKED_BYTES  # counted against the connection until ZeroMQ lets go of it
@@ -314,9 +323,11 @@ class DriverServer:
             tracker = self._router.send_multipart(frames, zmq.NOBLOCK, copy=False, track=tracked)
         except zmq.ZMQError:  # host gone (ROUTER_MANDATORY) or its queue is full: drop, never block
             self.dropped_replies += 1
-            return
+            tracker, tracked = None, False
         if tracked:
             self._unread.sent(identity, tracker, len(payload))
+        if self.stages is not None:
+            self.stages.sent(forward)
 
     # ------------------------------------------------------------------ state ops
 
@@ -328,17 +339,21 @@ class DriverServer:
             self._reply(identity, request, lambda: self.backend.begin(request))
 
     def _reply(self, identity: bytes, request: Request,
-               step: Callable[[], dict[str, Any] | ForwardTokens | Pending | None]) -> bool:
+               step: Callable[[], dict[str, Any] | ForwardTokens | Pending | None], stage: str = "plan") -> bool:
         """Send the reply that `step` gives, running its slow part first if it has one. False when `step`
         had no reply (an expiry that found the engine call just returned)."""
         try:
             outcome = step()
             if outcome is None:
                 return False
+            if self.stages is not None:
+                self.stages.mark(stage)
             if isinstance(outcome, Pending):
                 self._execute(_Run(identity, request, outcome))
                 return True
             payload = encode_ok(request.id, outcome)
+            if self.stages is not None:
+                self.stages.mark("encode")
             if not self._unread.admits(identity, len(payload)):
                 raise DriverError(ErrorCode.CAPACITY, f"{self._unread.unread(identity)} bytes of replies to this "
                                   "connection are unread; read them, then send it again", busy=True)
@@ -348,7 +363,7 @@ class DriverServer:
         except Exception as exc:  # a bug or an engine failure: fail this request, keep serving
             self.backend.count_error(ErrorCode.ENGINE_ERROR)
             payload = encode_error(request.id, DriverError(ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"))
-        self._send(identity, payload)
+        self._send(identity, payload, request.op == "forward")
         return True
 
     def _execute(self, run: _Run) -> None:
@@ -359,6 +374,8 @@ class DriverServer:
         try:
             result = run.pending.run()
             error: Exception | None = None
+            if self.stages is not None:
+                self.stages.mark("engine")
         except Exception as exc:  # Abandoned is a BaseException: it passes, and leaves the lock alone
             result, error = None, exc
         run.done = True
@@ -367,9 +384,9 @@ class DriverServer:
             self._lock.acquire()
         self._run = None
         if error is not None:
-            self._reply(run.identity, run.request, lambda: _raise(error))
+            self._reply(run.identity, run.request, lambda: _raise(error), "finish")
         else:
-            self._reply(run.identity, run.request, lambda: run.pending.finish(result))
+            self._reply(run.identity, run.request, lambda: run.pending.finish(result), "finish")
 
     def _expire(self, run: _Run) -> None:
         """The run's deadline passed (we are the standby): answer it now and stay the socket's owner."""
