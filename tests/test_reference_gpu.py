@@ -154,6 +154,15 @@ def test_a_refit_on_cuda_keeps_the_graphs_and_gives_the_new_weights_tokens(tiny_
     assert histories == want
 
 
+def _stack_size() -> int:
+    """The current context's per-thread stack size (CU_LIMIT_STACK_SIZE), from the driver API."""
+    import ctypes
+
+    size = ctypes.c_size_t()
+    assert ctypes.CDLL("libcuda.so.1").cuCtxGetLimit(ctypes.byref(size), 0) == 0
+    return size.value
+
+
 def test_sleep_frees_the_kv_cache_and_then_the_weights_and_wake_serves_again(tiny_model):
     gpu, cpu = engine(tiny_model, "cuda:0", "float32"), engine(tiny_model, "cpu", "float32")
     histories = {c: [c + 5, c + 6, c + 7] for c in range(3)}
@@ -165,12 +174,15 @@ def test_sleep_frees_the_kv_cache_and_then_the_weights_and_wake_serves_again(tin
     gpu.sleep(1)
     level1 = torch.cuda.memory_allocated()
     assert awake - level1 >= 0.9 * cache_bytes
+    stack = _stack_size()
     gpu.sleep(2)
     level2 = torch.cuda.memory_allocated()
     assert level1 - level2 >= 0.9 * weight_bytes
+    assert _stack_size() < stack  # the context's stack reservation is given back too
     with pytest.raises(RuntimeError, match="asleep"):
         gpu.step([Row(1, histories[1], len(histories[1]), GREEDY)])
     gpu.wake()
+    assert _stack_size() == stack
     assert torch.cuda.memory_allocated() >= awake - 0.1 * (cache_bytes + weight_bytes)
     want = {c: list(h) for c, h in histories.items()}
     _decode(gpu, histories, 5)  # replayed from history, then graph-captured decode steps again

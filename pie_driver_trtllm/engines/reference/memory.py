@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pie_driver_trtllm.engines.base import WeightsLoadError
+from pie_driver_trtllm.engines.reference.local_memory import LocalMemory
 from pie_driver_trtllm.engines.reference.weights import stage
 
 
@@ -20,6 +21,7 @@ class EngineMemory:
         self.device = torch.device(device)
         self.asleep = 0
         self.broken = False  # a swap failed part way: the weights are a mix until a load succeeds
+        self.local = LocalMemory()
 
     def check_serving(self) -> None:
         """Raise unless a step may run (the core refuses such forwards before they get here)."""
@@ -58,6 +60,8 @@ class EngineMemory:
     def wake(self, new_cache: Callable[[], None], weights_to: Callable[[Any], None]) -> None:
         if self.asleep == 0:
             return
+        if self.device.type == "cuda":
+            self.local.restore()  # first: if the device is short of memory, nothing has moved yet
         if self.asleep == 2 and self.device.type == "cuda":
             weights_to(self.device)
         new_cache()
@@ -71,3 +75,4 @@ class EngineMemory:
             if clear_workspaces is not None:  # cuBLAS keeps a workspace per handle and stream otherwise
                 clear_workspaces()
             torch.cuda.empty_cache()
+            self.local.shrink()

@@ -1,0 +1,66 @@
+"""The CUDA stack reservation shrunk while asleep, against a stand-in for the driver API (libcuda)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from pie_driver_trtllm.engines.reference import local_memory
+from pie_driver_trtllm.engines.reference.local_memory import SMALLEST, LocalMemory
+
+
+class FakeDriver:
+    """cuCtxGetLimit / cuCtxSetLimit of one context; `fail_above` makes a larger reservation fail."""
+
+    def __init__(self, stack: int) -> None:
+        self.stack = stack
+        self.fail_above: int | None = None
+
+    def cuCtxGetLimit(self, out: object, limit: int) -> int:
+        assert limit == local_memory.STACK_SIZE
+        ctypes.cast(out, ctypes.POINTER(ctypes.c_size_t))[0] = self.stack
+        return 0
+
+    def cuCtxSetLimit(self, limit: int, value: ctypes.c_size_t) -> int:
+        if self.fail_above is not None and value.value > self.fail_above:
+            return 2  # CUDA_ERROR_OUT_OF_MEMORY
+        self.stack = value.value
+        return 0
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeDriver:
+    driver = FakeDriver(stack=4096)
+    monkeypatch.setattr(local_memory, "_driver", lambda: driver)
+    return driver
+
+
+def test_asleep_the_stack_is_smallest_and_waking_restores_it(fake: FakeDriver) -> None:
+    memory = LocalMemory()
+    memory.shrink()
+    assert fake.stack == SMALLEST
+    memory.shrink()  # a deeper sleep: still the size of before the first shrink is kept
+    memory.restore()
+    assert fake.stack == 4096
+    memory.restore()  # nothing saved: nothing changes
+    assert fake.stack == 4096
+
+
+def test_a_restore_without_room_says_so_and_a_later_one_succeeds(fake: FakeDriver) -> None:
+    memory = LocalMemory()
+    memory.shrink()
+    fake.fail_above = 1024
+    with pytest.raises(MemoryError, match="short of memory"):
+        memory.restore()
+    assert fake.stack == SMALLEST
+    fake.fail_above = None
+    memory.restore()
+    assert fake.stack == 4096
+
+
+def test_without_the_driver_api_nothing_happens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_memory, "_driver", lambda: None)
+    memory = LocalMemory()
+    memory.shrink()
+    memory.restore()
