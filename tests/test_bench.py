@@ -94,3 +94,14 @@ def test_plot_overhead_writes_a_png(tmp_path: Path) -> None:
 def test_unknown_workload_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown workload"):
         run_benchmarks(["nope"], out_dir=tmp_path)
+
+
+def test_socket_floor_times_every_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pie_driver_trtllm.benchmarks import socket_floor
+
+    monkeypatch.setattr(socket_floor, "ROUND_TRIPS", 60)
+    monkeypatch.setattr(socket_floor, "WARMUP", 10)
+    for times in (socket_floor.zmq_round_trips(echo_spins=False), socket_floor.unix_round_trips()):
+        assert len(times) == 60 and all(t > 0 for t in times)
+        row = socket_floor.summary("x", times)
+        assert row["p10_us"] <= row["median_us"] <= row["p90_us"]
