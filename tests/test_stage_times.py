@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,3 +47,26 @@ def test_each_stage_gets_its_own_time(start_driver: Callable[..., DriverProcess]
     assert 0.2 <= seconds["wait"] < 0.45, seconds
     for stage in ("decode", "plan", "finish", "encode", "send"):
         assert 0 <= seconds[stage] < 0.1, (stage, seconds)
+
+
+def test_requests_answered_during_a_long_engine_call_leave_its_times_alone(
+        start_driver: Callable[..., DriverProcess]) -> None:
+    """The standby thread answers `health` and `stats` while the engine hangs: the forward being timed
+    keeps its stages, and those replies are not forwards."""
+    process = start_driver(stage_times=True, env={"PIE_DRIVER_FAULTS": f"hang_on_token:{HANG},hang_s:{HANG_S}"})
+    client, other = process.client(), process.client()
+    forward(client, 1, [3, 4, 5], 0)
+    before = client.call("stats").result["stages"]
+    hanging = threading.Thread(target=forward, args=(client, 2, [3, HANG], 0))
+    hanging.start()
+    time.sleep(0.05)
+    while hanging.is_alive():
+        other.call("health")
+        other.call("stats")
+        time.sleep(0.02)
+    hanging.join()
+    after = other.call("stats").result["stages"]
+    assert after["forwards"] - before["forwards"] == 1
+    seconds = {stage: after["seconds"][stage] - before["seconds"][stage] for stage in STAGES}
+    assert HANG_S <= seconds["engine"] < HANG_S + 0.25, seconds
+    assert sum(seconds.values()) - seconds["engine"] < 0.1, seconds

@@ -391,6 +391,8 @@ class DriverServer:
     def _expire(self, run: _Run) -> None:
         """The run's deadline passed (we are the standby): answer it now and stay the socket's owner."""
         self._run = None
+        if self.stages is not None:
+            self.stages.drop()
         if not self._reply(run.identity, run.request, run.pending.expire):
             self._run = run  # its call returned just now; its own thread answers
             return

@@ -5,10 +5,15 @@ A forward passes the stages in this order on the socket's thread: `decode` (fram
 reply), `encode` (reply bytes) and `send` (handed to ZeroMQ). `wait` is the time from a forward's reply
 to the next forward's frame in hand: the host's own work and the transport both ways, as the driver
 sees them. Totals are kept, not samples, so that a reader takes differences between two `stats` calls.
+
+One frame is timed at a time, by the thread that took it: frames another thread serves meanwhile (the
+standby's `health` during a long engine call) are not timed and do not disturb the one that is, and a
+forward that waited in the queue is not timed.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 STAGES = ("wait", "decode", "plan", "engine", "finish", "encode", "send")
@@ -21,18 +26,26 @@ class StageClock:
         self._frame: list[tuple[str, float]] = []
         self._start = 0.0
         self._sent_at: float | None = None  # when the last forward's reply left, if nothing came between
+        self._thread: int | None = None  # the thread timing a frame now
 
     def frame(self) -> None:
         """A frame is in hand."""
+        if self._thread is not None:
+            return
+        self._thread = threading.get_ident()
         self._start = time.perf_counter()
         self._frame = []
 
     def mark(self, stage: str) -> None:
-        self._frame.append((stage, time.perf_counter()))
+        if self._thread == threading.get_ident():
+            self._frame.append((stage, time.perf_counter()))
 
     def sent(self, forward: bool) -> None:
         """The reply left; only a forward's stages are kept, and `wait` only between two forwards."""
         now = time.perf_counter()
+        if self._thread != threading.get_ident():
+            return
+        self._thread = None
         if not forward:
             self._sent_at = None
             return
@@ -46,6 +59,11 @@ class StageClock:
         seconds["send"] += now - last
         self.forwards += 1
         self._sent_at = now
+
+    def drop(self) -> None:
+        """The frame being timed was answered by another thread (its engine call overran its deadline)."""
+        self._thread = None
+        self._sent_at = None
 
     def report(self) -> dict[str, object]:
         return {"forwards": self.forwards, "seconds": {stage: round(s, 6) for stage, s in self.seconds.items()}}
