@@ -16,6 +16,7 @@ class FakeDriver:
     def __init__(self, stack: int) -> None:
         self.stack = stack
         self.fail_above: int | None = None
+        self.fail_status = local_memory.OUT_OF_MEMORY
 
     def cuCtxGetLimit(self, out: object, limit: int) -> int:
         assert limit == local_memory.STACK_SIZE
@@ -24,7 +25,7 @@ class FakeDriver:
 
     def cuCtxSetLimit(self, limit: int, value: ctypes.c_size_t) -> int:
         if self.fail_above is not None and value.value > self.fail_above:
-            return 2  # CUDA_ERROR_OUT_OF_MEMORY
+            return self.fail_status
         self.stack = value.value
         return 0
 
@@ -64,3 +65,11 @@ def test_without_the_driver_api_nothing_happens(monkeypatch: pytest.MonkeyPatch)
     memory = LocalMemory()
     memory.shrink()
     memory.restore()
+
+
+def test_a_restore_that_fails_otherwise_names_the_cuda_error(fake: FakeDriver) -> None:
+    memory = LocalMemory()
+    memory.shrink()
+    fake.fail_above, fake.fail_status = 1024, 201  # CUDA_ERROR_INVALID_CONTEXT
+    with pytest.raises(MemoryError, match="CUDA error 201"):
+        memory.restore()

@@ -16,6 +16,7 @@ import ctypes
 
 STACK_SIZE = 0  # CUlimit CU_LIMIT_STACK_SIZE
 SMALLEST = 16  # bytes per thread; the driver rounds it up to what the device takes
+OUT_OF_MEMORY = 2  # CUDA_ERROR_OUT_OF_MEMORY
 
 
 def _driver() -> ctypes.CDLL | None:
@@ -54,5 +55,5 @@ class LocalMemory:
             with contextlib.suppress(Exception):
                 cuda.cuCtxSetLimit(STACK_SIZE, ctypes.c_size_t(SMALLEST))
             self._saved = saved  # still shrunk: a later wake tries again
-            raise MemoryError(f"could not reserve the CUDA stack memory again ({saved} bytes a thread; CUDA "
-                              f"error {status}): the device is short of memory")
+            why = "the device is short of memory" if status == OUT_OF_MEMORY else f"CUDA error {status}"
+            raise MemoryError(f"could not reserve the CUDA stack memory again ({saved} bytes a thread): {why}")

@@ -61,6 +61,7 @@ class EngineMemory:
         if self.asleep == 0:
             return
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # binds the device's context to this thread, which may be new
             self.local.restore()  # first: if the device is short of memory, nothing has moved yet
         if self.asleep == 2 and self.device.type == "cuda":
             weights_to(self.device)
