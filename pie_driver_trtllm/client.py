@@ -115,9 +115,14 @@ class DriverClient:
         self._ids = itertools.count(1)
 
     def send(self, op: str, **fields: Any) -> int:
-        request_id = next(self._ids)
-        self.send_raw(_ENCODER.encode({"v": 1, "id": request_id, "op": op, **fields}))
+        request_id, frame = self.encode(op, **fields)
+        self.send_raw(frame)
         return request_id
+
+    def encode(self, op: str, **fields: Any) -> tuple[int, bytes]:
+        """The next request's id and frame, not sent."""
+        request_id = next(self._ids)
+        return request_id, _ENCODER.encode({"v": 1, "id": request_id, "op": op, **fields})
 
     def send_raw(self, frame: bytes) -> None:
         try:

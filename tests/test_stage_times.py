@@ -70,3 +70,18 @@ def test_requests_answered_during_a_long_engine_call_leave_its_times_alone(
     seconds = {stage: after["seconds"][stage] - before["seconds"][stage] for stage in STAGES}
     assert HANG_S <= seconds["engine"] < HANG_S + 0.25, seconds
     assert sum(seconds.values()) - seconds["engine"] < 0.1, seconds
+
+
+def test_slept_counts_the_forwards_that_came_after_the_busy_poll(start_driver: Callable[..., DriverProcess]) -> None:
+    """With no busy poll every forward after a pause finds the driver asleep; with a 100 ms one, a forward
+    sent right after a reply finds it polling."""
+    for busy_poll_us, pause_s, slept in ((0, 0.02, 4), (100_000, 0.0, 0)):
+        client = start_driver(stage_times=True, busy_poll_us=busy_poll_us).client()
+        token = forward(client, 1, [3, 4, 5], 0)
+        before = client.call("stats").result["stages"]
+        for position in range(3, 7):
+            time.sleep(pause_s)
+            token = forward(client, 1, [token], position)
+        after = client.call("stats").result["stages"]
+        assert after["forwards"] - before["forwards"] == 4
+        assert after["slept"] - before["slept"] == slept, (busy_poll_us, after, before)

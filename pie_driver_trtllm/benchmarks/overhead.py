@@ -40,8 +40,8 @@ REPS, STEPS, BLOCKS = 5, 400, 4  # repetitions per point, steps per side in each
 
 
 class TimedHost:
-    """The host's side of each driver step, split: encoding and sending the request, the round trip until
-    the reply is in hand (the driver's work plus the transport both ways), and decoding the reply."""
+    """The host's side of each driver step, split: encoding the request, the round trip from sending it to
+    the reply in hand (the driver's work plus the transport both ways), and decoding the reply."""
 
     def __init__(self, client: DriverClient) -> None:
         self.client = client
@@ -50,8 +50,9 @@ class TimedHost:
     def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         clock, seconds = time.perf_counter, self.seconds
         start = clock()
-        self.client.send("forward", requests=requests)
+        _, request = self.client.encode("forward", requests=requests)
         sent = clock()
+        self.client.send_raw(request)  # the send is part of the round trip: ZeroMQ's I/O thread is woken
         frame = self.client.recv_frame()
         arrived = clock()
         results = parse_reply(frame)["results"]
@@ -95,9 +96,10 @@ def run(bench: Bench) -> dict[str, Any]:
         stages, host = list(measured[0]["driver_stage_us"]), list(measured[0]["host_us"])
         print(table(f"overhead: where a driver step goes, us (median of the repetitions; reference_overlap "
                     f"{str(overlap).lower()}): the driver's stages, the host's, and the transport both ways "
-                    "(the host's round trip less the driver's stages)", ["batch", *stages, *host, "transport"],
+                    "(the host's round trip less the driver's stages)", ["batch", *stages, *host, "transport", "slept"],
                     [[r["batch"], *(f"{r['driver_stage_us'][s]:.1f}" for s in stages),
-                      *(f"{r['host_us'][h]:.1f}" for h in host), f"{r['transport_us']:.1f}"] for r in measured]))
+                      *(f"{r['host_us'][h]:.1f}" for h in host), f"{r['transport_us']:.1f}",
+                      f"{r['driver_slept_share']:.0%}"] for r in measured]))
     write_result(bench, "overhead", result)
     return result
 
@@ -148,24 +150,27 @@ def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
     # Seconds inside engine calls on each side (the driver's from its `stats`), read between timed blocks:
     # they split a step into the engine call and everything around it.
     # The driver's stage totals (`stats.stages`) split its side further: decode, plan, engine, ..., wait.
-    def counters(name: str) -> tuple[float, dict[str, float]]:
+    # `slept`: forwards that found the driver blocked, its busy poll over (the host took longer than it).
+    def counters(name: str) -> tuple[float, dict[str, float], int]:
         if name == "in_process":
-            return core.counters.engine_s, {}
+            return core.counters.engine_s, {}, 0
         stats = client.call("stats").result
-        return stats["engine_s"], stats["stages"]["seconds"]
+        return stats["engine_s"], stats["stages"]["seconds"], stats["stages"]["slept"]
 
     repetitions = []
     for _ in range(reps):
         times: dict[str, list[float]] = {"driver": [], "in_process": []}
         in_engine = dict.fromkeys(sides, 0.0)
         stages: dict[str, float] = {}
+        slept = 0
         host_before = dict(host.seconds)
         for _ in range(blocks):
             for name, (decode, forward) in sides.items():
-                engine_before, stages_before = counters(name)
+                engine_before, stages_before, slept_before = counters(name)
                 times[name] += timed_steps(bench, decode, forward, steps // blocks)
-                engine_after, stages_after = counters(name)
+                engine_after, stages_after, slept_after = counters(name)
                 in_engine[name] += engine_after - engine_before
+                slept += slept_after - slept_before
                 for stage, seconds in stages_after.items():
                     stages[stage] = stages.get(stage, 0.0) + seconds - stages_before[stage]
         driver_step, inproc_step = statistics.fmean(times["driver"]), statistics.fmean(times["in_process"])
@@ -173,6 +178,7 @@ def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
                             "driver_engine_ms": in_engine["driver"] / len(times["driver"]) * 1e3,
                             "in_process_engine_ms": in_engine["in_process"] / len(times["in_process"]) * 1e3,
                             "driver_stage_us": {k: v / len(times["driver"]) * 1e6 for k, v in stages.items()},
+                            "driver_slept_share": slept / len(times["driver"]),
                             "host_us": {k: (v - host_before[k]) / len(times["driver"]) * 1e6
                                         for k, v in host.seconds.items()},
                             "ratio": inproc_step / driver_step, "driver_cost_us": (driver_step - inproc_step) * 1e6,
@@ -193,6 +199,7 @@ def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
             "driver_engine_ms": median("driver_engine_ms"), "in_process_engine_ms": median("in_process_engine_ms"),
             "driver_stage_us": {stage: statistics.median(r["driver_stage_us"][stage] for r in repetitions)
                                 for stage in repetitions[0]["driver_stage_us"]},
+            "driver_slept_share": median("driver_slept_share"),
             "host_us": {key: statistics.median(r["host_us"][key] for r in repetitions)
                         for key in repetitions[0]["host_us"]},
             "transport_us": statistics.median(r["host_us"]["round_trip"] - sum(

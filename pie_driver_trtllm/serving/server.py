@@ -236,6 +236,8 @@ class DriverServer:
             events = self._poller.poll(0)
             if events:
                 return dict(events)
+        if self.stages is not None:
+            self.stages.slept = True
         return dict(self._poller.poll(self._poll_timeout_ms()))
 
     def _poll_timeout_ms(self) -> int:

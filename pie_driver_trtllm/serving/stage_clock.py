@@ -4,7 +4,9 @@ A forward passes the stages in this order on the socket's thread: `decode` (fram
 `plan` (merge into histories, lookahead, rows), `engine` (the engine call), `finish` (results into the
 reply), `encode` (reply bytes) and `send` (handed to ZeroMQ). `wait` is the time from a forward's reply
 to the next forward's frame in hand: the host's own work and the transport both ways, as the driver
-sees them. Totals are kept, not samples, so that a reader takes differences between two `stats` calls.
+sees them; `slept` counts the forwards whose frame came only after the socket thread had stopped
+busy-polling and gone to sleep (`busy_poll_us` was too short for that host). Totals are kept, not
+samples, so that a reader takes differences between two `stats` calls.
 
 One frame is timed at a time, by the thread that took it: frames another thread serves meanwhile (the
 standby's `health` during a long engine call) are not timed and do not disturb the one that is, and a
@@ -27,6 +29,9 @@ class StageClock:
         self._start = 0.0
         self._sent_at: float | None = None  # when the last forward's reply left, if nothing came between
         self._thread: int | None = None  # the thread timing a frame now
+        self.slept = False  # set by the socket thread when it stops busy-polling and blocks
+        self.slept_forwards = 0
+        self._frame_slept = False
 
     def frame(self) -> None:
         """A frame is in hand."""
@@ -35,6 +40,7 @@ class StageClock:
         self._thread = threading.get_ident()
         self._start = time.perf_counter()
         self._frame = []
+        self._frame_slept, self.slept = self.slept, False
 
     def mark(self, stage: str) -> None:
         if self._thread == threading.get_ident():
@@ -43,6 +49,7 @@ class StageClock:
     def sent(self, forward: bool) -> None:
         """The reply left; only a forward's stages are kept, and `wait` only between two forwards."""
         now = time.perf_counter()
+        self.slept = False  # the busy poll starts again with every reply
         if self._thread != threading.get_ident():
             return
         self._thread = None
@@ -58,6 +65,7 @@ class StageClock:
             last = at
         seconds["send"] += now - last
         self.forwards += 1
+        self.slept_forwards += self._frame_slept
         self._sent_at = now
 
     def drop(self) -> None:
@@ -66,4 +74,5 @@ class StageClock:
         self._sent_at = None
 
     def report(self) -> dict[str, object]:
-        return {"forwards": self.forwards, "seconds": {stage: round(s, 6) for stage, s in self.seconds.items()}}
+        return {"forwards": self.forwards, "slept": self.slept_forwards,
+                "seconds": {stage: round(s, 6) for stage, s in self.seconds.items()}}
