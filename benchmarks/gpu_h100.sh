@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every single-GPU measurement in one go (one lent H100): the driver's overhead next to the in-process
 # engine (this tree, and optionally an earlier tree measured by the same harness), the null-engine driver
-# cost, the multi-token and RL rollout workloads and the GPU tests of the reference engine. Results land in $OUT.
-#   OUT=gpu-results BEFORE=path/to/earlier/tree bash benchmarks/gpu_h100.sh [overhead|tests|all]
+# cost, the bare transport, the multi-token and RL rollout workloads and the GPU tests of the reference engine.
+# Results land in $OUT. BUSY_POLL_US also measures this tree's overhead with that `busy_poll_us` for the driver.
+#   OUT=gpu-results BEFORE=path/to/earlier/tree BUSY_POLL_US=2000 bash benchmarks/gpu_h100.sh [overhead|tests|all]
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 PART=${1:-all}
@@ -11,10 +12,10 @@ mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-overhead() {  # $1: tree, $2: label. The harness is this tree's, so both trees are timed the same way.
-  local tree=$1 label=$2
+overhead() {  # $1: tree, $2: label, $3: driver options as JSON. The harness is this tree's, so both trees are
+  local tree=$1 label=$2 options=${3:-"{}"}  # timed the same way.
   if [ "$tree" != "." ]; then cp pie_driver_trtllm/benchmarks/{overhead,common}.py "$tree/pie_driver_trtllm/benchmarks/"; fi
-  (cd "$tree" && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python - "$OUT" "$label" "$WORK" <<'PY'
+  (cd "$tree" && PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python - "$OUT" "$label" "$WORK" "$options" <<'PY'
 import json, sys
 from pathlib import Path
 from pie_driver_trtllm.benchmarks import overhead
@@ -22,7 +23,8 @@ from pie_driver_trtllm.benchmarks.common import Bench
 out, label, work = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 (work / label).mkdir(parents=True, exist_ok=True)
 bench = Bench(size="1b", device="cuda:0", dtype="bfloat16", out_dir=work / label, work_dir=work)
-result = overhead.run(bench)
+options = json.loads(sys.argv[4])
+result = overhead.run(bench, **options) if options else overhead.run(bench)
 (out / f"overhead-{label}.json").write_text(json.dumps(result, indent=1))
 PY
   )
@@ -31,7 +33,9 @@ PY
 if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   OUT=$(cd "$OUT" && pwd)
   overhead . after
+  if [ -n "${BUSY_POLL_US:-}" ]; then overhead . "after-busy-poll-$BUSY_POLL_US" "{\"busy_poll_us\": $BUSY_POLL_US}"; fi
   if [ -n "${BEFORE:-}" ]; then overhead "$BEFORE" before; fi
+  python -m pie_driver_trtllm.benchmarks.socket_floor --out "$OUT/socket-floor.json" || true
   python -m pie_driver_trtllm.benchmarks -w driver_cost --out "$OUT/driver_cost" --repeat 1 || true
 fi
 if [ "$PART" = tests ] || [ "$PART" = all ]; then

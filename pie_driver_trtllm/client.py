@@ -115,14 +115,9 @@ class DriverClient:
         self._ids = itertools.count(1)
 
     def send(self, op: str, **fields: Any) -> int:
-        request_id, frame = self.encode(op, **fields)
-        self.send_raw(frame)
-        return request_id
-
-    def encode(self, op: str, **fields: Any) -> tuple[int, bytes]:
-        """The next request's id and frame, not sent."""
         request_id = next(self._ids)
-        return request_id, _ENCODER.encode({"v": 1, "id": request_id, "op": op, **fields})
+        self.send_raw(_ENCODER.encode({"v": 1, "id": request_id, "op": op, **fields}))
+        return request_id
 
     def send_raw(self, frame: bytes) -> None:
         try:
@@ -132,18 +127,14 @@ class DriverClient:
                                "no connected driver") from None
 
     def recv(self, timeout_s: float | None = None) -> Reply:
-        return parse_reply(self.recv_frame(timeout_s))
-
-    def recv_frame(self, timeout_s: float | None = None) -> bytes:
-        """The next reply's bytes, undecoded."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         until = time.perf_counter() + self.busy_poll_s  # a latency-sensitive host spins before it sleeps
         while time.perf_counter() < until:
             if self.socket.poll(0):
-                return self.socket.recv()
+                return parse_reply(self.socket.recv())
         if not self.socket.poll(int(timeout * 1000)):
             raise TimeoutError(f"no reply from {self.endpoint} within {timeout} s")
-        return self.socket.recv()
+        return parse_reply(self.socket.recv())
 
     def call(self, op: str, check: bool = True, **fields: Any) -> Reply:
         request_id = self.send(op, **fields)

@@ -105,3 +105,13 @@ def test_socket_floor_times_every_round_trip(monkeypatch: pytest.MonkeyPatch) ->
         assert len(times) == 60 and all(t > 0 for t in times)
         row = socket_floor.summary("x", times)
         assert row["p10_us"] <= row["median_us"] <= row["p90_us"]
+
+
+def test_overhead_asks_the_driver_under_test_for_stage_times_only_if_it_knows_them(
+        tiny_model: Path, tmp_path: Path) -> None:
+    from pie_driver_trtllm.benchmarks.common import Bench
+    from pie_driver_trtllm.benchmarks.overhead import _driver_takes
+
+    bench = Bench(size="tiny", device="cpu", dtype="float32", out_dir=tmp_path)
+    assert _driver_takes(bench, tiny_model, "stage_times", True)
+    assert not _driver_takes(bench, tiny_model, "no_such_option", True)

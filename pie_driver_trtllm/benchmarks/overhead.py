@@ -11,10 +11,13 @@ median and spread (min, max). On a GPU the host busy-polls for replies (`HOST_BU
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from pie_driver_trtllm.benchmarks.common import (
     Bench,
@@ -31,6 +34,7 @@ from pie_driver_trtllm.client import DriverClient, parse_reply, spawn
 from pie_driver_trtllm.wire.codec import Release
 
 BATCHES = (1, 16, 64)
+_ENCODER = msgspec.msgpack.Encoder()
 # The host polls for each reply without sleeping for up to this long (an engine step is a few ms): the
 # in-process side never sleeps, and a host's own wake-up (100-300 us on these VMs) is not driver cost.
 HOST_BUSY_POLL_S = 0.05
@@ -45,21 +49,44 @@ class TimedHost:
 
     def __init__(self, client: DriverClient) -> None:
         self.client = client
+        self._ids = itertools.count(1 << 40)  # its own ids: the driver echoes them, nothing here checks them
         self.seconds = {"host_encode": 0.0, "round_trip": 0.0, "host_decode": 0.0}
 
     def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         clock, seconds = time.perf_counter, self.seconds
         start = clock()
-        _, request = self.client.encode("forward", requests=requests)
+        request = _ENCODER.encode({"v": 1, "id": next(self._ids), "op": "forward", "requests": requests})
         sent = clock()
         self.client.send_raw(request)  # the send is part of the round trip: ZeroMQ's I/O thread is woken
-        frame = self.client.recv_frame()
+        frame = self._receive()
         arrived = clock()
         results = parse_reply(frame)["results"]
         seconds["host_encode"] += sent - start
         seconds["round_trip"] += arrived - sent
         seconds["host_decode"] += clock() - arrived
         return results
+
+    def _receive(self) -> bytes:
+        """The reply's bytes, polling without sleeping for up to the client's `busy_poll_s` first."""
+        socket, until = self.client.socket, time.perf_counter() + self.client.busy_poll_s
+        while time.perf_counter() < until:
+            if socket.poll(0):
+                return socket.recv()
+        if not socket.poll(int(self.client.timeout_s * 1000)):
+            raise TimeoutError(f"no reply within {self.client.timeout_s} s")
+        return socket.recv()
+
+
+def _driver_takes(bench: Bench, model: Path, option: str, value: Any) -> bool:
+    """Whether the driver under test knows `[driver.options] option` (an earlier tree may not)."""
+    from pie_driver_trtllm.config import StartupError, parse_config
+
+    try:
+        parse_config({"model": {"snapshot_dir": str(model)},
+                      "driver": {"device": [bench.device], "options": {option: value}}})
+    except StartupError:
+        return False
+    return True
 
 
 def plan(bench: Bench, batch: int) -> tuple[int, int, int, int, int]:
@@ -69,12 +96,13 @@ def plan(bench: Bench, batch: int) -> tuple[int, int, int, int, int]:
     return 32, 16, REPS, STEPS, BLOCKS
 
 
-def run(bench: Bench) -> dict[str, Any]:
+def run(bench: Bench, **driver_options: Any) -> dict[str, Any]:
+    """`driver_options`: more `[driver.options]` for the driver side (say `busy_poll_us`)."""
     model = bench.model()
     # On CUDA the reference engine runs the predicted next decode step ahead (option reference_overlap),
     # which hides the driver's per-step cost behind the GPU; measured without it too, that cost shows.
     overlaps = (True, False) if bench.device.startswith("cuda") else (False,)
-    runs = {overlap: _measure(bench, model, overlap) for overlap in overlaps}
+    runs = {overlap: _measure(bench, model, overlap, driver_options) for overlap in overlaps}
     rows = runs[overlaps[0]]
     result = {**header(bench, "overhead"), "engine": "reference", "lookahead_tokens": 1,
               "reference_overlap": overlaps[0],
@@ -104,14 +132,18 @@ def run(bench: Bench) -> dict[str, Any]:
     return result
 
 
-def _measure(bench: Bench, model: Path, overlap: bool) -> list[dict[str, Any]]:
+def _measure(bench: Bench, model: Path, overlap: bool, driver_options: dict[str, Any] | None = None
+             ) -> list[dict[str, Any]]:
     """Both sides at every batch size, with the engine's overlap on or off on both."""
     config = bench.work_dir / f"overhead-{'overlap' if overlap else 'plain'}"
     # On CPU both sides get one intra-op thread: two torch processes whose idle OpenMP threads spin on the
     # same few cores would otherwise slow whichever side runs next.
     threads = {"OMP_NUM_THREADS": "1"} if bench.device == "cpu" else {}
     # stage_times: the driver also reports where its time goes (about 1 us a forward, charged to it here)
-    driver = spawn(write_config(bench, config, model, lookahead_tokens=1, reference_overlap=overlap, stage_times=True),
+    options = {"lookahead_tokens": 1, "reference_overlap": overlap, **(driver_options or {})}
+    if _driver_takes(bench, model, "stage_times", True):  # an earlier tree timed by this harness may not
+        options["stage_times"] = True
+    driver = spawn(write_config(bench, config, model, **options),
                    ready_timeout_s=600, env=threads)
     core = in_process_core(bench, model, lookahead_tokens=1, reference_overlap=overlap)
     if threads:
@@ -155,7 +187,8 @@ def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
         if name == "in_process":
             return core.counters.engine_s, {}, 0
         stats = client.call("stats").result
-        return stats["engine_s"], stats["stages"]["seconds"], stats["stages"]["slept"]
+        stages = stats.get("stages", {"seconds": {}, "slept": 0})
+        return stats["engine_s"], stages["seconds"], stages["slept"]
 
     repetitions = []
     for _ in range(reps):
