@@ -44,6 +44,7 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
     python -m pie_driver_trtllm.benchmarks -w multitoken --size 1b --device cuda:0 --dtype bfloat16 \
         --out "$OUT/multitoken" --repeat 1 || true
   fi
+  python -m pie_driver_trtllm.benchmarks.sleep_memory --out "$OUT/sleep-memory.json" 2>&1 | grep -v Warning || true
   if python -c "import pie_driver_trtllm.benchmarks.rl" 2>/dev/null; then
     python -m pie_driver_trtllm.benchmarks -w rl --size 1b --device cuda:0 --dtype bfloat16 \
         --out "$OUT/rl" --repeat 1 || true  # three alternating pairs of rollouts within the one run
