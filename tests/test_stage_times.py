@@ -43,10 +43,11 @@ def test_each_stage_gets_its_own_time(start_driver: Callable[..., DriverProcess]
     assert after["forwards"] - before["forwards"] == 3
     seconds = {stage: after["seconds"][stage] - before["seconds"][stage] for stage in STAGES}
     assert set(after["seconds"]) == set(STAGES)
-    assert HANG_S <= seconds["engine"] < HANG_S + 0.25, seconds
-    assert 0.2 <= seconds["wait"] < 0.45, seconds
+    # Bounds with room for a loaded machine, each below what a misplaced pause would add (0.5 s or more).
+    assert HANG_S <= seconds["engine"] < HANG_S + 0.35, seconds
+    assert 0.2 <= seconds["wait"] < 0.65, seconds
     for stage in ("decode", "plan", "finish", "encode", "send"):
-        assert 0 <= seconds[stage] < 0.1, (stage, seconds)
+        assert 0 <= seconds[stage] < 0.2, (stage, seconds)
 
 
 def test_requests_answered_during_a_long_engine_call_leave_its_times_alone(
@@ -68,8 +69,8 @@ def test_requests_answered_during_a_long_engine_call_leave_its_times_alone(
     after = other.call("stats").result["stages"]
     assert after["forwards"] - before["forwards"] == 1
     seconds = {stage: after["seconds"][stage] - before["seconds"][stage] for stage in STAGES}
-    assert HANG_S <= seconds["engine"] < HANG_S + 0.25, seconds
-    assert sum(seconds.values()) - seconds["engine"] < 0.1, seconds
+    assert HANG_S <= seconds["engine"] < HANG_S + 0.35, seconds
+    assert sum(seconds.values()) - seconds["engine"] < 0.2, seconds  # the hang (0.3 s) stays in `engine`
 
 
 def test_slept_counts_the_forwards_that_came_after_the_busy_poll(start_driver: Callable[..., DriverProcess]) -> None:
