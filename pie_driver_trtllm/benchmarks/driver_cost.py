@@ -87,7 +87,7 @@ def serve(url: str, max_requests: int, ready: Any) -> None:
     from pie_driver_trtllm.serving.server import DriverServer
 
     backend, limits, handshake = build(max_requests)
-    server = DriverServer(resolve_endpoint(url), limits, backend, handshake, busy_poll_s=200e-6)
+    server = DriverServer(resolve_endpoint(url), limits, backend, handshake, busy_poll_s=200e-6, stage_times=True)
     ready.set()
     server.serve()
 
@@ -199,10 +199,17 @@ def measure(batches: tuple[int, ...] = BATCHES, reps: int = 5, steps: int = 200,
             stage_times(backend, limits, [local.prefill()])
             socket_times(client, remote.steps(warmup), batch)
             stage_times(backend, limits, local.steps(warmup))
-            samples: dict[str, list[float]] = {"socket": [], "decode": [], "core": [], "encode": [], "in_process": []}
+            samples: dict[str, list[float]] = {"socket": [], "driver_stages": [], "driver_wait": [], "decode": [],
+                                               "core": [], "encode": [], "in_process": []}
             for _ in range(reps):  # the two views alternate, so that machine noise hits both alike
                 remote_frames, local_frames = remote.steps(steps), local.steps(steps)
+                before = client.call("stats")["stages"]
                 samples["socket"].append(statistics.median(socket_times(client, remote_frames, batch)))
+                after = client.call("stats")["stages"]
+                # The server's own account of those forwards (means): its stages, and its wait between them.
+                seconds = {k: (after["seconds"][k] - before["seconds"][k]) / steps for k in after["seconds"]}
+                samples["driver_wait"].append(seconds.pop("wait"))
+                samples["driver_stages"].append(sum(seconds.values()))
                 staged = stage_times(backend, limits, local_frames)
                 for index, name in enumerate(("decode", "core", "encode")):
                     samples[name].append(statistics.median(t[index] for t in staged))
@@ -249,9 +256,10 @@ def report(rows: list[dict[str, Any]]) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return table(f"driver_cost: us per decode step, null engine, median (min-max) of {rows[0]['reps']} repetitions "
                  f"of {rows[0]['steps']} steps (load average {load})",
-                 ["batch", "socket round trip", "in-process", "decode", "core", "encode"],
-                 [[r["batch"], cell(r, "socket"), cell(r, "in_process"), cell(r, "decode"), cell(r, "core"),
-                   cell(r, "encode")] for r in rows])
+                 ["batch", "socket round trip", "its driver stages (mean)", "its driver wait (mean)", "in-process",
+                  "decode", "core", "encode"],
+                 [[r["batch"], *(cell(r, name) for name in ("socket", "driver_stages", "driver_wait", "in_process",
+                                                           "decode", "core", "encode"))] for r in rows])
 
 
 def run(bench: Bench) -> dict[str, Any]:
