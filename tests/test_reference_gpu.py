@@ -171,14 +171,15 @@ def test_sleep_frees_the_kv_cache_and_then_the_weights_and_wake_serves_again(tin
     weight_bytes = sum(p.numel() * p.element_size() for p in gpu.decoder.model.parameters())
     torch.cuda.synchronize()
     awake = torch.cuda.memory_allocated()
+    stack = _stack_size()
     gpu.sleep(1)
+    assert _stack_size() < stack  # the context's stack reservation is given back too
     level1 = torch.cuda.memory_allocated()
     assert awake - level1 >= 0.9 * cache_bytes
-    stack = _stack_size()
     gpu.sleep(2)
     level2 = torch.cuda.memory_allocated()
     assert level1 - level2 >= 0.9 * weight_bytes
-    assert _stack_size() < stack  # the context's stack reservation is given back too
+    assert _stack_size() < stack
     with pytest.raises(RuntimeError, match="asleep"):
         gpu.step([Row(1, histories[1], len(histories[1]), GREEDY)])
     gpu.wake()
