@@ -19,22 +19,18 @@ from typing import Any, Protocol
 
 import zmq
 
-from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.serving import endpoint as endpoints
 from pie_driver_trtllm.serving.backend import Pending
 from pie_driver_trtllm.serving.backlog import Backlog
-from pie_driver_trtllm.serving.connection_cap import ConnectionCap
-from pie_driver_trtllm.serving.endpoint import AllowedClients, CurveKeys, Endpoint
+from pie_driver_trtllm.serving.endpoint import CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
+from pie_driver_trtllm.serving.listener import Listener
 from pie_driver_trtllm.serving.stage_clock import StageClock
 from pie_driver_trtllm.serving.unread_replies import TRACKED_BYTES, UnreadReplies
 from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, Request, encode_error, encode_ok
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
-HARD_CAP_FACTOR = 4  # ZeroMQ drops a peer whose message exceeds this many times the frame limit
-RECEIVE_HWM = 64  # messages ZeroMQ queues per connection before it stops reading that connection
-SEND_HWM = 256  # replies ZeroMQ queues per connection; it learns of reads in batches of half that
 
 
 class Backend(Protocol):
@@ -106,66 +102,14 @@ class DriverServer:
         self._run: _Run | None = None
         self._backlog = Backlog(max_queued, max_queued_bytes)  # state ops waiting behind the run
         self._unread = UnreadReplies(max_unread_reply_bytes)
-        self._wakeup = Wakeup()
         self._closed = threading.Event()
-        self._context = zmq.Context.instance()
-        self._router = self._context.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes * HARD_CAP_FACTOR)
-        self._router.setsockopt(zmq.LINGER, 1000)
-        self._router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        self._router.setsockopt(zmq.SNDHWM, SEND_HWM)
-        if endpoint.url.startswith("tcp://["):
-            self._router.setsockopt(zmq.IPV6, 1)
-        self._auth = self._secure(curve) if curve is not None else None
-        self._connections = ConnectionCap(self._context, self._router, max_connections)
-        try:
-            self._bind(endpoint, curve is not None)
-        except StartupError:
-            self._connections.close()
-            self._router.close(0)
-            self._wakeup.close()
-            if self._auth is not None:
-                self._auth.stop()
-            endpoints.release(endpoint)
-            raise
+        self._listener = Listener(zmq.Context.instance(), endpoint, limits.max_frame_bytes, curve, max_connections)
+        self._router, self._connections = self._listener.router, self._listener.connections
+        self._wakeup = Wakeup()
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wakeup.fd, zmq.POLLIN)
         self._poller.register(self._connections.socket, zmq.POLLIN)
-
-    def _bind(self, endpoint: Endpoint, curve: bool) -> None:
-        """Bind where the endpoint says and check where the socket really listens."""
-        if endpoint.socket_path and endpoint.private_dir is None:
-            endpoints.check_free(endpoint)  # again: the model took a while to load
-        umask = os.umask(0o077)  # the socket file is private from its creation, not from a chmod after it
-        try:
-            self._router.bind(endpoint.url)
-        except zmq.ZMQError as exc:
-            raise StartupError(f"endpoint: cannot bind {endpoint.url[:200]}: {exc}") from None
-        finally:
-            os.umask(umask)
-        if endpoint.socket_path:
-            os.chmod(endpoint.socket_path, 0o600)
-            endpoints.note_bound(endpoint)
-        endpoint.url = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a tcp wildcard port
-        self._connections.listening_on(endpoint.url)
-        endpoints.check_bound_address(endpoint.url, curve)
-
-    def _secure(self, curve: CurveKeys) -> Any:
-        """CURVE on the ROUTER: a peer that does not know the server's public key never completes the
-        handshake, so it gets nothing back. With a client list, a ZAP thread admits listed keys only."""
-        auth = None
-        if curve.client_keys is not None:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            auth = ThreadAuthenticator(self._context)
-            auth.start()
-            auth.configure_curve_callback("*", AllowedClients(curve.client_keys))
-        self._router.curve_secretkey = curve.secret_key
-        self._router.curve_publickey = curve.public_key
-        self._router.curve_server = True
-        return auth
 
     # ------------------------------------------------------------------ socket ownership
 
@@ -401,11 +345,8 @@ class DriverServer:
         self._start_standby()  # for this thread's own engine calls from now on
 
     def _shutdown(self) -> None:
-        self._connections.close()
-        self._router.close()
+        self._listener.close()
         self._wakeup.close()
-        if self._auth is not None:
-            self._auth.stop()
         endpoints.release(self.endpoint)
         self._closed.set()
 
