@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 from pie_driver_trtllm.engines.base import ModelInfo, Row, RowResult, common_prefix
@@ -25,48 +24,11 @@ from pie_driver_trtllm.engines.reference.batched_llama import BatchedLlama
 from pie_driver_trtllm.engines.reference.memory import EngineMemory
 from pie_driver_trtllm.engines.reference.prefixes import best_donor, will_hold
 from pie_driver_trtllm.engines.reference.run_ahead import RunAhead
+from pie_driver_trtllm.engines.reference.step_rows import DecodeRows, PrefillRow, Slot
 from pie_driver_trtllm.engines.reference.weights import apply
 from pie_driver_trtllm.engines.runs import chained_in_engine, step_with_runs
 from pie_driver_trtllm.engines.sampling import row_result, row_results
 from pie_driver_trtllm.sampler import ALL_SAMPLERS
-
-
-@dataclass
-class _Slot:
-    index: int
-    tokens: list[int] = field(default_factory=list)  # exactly what the slot's cache holds
-
-
-@dataclass
-class _Decode:
-    """A step's rows that need one new token each: parallel lists, in row order."""
-
-    rows: list[int] = field(default_factory=list)      # index into the step's rows
-    slots: list[_Slot] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)    # the new token, or -1: continues as lookahead only
-    positions: list[int] = field(default_factory=list)
-    prefilled: list[tuple[_Slot, int, int]] = field(default_factory=list)  # (slot, its token, next position)
-
-    def add(self, row: int, slot: _Slot, token: int, position: int) -> None:
-        self.rows.append(row)
-        self.slots.append(slot)
-        self.tokens.append(token)
-        self.positions.append(position)
-
-    def feeds(self, slot: _Slot) -> bool:
-        """Whether this step's decode computes the last token `slot` holds (not in its cache yet)."""
-        return any(s is slot and t >= 0 for s, t in zip(self.slots, self.tokens, strict=True))
-
-
-@dataclass
-class _Prefill:
-    """A row whose context needs several new tokens: prefilled with the step's other such rows."""
-
-    row: int
-    slot: _Slot
-    chunk: list[int]
-    start: int
-    tokens: list[int]  # the row's whole token list (read only): a later row of the step may share its prefix
 
 
 class BatchedReferenceEngine:
@@ -82,7 +44,7 @@ class BatchedReferenceEngine:
         self.model = info
         self.version = version
         self.decoder = BatchedLlama(model, slots, info.max_model_len, device, graphs=True, compile=compile)
-        self._slots: OrderedDict[int, _Slot] = OrderedDict()
+        self._slots: OrderedDict[int, Slot] = OrderedDict()
         self._free = list(range(slots))
         self.run_ahead = RunAhead(self.decoder, info.max_model_len - 1,
                                   launch=self.decoder.use_graphs if overlap is None else overlap)
@@ -100,8 +62,8 @@ class BatchedReferenceEngine:
     def _step_once(self, rows: list[Row]) -> list[RowResult]:
         contexts = len({row.context for row in rows})
         results: list[RowResult | None] = [None] * len(rows)
-        decodes = _Decode()
-        prefills: list[_Prefill] = []
+        decodes = DecodeRows()
+        prefills: list[PrefillRow] = []
         waiting: list[tuple[int, list[Row], list[int]]] = []
         self._waiting = waiting
         if contexts == len(rows):
@@ -112,7 +74,7 @@ class BatchedReferenceEngine:
         if prefills:
             self._prefill(rows, prefills, decodes, results)
         if waiting:  # their prefixes are resident now: they copy them and run only the rest
-            later: list[_Prefill] = []
+            later: list[PrefillRow] = []
             for context, group, indexes in waiting:
                 try:
                     self._prepare(context, group, indexes, decodes, later, results)
@@ -205,7 +167,7 @@ class BatchedReferenceEngine:
                 results[index] = result
         return results  # type: ignore[return-value]
 
-    def _prepare_single(self, rows: list[Row], decodes: _Decode, prefills: list[_Prefill],
+    def _prepare_single(self, rows: list[Row], decodes: DecodeRows, prefills: list[PrefillRow],
                         results: list[RowResult | None]) -> None:
         """Every row has a context of its own. The common case, a context whose slot holds exactly its
         history but the last token, joins the batch with a few list operations; others take `_prepare`."""
@@ -229,7 +191,7 @@ class BatchedReferenceEngine:
             except Exception as exc:  # one context's failure must not cost the others
                 self._fail([row.context], [index], exc, results)
 
-    def _prepare_groups(self, rows: list[Row], decodes: _Decode, prefills: list[_Prefill],
+    def _prepare_groups(self, rows: list[Row], decodes: DecodeRows, prefills: list[PrefillRow],
                         results: list[RowResult | None]) -> None:
         """Rows grouped by the token list they read. Several groups of one context share its slot, so all
         but the one holding the context's last row run now, in row order, and only that last one may join
@@ -251,13 +213,13 @@ class BatchedReferenceEngine:
             except Exception as exc:  # one context's failure must not cost the others
                 self._fail([key[0]], indexes, exc, results)
 
-    def _run_now(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
+    def _run_now(self, context: int, rows: list[Row], indexes: list[int], decodes: DecodeRows,
                  results: list[RowResult | None]) -> None:
         """Rows of one token list, prefilled and answered at once (one token each: no lookahead)."""
         slot, keep, end = self._crop(context, rows, decodes)
         self._prefill_rows(slot, rows, indexes, keep, end, results)
 
-    def _crop(self, context: int, rows: list[Row], decodes: _Decode) -> tuple[_Slot, int, int]:
+    def _crop(self, context: int, rows: list[Row], decodes: DecodeRows) -> tuple[Slot, int, int]:
         """The context's slot, cut back to what it shares with the rows' tokens (at least one token is left
         to run); returns the slot, the tokens kept and the rows' end."""
         end = max(row.length for row in rows)
@@ -274,12 +236,12 @@ class BatchedReferenceEngine:
             slot.tokens.extend(tokens[keep:shared])
         return slot, shared, end
 
-    def _copy(self, source: _Slot, target: _Slot, start: int, stop: int) -> None:
+    def _copy(self, source: Slot, target: Slot, start: int, stop: int) -> None:
         """Positions [start, stop) of `source`'s keys and values into `target` (on the device, one copy a layer)."""
         for cache in self.decoder.cache:  # [slot, k|v, head, column, dim]
             cache[target.index, :, :, start:stop] = cache[source.index, :, :, start:stop]
 
-    def _prefill_rows(self, slot: _Slot, rows: list[Row], indexes: list[int], keep: int, end: int,
+    def _prefill_rows(self, slot: Slot, rows: list[Row], indexes: list[int], keep: int, end: int,
                       results: list[RowResult | None]) -> None:
         tokens = rows[0].tokens
         wanted = sorted({row.length - 1 - keep for row in rows})
@@ -291,8 +253,8 @@ class BatchedReferenceEngine:
         for index, row in zip(indexes, rows, strict=True):
             results[index] = row_result(by_length[row.length], row.sampler, row.seed)
 
-    def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: _Decode,
-                 prefills: list[_Prefill], results: list[RowResult | None]) -> None:
+    def _prepare(self, context: int, rows: list[Row], indexes: list[int], decodes: DecodeRows,
+                 prefills: list[PrefillRow], results: list[RowResult | None]) -> None:
         tokens = rows[0].tokens
         slot, keep, end = self._crop(context, rows, decodes)
         if len(rows) == 1 and keep == end - 1:  # one new token: joins the step's batch
@@ -304,7 +266,7 @@ class BatchedReferenceEngine:
                                                        tokens, keep, end - 1):
                 self._waiting.append((context, rows, indexes))
                 return
-            prefills.append(_Prefill(indexes[0], slot, tokens[keep:end], keep, tokens))
+            prefills.append(PrefillRow(indexes[0], slot, tokens[keep:end], keep, tokens))
             return
         self._prefill_rows(slot, rows, indexes, keep, end, results)
         for index, row in zip(indexes, rows, strict=True):
@@ -313,7 +275,7 @@ class BatchedReferenceEngine:
                     and result.tokens:
                 decodes.add(index, slot, -1, end - 1)  # continues as lookahead only
 
-    def _prefill(self, rows: list[Row], prefills: list[_Prefill], decodes: _Decode,
+    def _prefill(self, rows: list[Row], prefills: list[PrefillRow], decodes: DecodeRows,
                  results: list[RowResult | None]) -> None:
         logits = None
         if len(prefills) > 1:
@@ -341,7 +303,7 @@ class BatchedReferenceEngine:
             elif result.tokens:
                 decodes.prefilled.append((p.slot, result.tokens[0], end))  # its first decode step can be predicted
 
-    def _decode(self, rows: list[Row], decodes: _Decode, results: list[RowResult | None]) -> None:
+    def _decode(self, rows: list[Row], decodes: DecodeRows, results: list[RowResult | None]) -> None:
         fresh = [i for i, token in enumerate(decodes.tokens) if token >= 0]
         if fresh:
             if len(fresh) == len(decodes.tokens):
@@ -391,7 +353,7 @@ class BatchedReferenceEngine:
                 tokens_made.extend(step[column] for step in chain)  # type: ignore[union-attr]
                 slot.tokens.extend(tokens_made[:-1])  # type: ignore[index]  # every token fed to the cache
 
-    def _slot(self, context: int, protect: int | None = None) -> _Slot:
+    def _slot(self, context: int, protect: int | None = None) -> Slot:
         slot = self._slots.get(context)
         if slot is not None:
             self._slots.move_to_end(context)
@@ -399,6 +361,6 @@ class BatchedReferenceEngine:
         if not self._free:  # all slots taken: the least recently used context gives its slot up
             victim = next(c for c in self._slots if c != protect)
             self.drop([victim])
-        slot = self._slots[context] = _Slot(heapq.heappop(self._free))
+        slot = self._slots[context] = Slot(heapq.heappop(self._free))
         return slot
 
