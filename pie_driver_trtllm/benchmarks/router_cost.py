@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 
 from pie_driver_trtllm.replicas.batches import ForwardReply, take_replies
+from pie_driver_trtllm.replicas.replica_calls import ReplicaCalls
 from pie_driver_trtllm.replicas.router import ReplicaSet
 from pie_driver_trtllm.wire.codec import Limits, Request, decode_frame, encode_ok
 
@@ -50,14 +51,23 @@ class _Router(ReplicaSet):
 
     def __init__(self, replicas: int) -> None:
         self._routing_state()
-        self.replies: dict[int, bytes] = {}
         self._lock = threading.RLock()
         self._pool = SimpleNamespace(mark_dead=lambda replica: None, close_retired=lambda kind: None)
         self.replicas = [SimpleNamespace(index=i, device="cpu", alive=True, contexts=set(), work=_StandIn())
                          for i in range(replicas)]
+        self._calls = _Calls(self.replicas, lambda replica: None)  # type: ignore[arg-type]
         self._replica_caps = REPLICA_CAPS
+        self.replies = self._calls.replies
 
-    def _gather(self, sent: list[tuple[int, int]]) -> dict[int, Any]:
+
+class _Calls(ReplicaCalls):
+    """The router's replica calls with the replies made beforehand (`fill_replies`)."""
+
+    def __init__(self, replicas: list[Any], mark_dead: Callable[[Any], None]) -> None:
+        super().__init__(replicas, mark_dead)
+        self.replies: dict[int, bytes] = {}
+
+    def gather(self, sent: list[tuple[int, int]]) -> dict[int, Any]:
         """The replies, decoded as the router's wait decodes them (the wait itself left out)."""
         replies: dict[int, tuple[bytes, ForwardReply] | None] = {}
         take_replies([self.replies.pop(request_id) for _, request_id in sent], {i for _, i in sent}, replies)
@@ -73,8 +83,8 @@ def frame(contexts: int, request_id: int, position: int) -> bytes:
 def fill_replies(router: _Router, contexts: int, forwards: int) -> None:
     """The stand-ins' replies to the next `forwards` forwards of `contexts` contexts, made beforehand:
     one sub-forward per replica with a share, the next ids in turn, each result its own."""
-    request_id = next(router._ids)
-    router._ids = itertools.count(request_id)
+    request_id = next(router._calls.ids)
+    router._calls.ids = itertools.count(request_id)
     for _ in range(forwards):
         for share in (contexts - contexts // 2, contexts // 2):  # replica 0 takes the odd one
             if share:

@@ -11,9 +11,7 @@ position 0, while the other replicas keep serving. `stats` counts what the host 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import operator
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,11 @@ from pie_driver_trtllm.replicas.batches import (
     round_robin,
     router_caps,
     sub_forwards,
-    take_replies,
 )
 from pie_driver_trtllm.replicas.host_counters import HostCounters
 from pie_driver_trtllm.replicas.placement import Placement
 from pie_driver_trtllm.replicas.pool import Replica, ReplicaPool
+from pie_driver_trtllm.replicas.replica_calls import ReplicaCalls
 from pie_driver_trtllm.replicas.splice import (
     FAILED_MARK,
     Spliced,
@@ -70,18 +68,18 @@ class ReplicaSet:
         self._pool = ReplicaPool(config_path, devices, private_dir, on_death=self._placement.lose)
         self._lock = self._pool.lock
         self.replicas = self._pool.replicas
+        self._calls = ReplicaCalls(self.replicas, self._pool.mark_dead)
         handshake = self.replicas[0].control.call("handshake").result  # type: ignore[union-attr]
         caps = handshake["caps"]  # every replica runs the same config, so replica 0's caps are each one's
         self._replica_caps = (caps["max_forward_requests"], caps["max_forward_tokens"])
         handshake["caps"] = {**router_caps(caps, len(devices)), "replicas": len(devices), "devices": list(devices)}
         self.handshake = handshake
         self._weights.offered(caps)
-        self._weights.catch_up(self.replicas, self._call)  # records each replica's first process
+        self._weights.catch_up(self.replicas, self._calls.call)  # records each replica's first process
 
     def _routing_state(self) -> None:
         """Where each context lives (`placement`), and the counters of what the host sent and received."""
         self._placement = Placement()
-        self._ids = itertools.count(1)
         self._counters = HostCounters()
         self._weights = FleetWeights()
         self._split: tuple[int, list[int], Split] | None = None  # (moves, contexts, grouping) of the last forward
@@ -101,7 +99,7 @@ class ReplicaSet:
 
     def handle(self, request: Request) -> dict[str, Any]:
         self._pool.close_retired(kind="work")
-        self._weights.catch_up(self.replicas, self._call)
+        self._weights.catch_up(self.replicas, self._calls.call)
         body: Any = request.body
         if isinstance(body, Spliced | Forward):
             count = len(body.requests) if isinstance(body, Spliced) else len(body.items)
@@ -123,7 +121,7 @@ class ReplicaSet:
             return self._fork(body)
         if isinstance(body, Truncate):
             replica = self._owner_of(body.context)
-            return self._call(replica, "truncate", context=body.context, length=body.length)
+            return self._calls.call(replica, "truncate", context=body.context, length=body.length)
         if isinstance(body, Release):
             return {"released": self._release(body.contexts)}
         raise AssertionError(f"op {request.op!r} reached the backend")
@@ -167,7 +165,7 @@ class ReplicaSet:
     def _broadcast(self, op: str, **fields: Any) -> list[Outcome]:
         """`op` sent to every replica at once; each one's reply (None: down, or died meanwhile)."""
         sent = [(replica, send_to(replica, self._pool.mark_dead, op, fields)) for replica in self.replicas]
-        replies = self._gather([(r.index, i) for r, i in sent if i is not None])
+        replies = self._calls.gather([(r.index, i) for r, i in sent if i is not None])
         return [Outcome(r.index, r.device, None if i is None or replies.get(i) is None
                         else parse_reply(replies[i][0])) for r, i in sent]  # type: ignore[index]
 
@@ -200,9 +198,9 @@ class ReplicaSet:
         if (len(requests) > max_requests or body.tokens > max_tokens) and any(
                 len(share) > max_requests or token_bound(share) > max_tokens for share in shares):
             return None
-        sent = [(index, self._send_frame(index, lambda request_id, share=share: encode_share(request_id, share)))
+        sent = [(index, self._calls.send_frame(index, lambda request_id, share=share: encode_share(request_id, share)))
                 for index, share in enumerate(shares) if share]
-        replies = self._gather([(index, request_id) for index, request_id in sent if request_id is not None])
+        replies = self._calls.gather([(index, request_id) for index, request_id in sent if request_id is not None])
         joined: list[Any] = []  # every share's results, one share after the other
         for index, request_id in sent:
             received = None if request_id is None else replies.get(request_id)
@@ -249,7 +247,7 @@ class ReplicaSet:
                             for replica, share in shares.items()])
         for sub in subs:
             self._send(sub)
-        replies = self._gather([(sub.replica, sub.request_id) for sub in subs if sub.request_id is not None])
+        replies = self._calls.gather([(sub.replica, sub.request_id) for sub in subs if sub.request_id is not None])
         parts: dict[int, list[tuple[Piece, Any]]] = {}
         for sub in subs:
             received = None if sub.request_id is None else replies.get(sub.request_id)
@@ -272,20 +270,8 @@ class ReplicaSet:
 
     def _send(self, sub: SubForward) -> None:
         """Queue one sub-forward on its replica's socket; a replica already down leaves it unsent."""
-        sub.request_id = self._send_frame(
+        sub.request_id = self._calls.send_frame(
             sub.replica, lambda request_id: encode_forward(request_id, [piece.item for piece in sub.pieces]))
-
-    def _send_frame(self, index: int, encode: Callable[[int], bytes]) -> int | None:
-        """Queue the frame `encode` makes for a fresh request id on a replica's socket: that id, or None
-        when the replica is down (it is marked dead)."""
-        replica = self.replicas[index]
-        request_id = next(self._ids)
-        try:
-            replica.work.send_raw(encode(request_id))  # type: ignore[union-attr]
-        except (AttributeError, TimeoutError, zmq.ZMQError):  # AttributeError: no client, marked dead
-            self._pool.mark_dead(replica)
-            return None
-        return request_id
 
     def _lost_result(self, index: int, request_id: int | None) -> dict[str, Any]:
         device = self.replicas[index].device
@@ -303,30 +289,6 @@ class ReplicaSet:
             return [{"ok": False, "error": received[1].error}] * len(sub.pieces)
         return list(received[1].results)  # each result passes through as the replica encoded it
 
-    def _gather(self, sent: list[tuple[int, int]]) -> dict[int, tuple[bytes, ForwardReply] | None]:
-        """Wait for the reply to every (replica index, request id) sent, keyed by id (its frame, decoded
-        as a forward reply); each id still waiting on a replica that dies yields None."""
-        waiting: dict[int, set[int]] = {}
-        for index, request_id in sent:
-            waiting.setdefault(index, set()).add(request_id)
-        replies: dict[int, tuple[bytes, ForwardReply] | None] = {}
-        while waiting:
-            poller = zmq.Poller()
-            sockets = {}
-            for index in list(waiting):
-                replica = self.replicas[index]
-                if not replica.alive or replica.work is None or replica.process.process.poll() is not None:  # type: ignore
-                    self._pool.mark_dead(replica)
-                    replies.update(dict.fromkeys(waiting.pop(index)))
-                    continue
-                poller.register(replica.work.socket, zmq.POLLIN)
-                sockets[replica.work.socket] = index
-            for socket, _ in poller.poll(50) if sockets else ():
-                take_replies(_queued(socket), waiting[sockets[socket]], replies)
-                if not waiting[sockets[socket]]:
-                    del waiting[sockets[socket]]
-        return replies
-
     def _place(self, item: ForwardItem) -> Replica:
         with self._lock:
             return self._placement.place(item, self.replicas)
@@ -338,12 +300,12 @@ class ReplicaSet:
     def _fork(self, body: Fork) -> dict[str, Any]:
         source = self._owner_of(body.src)
         # The source's replica checks the fork first, so a refused fork leaves dst where it was, intact.
-        reply = self._call(source, "fork", src=body.src, dst=body.dst, length=body.length)
+        reply = self._calls.call(source, "fork", src=body.src, dst=body.dst, length=body.length)
         target = self._placement.owner.get(body.dst)
         if target is not None and target != source.index:  # dst moved to src's replica: drop the old copy
             self._forget(body.dst)
             with contextlib.suppress(DriverError):  # a replica that is down holds nothing any more
-                self._call(self.replicas[target], "release", contexts=[body.dst])
+                self._calls.call(self.replicas[target], "release", contexts=[body.dst])
         with self._lock:
             self._placement.assign(body.dst, source)
         return reply
@@ -353,7 +315,7 @@ class ReplicaSet:
             groups = self._placement.by_owner(contexts)
         released = 0
         for index, group in groups.items():
-            released += self._call(self.replicas[index], "release", contexts=group)["released"]
+            released += self._calls.call(self.replicas[index], "release", contexts=group)["released"]
             for context in group:
                 self._forget(context)
         return released
@@ -362,30 +324,7 @@ class ReplicaSet:
         with self._lock:
             self._placement.forget(context, self.replicas)
 
-    def _call(self, replica: Replica, op: str, **fields: Any) -> dict[str, Any]:
-        client = replica.work
-        if not replica.alive or client is None:
-            raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) is down")
-        request_id = client.send(op, **{k: v for k, v in fields.items() if v is not None})
-        received = self._gather([(replica.index, request_id)]).get(request_id)
-        if received is None:
-            raise DriverError(ErrorCode.REPLICA_LOST, f"replica {replica.index} ({replica.device}) died")
-        reply = parse_reply(received[0])
-        if not reply.ok:
-            raise DriverError(ErrorCode(reply.error.code), reply.error.message)  # type: ignore[union-attr]
-        return reply.result
-
-
 _CONTEXT = operator.attrgetter("context")
-
-
-def _queued(socket: zmq.Socket) -> Iterator[bytes]:
-    """Every frame already waiting on a socket, taken without blocking."""
-    while True:
-        try:
-            yield socket.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return
 
 
 def _failed(error: DriverError) -> dict[str, Any]:
