@@ -55,13 +55,13 @@ class _Router(ReplicaSet):
         self._pool = SimpleNamespace(mark_dead=lambda replica: None, close_retired=lambda kind: None)
         self.replicas = [SimpleNamespace(index=i, device="cpu", alive=True, contexts=set(), work=_StandIn())
                          for i in range(replicas)]
-        self._calls = _Calls(self.replicas, lambda replica: None)  # type: ignore[arg-type]
+        self._calls = _StandInCalls(self.replicas, lambda replica: None)  # type: ignore[arg-type]
         self._replica_caps = REPLICA_CAPS
         self.replies = self._calls.replies
 
 
-class _Calls(ReplicaCalls):
-    """The router's replica calls with the replies made beforehand (`fill_replies`)."""
+class _StandInCalls(ReplicaCalls):
+    """A stand-in for the router's replica calls: the replies are made beforehand (`fill_replies`)."""
 
     def __init__(self, replicas: list[Any], mark_dead: Callable[[Any], None]) -> None:
         super().__init__(replicas, mark_dead)
