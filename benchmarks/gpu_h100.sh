@@ -2,7 +2,8 @@
 # Every single-GPU measurement in one go (one lent H100): the driver's overhead next to the in-process
 # engine (this tree, and optionally an earlier tree measured by the same harness), the null-engine driver
 # cost, the bare transport, the multi-token and RL rollout workloads and the GPU tests of the reference engine.
-# Results land in $OUT. BUSY_POLL_US also measures this tree's overhead with that `busy_poll_us` for the driver.
+# Results land in $OUT. This tree's overhead is measured with the host on the ZeroMQ socket and on the stream
+# socket; BUSY_POLL_US also measures the stream socket with that `busy_poll_us` for the driver.
 #   OUT=gpu-results BEFORE=path/to/earlier/tree BUSY_POLL_US=2000 bash benchmarks/gpu_h100.sh [overhead|tests|all]
 set -uo pipefail
 OUT=${OUT:-gpu-results}
@@ -33,7 +34,10 @@ PY
 if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   OUT=$(cd "$OUT" && pwd)
   overhead . after
-  if [ -n "${BUSY_POLL_US:-}" ]; then overhead . "after-busy-poll-$BUSY_POLL_US" "{\"busy_poll_us\": $BUSY_POLL_US}"; fi
+  overhead . after-stream '{"stream_socket": true}'  # the host on the driver's stream socket
+  if [ -n "${BUSY_POLL_US:-}" ]; then
+    overhead . "after-stream-busy-poll-$BUSY_POLL_US" "{\"stream_socket\": true, \"busy_poll_us\": $BUSY_POLL_US}"
+  fi
   if [ -n "${BEFORE:-}" ]; then overhead "$BEFORE" before; fi
   python -m pie_driver_trtllm.benchmarks.socket_floor --out "$OUT/socket-floor.json" || true
   python -m pie_driver_trtllm.benchmarks -w driver_cost --out "$OUT/driver_cost" --repeat 1 || true

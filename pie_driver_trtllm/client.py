@@ -15,6 +15,9 @@ from typing import Any
 import msgspec
 import zmq
 
+from pie_driver_trtllm.stream_socket import StreamSocket
+from pie_driver_trtllm.wire.stream_frames import SCHEME as STREAM_SCHEME
+
 _ENCODER = msgspec.msgpack.Encoder()  # msgspec reads and writes the same msgpack, about twice as fast
 _DECODER = msgspec.msgpack.Decoder()
 
@@ -92,7 +95,8 @@ def parse_reply(payload: bytes) -> Reply:
 
 
 class DriverClient:
-    """One DEALER connection to a driver. Not thread-safe: use one client per thread."""
+    """One connection to a driver: a DEALER socket, or the stream socket for a `unix://` endpoint (the
+    handshake line's `stream_endpoint`). Not thread-safe: use one client per thread."""
 
     def __init__(self, endpoint: str, timeout_s: float = 60.0, *, curve_server_key: bytes | None = None,
                  curve_keypair: tuple[bytes, bytes] | None = None, busy_poll_s: float = 0.0) -> None:
@@ -101,18 +105,24 @@ class DriverClient:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.busy_poll_s = busy_poll_s
+        self._ids = itertools.count(1)
+        if endpoint.startswith(STREAM_SCHEME):
+            if curve_server_key is not None:
+                raise ValueError("the stream socket has no CURVE; connect to the ZeroMQ endpoint for it")
+            self.socket: zmq.Socket | StreamSocket = StreamSocket(endpoint, timeout_s)
+            return
         self._context = zmq.Context.instance()
-        self.socket = self._context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
         # A DEALER without a connected peer (a refused CURVE handshake, say) blocks on send: bound it.
-        self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
+        dealer.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
         if curve_server_key is not None:
             public, secret = curve_keypair or zmq.curve_keypair()
-            self.socket.curve_serverkey = curve_server_key
-            self.socket.curve_publickey = public
-            self.socket.curve_secretkey = secret
-        self.socket.connect(endpoint)
-        self._ids = itertools.count(1)
+            dealer.curve_serverkey = curve_server_key
+            dealer.curve_publickey = public
+            dealer.curve_secretkey = secret
+        dealer.connect(endpoint)
+        self.socket = dealer
 
     def send(self, op: str, **fields: Any) -> int:
         request_id = next(self._ids)
@@ -202,8 +212,16 @@ class DriverProcess:
     handshake_line: dict[str, Any]
     stderr_path: Path | None  # None: standard error went to a descriptor the caller passed
 
-    def client(self, timeout_s: float = 60.0, **options: Any) -> DriverClient:
-        return DriverClient(self.endpoint, timeout_s, **options)
+    @property
+    def stream_endpoint(self) -> str | None:
+        """The stream socket's `unix://` URL, when the driver serves one (`stream_socket`)."""
+        return self.handshake_line.get("stream_endpoint")
+
+    def client(self, timeout_s: float = 60.0, *, stream: bool = False, **options: Any) -> DriverClient:
+        """A connection to the ZeroMQ endpoint, or with `stream` to the stream socket."""
+        if stream and self.stream_endpoint is None:
+            raise ValueError("this driver serves no stream socket (driver.options.stream_socket)")
+        return DriverClient(self.stream_endpoint if stream else self.endpoint, timeout_s, **options)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""

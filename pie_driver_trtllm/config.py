@@ -132,6 +132,10 @@ class DriverOptions(Struct, forbid_unknown_fields=True):
         "Time each forward's stages inside the driver (decode, plan, engine, finish, encode, send, and the wait "
         "for the next forward) and report their totals in `stats.stages`; for profiling, about 1 us a forward."
         ))] = False
+    stream_socket: Annotated[bool, Meta(description=(
+        "Also serve the protocol on a Unix stream socket (length-prefixed messages, no I/O threads: the lowest "
+        "latency a polling host can get), in a private directory, for processes of the driver's own user; "
+        "announced as `stream_endpoint` in the first handshake line. Not with CURVE."))] = False
     engine_step_timeout_s: Annotated[float, Meta(ge=0.0, le=86400.0, description=(
         "Deadline of one engine call; past it the forward's requests get ENGINE_ERROR and the engine is fenced "
         "off (health `degraded`) until the call returns. 0 waits forever; a deadline acts no sooner than 10 ms "
@@ -235,6 +239,9 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> DriverCo
     if options.rl_ops and options.execution_mode == "pyexecutor":
         raise StartupError("config: driver.options.rl_ops needs execution_mode = \"generate\" (TensorRT-LLM "
                            "1.2 offers sleep and weight updates only through its Ray orchestrator)")
+    if options.stream_socket and options.curve_secret_key_file is not None:
+        raise StartupError("config: driver.options.stream_socket serves without CURVE; it cannot be combined with "
+                           "curve_secret_key_file (leave one of them out)")
     if options.curve_client_keys_file is not None and options.curve_secret_key_file is None:
         raise StartupError("config: driver.options.curve_client_keys_file needs curve_secret_key_file as well")
     for key in ("curve_secret_key_file", "curve_client_keys_file"):

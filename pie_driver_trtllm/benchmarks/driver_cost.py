@@ -9,7 +9,8 @@ encoding the reply. Two views, at each batch size (every context +1 token, one g
 
 - `socket`: a real `DriverServer` in a subprocess, a host sending decode forwards back to back (frames
   encoded before the clock starts, replies polled for without sleeping and read but not parsed, so the
-  host adds only its socket calls). Microseconds per round trip.
+  host adds only its socket calls). Microseconds per round trip, over its ZeroMQ socket and over its
+  stream socket (`stream`).
 - `stages`: the same backend in this process, each stage timed alone: `decode` (`decode_frame`), `core`
   (the backend's plan, engine call and result assembly) and `encode` (the reply bytes).
 
@@ -82,13 +83,15 @@ def build(max_requests: int) -> tuple[Any, Any, Any]:
 
 
 def serve(url: str, max_requests: int, ready: Any) -> None:
-    """The driver's server around the null engine, until the host sends `shutdown`."""
+    """The driver's server around the null engine, until the host sends `shutdown`; `ready` gets the URL of
+    its stream socket."""
     from pie_driver_trtllm.serving.endpoint import resolve_endpoint
     from pie_driver_trtllm.serving.server import DriverServer
 
     backend, limits, handshake = build(max_requests)
-    server = DriverServer(resolve_endpoint(url), limits, backend, handshake, busy_poll_s=200e-6, stage_times=True)
-    ready.set()
+    server = DriverServer(resolve_endpoint(url), limits, backend, handshake, busy_poll_s=200e-6, stage_times=True,
+                          stream_socket=True)
+    ready.put(server.stream_url)
     server.serve()
 
 
@@ -184,23 +187,28 @@ def measure(batches: tuple[int, ...] = BATCHES, reps: int = 5, steps: int = 200,
     directory = tempfile.mkdtemp(prefix="pie-bench-", dir="/tmp")
     url = f"ipc://{directory}/d.sock"
     mp = multiprocessing.get_context("spawn")
-    ready = mp.Event()
+    ready = mp.Queue()
     worker = mp.Process(target=serve, args=(url, max_requests, ready), daemon=True)
     worker.start()
     backend, limits, _ = build(max_requests)
     rows = []
     try:
-        if not ready.wait(60):
-            raise RuntimeError("benchmark driver did not start within 60 s")
-        client = DriverClient(url, timeout_s=30)
+        try:
+            stream_url = ready.get(timeout=60)
+        except Exception:
+            raise RuntimeError("benchmark driver did not start within 60 s") from None
+        client, stream = DriverClient(url, timeout_s=30), DriverClient(stream_url, timeout_s=30)
         for batch in batches:
             remote, local = Frames(batch, batch * 10_000), Frames(batch, batch * 10_000)
+            streamed = Frames(batch, batch * 10_000 + 5_000)
             _check(_round_trip(client, remote.prefill()), batch)
+            _check(_round_trip(stream, streamed.prefill()), batch)
             stage_times(backend, limits, [local.prefill()])
             socket_times(client, remote.steps(warmup), batch)
+            socket_times(stream, streamed.steps(warmup), batch)
             stage_times(backend, limits, local.steps(warmup))
-            samples: dict[str, list[float]] = {"socket": [], "driver_stages": [], "driver_wait": [], "decode": [],
-                                               "core": [], "encode": [], "in_process": []}
+            samples: dict[str, list[float]] = {"socket": [], "stream": [], "driver_stages": [], "driver_wait": [],
+                                               "decode": [], "core": [], "encode": [], "in_process": []}
             for _ in range(reps):  # the two views alternate, so that machine noise hits both alike
                 remote_frames, local_frames = remote.steps(steps), local.steps(steps)
                 before = client.call("stats")["stages"]
@@ -210,16 +218,18 @@ def measure(batches: tuple[int, ...] = BATCHES, reps: int = 5, steps: int = 200,
                 seconds = {k: (after["seconds"][k] - before["seconds"][k]) / steps for k in after["seconds"]}
                 samples["driver_wait"].append(seconds.pop("wait"))
                 samples["driver_stages"].append(sum(seconds.values()))
+                samples["stream"].append(statistics.median(socket_times(stream, streamed.steps(steps), batch)))
                 staged = stage_times(backend, limits, local_frames)
                 for index, name in enumerate(("decode", "core", "encode")):
                     samples[name].append(statistics.median(t[index] for t in staged))
                 samples["in_process"].append(statistics.median(sum(t) for t in staged))
-            client.call("release", contexts=remote.contexts)
+            client.call("release", contexts=remote.contexts + streamed.contexts)
             backend.begin(Request(0, "release", Release(tuple(local.contexts))))
             rows.append({"batch": batch, "steps": steps, "reps": reps,
                          **{name: _spread(values) for name, values in samples.items()}})
         client.call("shutdown")
         client.close()
+        stream.close()
     finally:
         worker.join(10)
         if worker.is_alive():
@@ -256,10 +266,10 @@ def report(rows: list[dict[str, Any]]) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return table(f"driver_cost: us per decode step, null engine, median (min-max) of {rows[0]['reps']} repetitions "
                  f"of {rows[0]['steps']} steps (load average {load})",
-                 ["batch", "socket round trip", "its driver stages (mean)", "its driver wait (mean)", "in-process",
-                  "decode", "core", "encode"],
-                 [[r["batch"], *(cell(r, name) for name in ("socket", "driver_stages", "driver_wait", "in_process",
-                                                           "decode", "core", "encode"))] for r in rows])
+                 ["batch", "ZeroMQ round trip", "its driver stages (mean)", "its driver wait (mean)",
+                  "stream round trip", "in-process", "decode", "core", "encode"],
+                 [[r["batch"], *(cell(r, name) for name in ("socket", "driver_stages", "driver_wait", "stream",
+                                                           "in_process", "decode", "core", "encode"))] for r in rows])
 
 
 def run(bench: Bench) -> dict[str, Any]:

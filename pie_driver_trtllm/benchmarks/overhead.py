@@ -105,7 +105,7 @@ def run(bench: Bench, **driver_options: Any) -> dict[str, Any]:
     runs = {overlap: _measure(bench, model, overlap, driver_options) for overlap in overlaps}
     rows = runs[overlaps[0]]
     result = {**header(bench, "overhead"), "engine": "reference", "lookahead_tokens": 1,
-              "reference_overlap": overlaps[0],
+              "reference_overlap": overlaps[0], "driver_options": driver_options,
               "host_busy_poll_s": HOST_BUSY_POLL_S if bench.device != "cpu" else 0.0,
               "torch_threads": 1 if bench.device == "cpu" else None, "batches": rows,
               "batches_without_overlap": runs.get(False) if len(overlaps) > 1 else None,
@@ -153,7 +153,9 @@ def _measure(bench: Bench, model: Path, overlap: bool, driver_options: dict[str,
         torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
     try:
-        client = driver.client(timeout_s=600, busy_poll_s=HOST_BUSY_POLL_S if bench.device != "cpu" else 0.0)
+        # With `stream_socket` among the options, the host talks to the driver over its stream socket.
+        url = driver.handshake_line.get("stream_endpoint") or driver.endpoint
+        client = DriverClient(url, timeout_s=600, busy_poll_s=HOST_BUSY_POLL_S if bench.device != "cpu" else 0.0)
         # A throwaway decode on both sides first: a fresh engine's first steps pay one-time costs (kernel
         # and allocator set-up for each new shape) that are tens of times a warm step on CPU.
         for forward in (client.forward, core_forward(core)):

@@ -13,6 +13,7 @@ import itertools
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 import zmq
 
@@ -26,6 +27,7 @@ class ConnectionCap:
 
     def __init__(self, context: zmq.Context, router: zmq.Socket, limit: int) -> None:
         self.limit = limit
+        self.elsewhere: Callable[[], int] = lambda: 0  # connections counted against the same limit elsewhere
         self.refused = 0
         self._router = router
         self._live: dict[int, None] = {}  # descriptors of live connections, oldest first
@@ -64,8 +66,9 @@ class ConnectionCap:
             else:
                 self._live.pop(fd, None)
                 self._closing.discard(fd)
-        if len(self._live) > self.limit:
-            for fd in itertools.islice(self._live, self.limit, None):
+        limit = max(0, self.limit - self.elsewhere())
+        if len(self._live) > limit:
+            for fd in itertools.islice(self._live, limit, None):
                 if fd not in self._closing and self._shut_down(fd):
                     self._closing.add(fd)
                     self.refused += 1

@@ -195,7 +195,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
                               max_queued_bytes=config.options.max_queued_bytes,
                               max_connections=config.options.max_connections,
                               max_unread_reply_bytes=config.options.max_unread_reply_bytes,
-                              stage_times=config.options.stage_times)
+                              stage_times=config.options.stage_times,
+                              stream_socket=config.options.stream_socket)
 
         def request_stop(signum: int, frame: object) -> None:
             stopped_by.append(signum)
@@ -215,8 +216,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
     if config.options.trust_remote_code:  # after loading, so that a start-up failure stays one line
         print(f"{DRIVER_NAME}: warning: trust_remote_code is true: a checkpoint's own Python code (auto_map) "
               "ran at load", file=sys.stderr)
-    handshake_out.write(json.dumps({"group_id": config.driver.group_id, "endpoint": endpoint.url,
-                                    "caps": handshake["caps"]}) + "\n")
+    line: dict[str, Any] = {"group_id": config.driver.group_id, "endpoint": endpoint.url}
+    if server.stream_url is not None:
+        line["stream_endpoint"] = server.stream_url
+    handshake_out.write(json.dumps({**line, "caps": handshake["caps"]}) + "\n")
     handshake_out.write(json.dumps({"ready": True, "num_groups": 1}) + "\n")
     handshake_out.close()
     try:

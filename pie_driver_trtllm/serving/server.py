@@ -26,6 +26,7 @@ from pie_driver_trtllm.serving.endpoint import CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
 from pie_driver_trtllm.serving.listener import Listener
 from pie_driver_trtllm.serving.stage_clock import StageClock
+from pie_driver_trtllm.serving.stream_listener import StreamListener, StreamPeer
 from pie_driver_trtllm.serving.unread_replies import TRACKED_BYTES, UnreadReplies
 from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, Request, encode_error, encode_ok
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
@@ -86,7 +87,7 @@ class DriverServer:
                  handshake: dict[str, Any], parent_pid: int | None = None, curve: CurveKeys | None = None,
                  busy_poll_s: float = 0.0, max_queued: int = 256, max_queued_bytes: int = 64 << 20,
                  max_connections: int = 64, max_unread_reply_bytes: int = 64 << 20,
-                 stage_times: bool = False) -> None:
+                 stage_times: bool = False, stream_socket: bool = False) -> None:
         self.endpoint = endpoint
         self.limits = limits
         self.backend = backend
@@ -110,6 +111,20 @@ class DriverServer:
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wakeup.fd, zmq.POLLIN)
         self._poller.register(self._connections.socket, zmq.POLLIN)
+        self._stream: StreamListener | None = None
+        if stream_socket:
+            try:
+                self._stream = StreamListener(endpoint.private_dir, limits.max_frame_bytes, max_unread_reply_bytes,
+                                              self._poller)
+            except BaseException:
+                self._listener.close(linger=0)
+                raise
+            self._connections.elsewhere = lambda: self._stream.connections if self._stream is not None else 0
+
+    @property
+    def stream_url(self) -> str | None:
+        """`unix://PATH` of the stream socket, when it is on."""
+        return self._stream.url if self._stream is not None else None
 
     # ------------------------------------------------------------------ socket ownership
 
@@ -161,6 +176,8 @@ class DriverServer:
                 continue
             elif self.stop_requested.is_set():
                 self._receive_frames()  # what already arrived is answered SHUTTING_DOWN
+                if self._stream is not None:
+                    self._serve_stream(dict(self._poller.poll(0)))
                 self._shutdown()
                 return
             events = self._wait()
@@ -170,10 +187,14 @@ class DriverServer:
                 self._connections.drain()
             if self._router in events:
                 self._receive_frames()
+            if self._stream is not None:
+                self._serve_stream(events)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 self.stop_requested.set()
 
     def _wait(self) -> dict[Any, int]:
+        if self._stream is not None and self._stream.waiting:  # read, not served yet: no sleep
+            return dict(self._poller.poll(0))
         # A reply usually brings the host's next request within tens of microseconds: polling without
         # blocking until then saves the thread's sleep and wake-up (100-300 us on virtual machines).
         while time.perf_counter() < self._spin_until:
@@ -200,18 +221,33 @@ class DriverServer:
             if len(parts) > 2 and not parts[1].buffer:  # an empty delimiter: kept in the reply's envelope
                 identity = Delimited(identity)
                 del parts[1]
-            if self.stages is not None:
-                self.stages.frame()
             if len(parts) != 2:
+                if self.stages is not None:
+                    self.stages.frame()
                 self._reject(identity, None, DriverError(
                     ErrorCode.BAD_FRAME, f"expected one frame per message, got {len(parts) - 1}"))
                 continue
-            try:
-                self._on_frame(identity, parts[1].buffer)
-            except Exception as exc:  # last line of defence: a frame must never stop the socket loop
-                self._reject(identity, None, DriverError(ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}"))
+            self._take(identity, parts[1].buffer)
 
-    def _on_frame(self, identity: bytes, frame: memoryview) -> None:
+    def _serve_stream(self, events: dict[Any, int]) -> None:
+        assert self._stream is not None
+        self._stream.serve(events, self._admits_connection, self._take,
+                           lambda peer, error: self._reject(peer, None, error))
+
+    def _admits_connection(self) -> bool:
+        stream = self._stream.connections if self._stream is not None else 0
+        return self._connections.connections + stream < self._connections.limit
+
+    def _take(self, identity: bytes, frame: bytes | memoryview) -> None:
+        """Serve one message from either socket."""
+        if self.stages is not None:
+            self.stages.frame()
+        try:
+            self._on_frame(identity, frame)
+        except Exception as exc:  # last line of defence: a frame must never stop the socket loop
+            self._reject(identity, None, DriverError(ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}"))
+
+    def _on_frame(self, identity: bytes, frame: bytes | memoryview) -> None:
         try:
             request = self.backend.decode_frame(frame, self.limits)
         except FrameRejected as rejected:
@@ -228,8 +264,9 @@ class DriverServer:
         elif request.op == "stats":
             stats = self.backend.stats()
             stats["dropped_replies"] = self.dropped_replies
-            stats["connections"] = self._connections.connections
-            stats["refused_connections"] = self._connections.refused
+            stream = self._stream
+            stats["connections"] = self._connections.connections + (stream.connections if stream else 0)
+            stats["refused_connections"] = self._connections.refused + (stream.refused if stream else 0)
             if self.stages is not None:
                 stats["stages"] = self.stages.report()
             self._send(identity, encode_ok(request.id, stats))
@@ -263,6 +300,13 @@ class DriverServer:
 
     def _send(self, identity: bytes, payload: bytes, forward: bool = False) -> None:
         self._spin_until = time.perf_counter() + self.busy_poll_s
+        if type(identity) is StreamPeer:
+            assert self._stream is not None
+            if not self._stream.send(identity, payload):
+                self.dropped_replies += 1
+            if self.stages is not None:
+                self.stages.sent(forward)
+            return
         frames = [identity, b"", payload] if type(identity) is Delimited else [identity, payload]
         tracked = len(payload) >= TRACKED_BYTES  # counted against the connection until ZeroMQ lets go of it
         try:
@@ -300,8 +344,10 @@ class DriverServer:
             payload = encode_ok(request.id, outcome)
             if self.stages is not None:
                 self.stages.mark("encode")
-            if not self._unread.admits(identity, len(payload)):
-                raise DriverError(ErrorCode.CAPACITY, f"{self._unread.unread(identity)} bytes of replies to this "
+            unread = self._stream if type(identity) is StreamPeer else self._unread
+            assert unread is not None
+            if not unread.admits(identity, len(payload)):
+                raise DriverError(ErrorCode.CAPACITY, f"{unread.unread(identity)} bytes of replies to this "
                                   "connection are unread; read them, then send it again", busy=True)
         except DriverError as exc:
             self.backend.count_error(exc.code)
@@ -345,6 +391,8 @@ class DriverServer:
         self._start_standby()  # for this thread's own engine calls from now on
 
     def _shutdown(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
         self._listener.close()
         self._wakeup.close()
         endpoints.release(self.endpoint)

@@ -1,0 +1,304 @@
+"""The stream socket (`stream_socket`): length-prefixed messages on a Unix stream socket beside the ROUTER.
+
+Its framing is cut at every possible point; the driver is driven through it as a host would, against the
+same driver's ZeroMQ socket, and with the hostile peers its bounds are for: a header over the frame
+limit, a peer that never reads, one that leaves mid-message, more connections than the cap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import stat
+import struct
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from conftest import write_config
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from pie_driver_trtllm.client import DriverClient, DriverProcess, parse_reply, spawn
+from pie_driver_trtllm.config import StartupError, parse_config
+from pie_driver_trtllm.wire.stream_frames import FrameSplitter, FrameTooLarge
+
+HEADER = struct.Struct(">I")
+
+
+def framed(*payloads: bytes) -> bytes:
+    return b"".join(HEADER.pack(len(p)) + p for p in payloads)
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    edges = sorted({0, len(data), *(p % (len(data) + 1) for p in points)})
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+@given(st.lists(st.binary(max_size=40), max_size=6), st.lists(st.integers(0, 1000), max_size=12))
+@example([b"", b"x"], [1, 2, 3])  # an empty message, and a header cut in the middle
+@example([b"a" * 40], [4])  # cut right after the header
+def test_messages_come_out_whole_and_in_order_however_the_stream_is_cut(payloads, points):
+    splitter = FrameSplitter(limit=64)
+    for chunk in cut(framed(*payloads), points):
+        splitter.feed(chunk)
+    assert [bytes(frame) for frame in splitter.frames] == payloads
+    assert splitter.buffered == 0 and splitter.missing == HEADER.size
+
+
+@given(st.lists(st.binary(max_size=16), max_size=4), st.integers(17, 1 << 32 - 1), st.lists(st.integers(0, 200)))
+def test_a_header_over_the_limit_stops_the_stream_after_the_messages_before_it(before, length, points):
+    splitter = FrameSplitter(limit=16)
+    data = framed(*before) + HEADER.pack(length) + b"rest"
+    with pytest.raises(FrameTooLarge) as raised:
+        for chunk in cut(data, points):
+            splitter.feed(chunk)
+    assert raised.value.length == length
+    assert [bytes(frame) for frame in splitter.frames] == before
+
+
+def test_memory_held_is_what_arrived_not_what_a_header_declares():
+    splitter = FrameSplitter(limit=1 << 30)
+    splitter.feed(HEADER.pack(1 << 30) + b"x" * 10)
+    assert splitter.buffered == 14 and splitter.missing == (1 << 30) - 10
+
+
+def test_stream_socket_and_curve_are_refused_together(tmp_path):
+    with pytest.raises(StartupError, match="stream_socket serves without CURVE"):
+        parse_config({"model": {"snapshot_dir": str(tmp_path)}, "driver": {"device": ["cpu"], "options": {
+            "stream_socket": True, "curve_secret_key_file": str(tmp_path / "key")}}})
+    with pytest.raises(ValueError, match="no CURVE"):
+        DriverClient("unix:///nonexistent", curve_server_key=b"x" * 40)
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+def step(context: int, tokens: list[int], at: int = 0) -> dict:
+    return {"context": context, "tokens": tokens, "positions": list(range(at, at + len(tokens))),
+            "samplers": [{"at": len(tokens) - 1, "type": "greedy"}]}
+
+
+@pytest.fixture
+def start(tmp_path, tiny_model):
+    started: list[DriverProcess] = []
+
+    def run(env: dict[str, str] | None = None, **options) -> DriverProcess:
+        directory = tmp_path / f"d{len(started)}"
+        directory.mkdir()
+        started.append(spawn(write_config(directory, tiny_model, stream_socket=True, **options), env=env))
+        return started[-1]
+
+    yield run
+    for process in started:
+        process.stop()
+
+
+def raw_connection(driver: DriverProcess) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(driver.stream_endpoint.removeprefix("unix://"))
+    return sock
+
+
+def read_message(sock: socket.socket) -> dict:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            piece = sock.recv(n - len(data))
+            assert piece, "the driver closed the connection"
+            data += piece
+        return data
+
+    (length,) = HEADER.unpack(exactly(HEADER.size))
+    return msgspec.msgpack.decode(exactly(length))
+
+
+def request(request_id: int, op: str, **fields) -> bytes:
+    return msgspec.msgpack.encode({"v": 1, "id": request_id, "op": op, **fields})
+
+
+@pytest.mark.slow
+def test_the_stream_socket_serves_what_the_zeromq_socket_serves_and_is_private(start):
+    driver = start()
+    url = driver.stream_endpoint
+    assert url is not None and url.startswith("unix://")
+    path = Path(url.removeprefix("unix://"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    stream, dealer = driver.client(stream=True), driver.client()
+    prompt = [5, 9, 14, 2, 7]
+    assert stream.call("handshake").result == dealer.call("handshake").result
+    a = stream.forward([step(1, prompt)])
+    b = dealer.forward([step(2, prompt)])
+    assert a == b and a[0]["ok"]
+    for n in range(6):  # decode steps, the fast path's, feeding back each token
+        a = stream.forward([step(1, [a[0]["outputs"][0]["token"]], len(prompt) + n)])
+        b = dealer.forward([step(2, [b[0]["outputs"][0]["token"]], len(prompt) + n)])
+        assert a == b
+    stats = stream.call("stats").result
+    assert stats["connections"] == 2 and stats["dropped_replies"] == 0
+    stream.close()
+    dealer.close()
+    assert driver.stop() == 0
+    assert not path.exists() and not path.parent.exists()
+
+
+@pytest.mark.slow
+def test_messages_in_any_pieces_are_served_in_order(start):
+    driver = start()
+    sock = raw_connection(driver)
+    data = b"".join(HEADER.pack(len(f)) + f for f in (request(1, "health"), request(2, "handshake"),
+                                                     request(3, "forward", requests=[step(7, [3, 4, 5])])))
+    for offset in range(0, len(data), 3):  # three bytes at a time, each a write of its own
+        sock.sendall(data[offset:offset + 3])
+        time.sleep(0.001)
+    replies = [read_message(sock) for _ in range(3)]
+    assert [r["id"] for r in replies] == [1, 2, 3] and all(r["ok"] for r in replies)
+    sock.sendall(data)  # and all three in one write
+    assert [read_message(sock)["id"] for _ in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_bad_messages_get_structured_errors_and_the_connection_stays(start):
+    driver = start()
+    sock = raw_connection(driver)
+    for garbage in (b"", b"\xc1", b"\x93\x01\x02\x03", msgspec.msgpack.encode({"v": 1, "id": 5, "op": "nope"})):
+        sock.sendall(HEADER.pack(len(garbage)) + garbage)
+        reply = read_message(sock)
+        assert reply["ok"] is False and reply["error"]["code"] in ("BAD_FRAME", "BAD_REQUEST", "UNKNOWN_OP")
+    sock.sendall(framed(request(6, "health")))
+    assert read_message(sock)["id"] == 6
+
+
+@pytest.mark.slow
+def test_a_header_over_max_frame_bytes_is_answered_then_the_connection_closed(start):
+    driver = start(max_frame_bytes=4096)
+    other = driver.client(stream=True)
+    sock = raw_connection(driver)
+    sock.sendall(framed(request(1, "health")) + HEADER.pack(4097) + b"x" * 100)
+    assert read_message(sock)["id"] == 1  # what came before the bad header is served first
+    refusal = read_message(sock)
+    assert refusal["id"] is None and refusal["error"]["code"] == "BAD_FRAME"
+    assert "4097" in refusal["error"]["message"] and "max_frame_bytes" in refusal["error"]["message"]
+    assert sock.recv(1) == b""  # closed
+    assert other.call("health").ok  # nobody else is touched
+    sock4096 = raw_connection(driver)  # exactly the limit is read, and decoded (it is no msgpack map)
+    sock4096.sendall(HEADER.pack(4096) + b"\xc1" * 4096)
+    assert read_message(sock4096)["error"]["code"] == "BAD_FRAME"
+    sock4096.sendall(framed(request(2, "health")))
+    assert read_message(sock4096)["id"] == 2
+
+
+@pytest.mark.slow
+def test_a_peer_that_leaves_mid_message_or_before_its_reply_costs_nobody_anything(start):
+    driver = start()
+    host = driver.client(stream=True)
+    for _ in range(20):
+        sock = raw_connection(driver)
+        frame = request(1, "forward", requests=[step(40, [3, 4, 5])])
+        sock.sendall(HEADER.pack(len(frame)) + frame[:5])  # half a message, then gone
+        sock.close()
+        sock = raw_connection(driver)
+        sock.sendall(framed(request(2, "forward", requests=[step(41, [3, 4, 5])])))  # a whole one, then gone
+        sock.close()
+    assert host.forward([step(1, [3, 4, 5])])[0]["ok"]
+    deadline = time.monotonic() + 10
+    while host.call("stats").result["connections"] != 1:
+        assert time.monotonic() < deadline, "connections of peers that left were not closed"
+        time.sleep(0.05)
+    # The forwards that arrived whole still ran; their replies had nowhere to go.
+    assert host.call("stats").result["dropped_replies"] <= 20
+
+
+@pytest.mark.slow
+def test_the_connection_cap_counts_both_sockets(start):
+    driver = start(max_connections=2)
+    dealer = driver.client()
+    assert dealer.call("health").ok
+    stream = driver.client(stream=True)
+    assert stream.call("health").ok
+    extra = raw_connection(driver)
+    assert extra.recv(1) == b""  # past the cap: closed at once
+    stats = stream.call("stats").result
+    assert stats["connections"] == 2 and stats["refused_connections"] >= 1
+    stream.close()
+    deadline = time.monotonic() + 10
+    while True:  # its place is free again
+        late = raw_connection(driver)
+        late.sendall(framed(request(9, "health")))
+        try:
+            if read_message(late)["id"] == 9:
+                break
+        except AssertionError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_reads_is_bounded_and_the_others_are_served(start):
+    driver = start(max_unread_reply_bytes=1 << 16)
+    sock = raw_connection(driver)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    vocab = driver.handshake_line["caps"]["vocab_size"]
+    ask = {"context": 50, "tokens": [3, 4], "positions": [0, 1],
+           "samplers": [{"at": 1, "type": "logprobs", "token_ids": list(range(min(vocab, 1024)))}]}
+    frame = framed(request(1, "forward", requests=[ask]))
+    for _ in range(400):  # far more reply bytes than the kernel buffers and the bound together
+        sock.sendall(frame)
+    host = driver.client(stream=True)
+    deadline = time.monotonic() + 30
+    while host.call("stats").result["dropped_replies"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = host.call("stats").result
+    assert stats["dropped_replies"] > 0 or stats["errors"].get("CAPACITY", 0) > 0
+    assert host.forward([step(1, [3, 4, 5])])[0]["ok"]  # the driver serves others meanwhile
+    status = Path(f"/proc/{driver.process.pid}/status").read_text()
+    rss_kib = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+    assert rss_kib < 2 << 20  # nowhere near 400 replies held
+
+
+@pytest.mark.slow
+def test_a_slow_forward_leaves_its_connection_served_by_the_standby(start):
+    driver = start(env={"PIE_DRIVER_FAULTS": "hang_on_token:77,hang_s:1.5"})
+    sock = raw_connection(driver)
+    sock.sendall(framed(request(1, "forward", requests=[step(3, [5, 77])]), request(2, "health")))
+    first = read_message(sock)
+    assert first["id"] == 2 and first["ok"]  # answered while the forward still runs
+    second = read_message(sock)
+    assert second["id"] == 1 and second["results"][0]["ok"]
+
+
+def test_the_client_refuses_a_stream_url_nobody_serves(tmp_path):
+    with pytest.raises(OSError):
+        DriverClient(f"unix://{tmp_path}/none.sock", timeout_s=1)
+
+
+def test_a_reply_larger_than_a_socket_buffer_reaches_the_client(tmp_path):
+    """The client's side of the framing: a message arriving in many reads, and one sent past a full buffer."""
+    path = str(tmp_path / "s.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    client = DriverClient(f"unix://{path}", timeout_s=10)
+    peer, _ = server.accept()
+    big = msgspec.msgpack.encode({"v": 1, "id": 1, "ok": True, "blob": b"y" * (3 << 20)})
+    peer.setblocking(True)
+    writer = threading.Thread(target=peer.sendall, args=(framed(big),))
+    writer.start()
+    reply = parse_reply(client.socket.recv())
+    writer.join()
+    assert reply.ok and len(reply["blob"]) == 3 << 20
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < HEADER.size + (2 << 20):
+            got.extend(peer.recv(1 << 20))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    client.send_raw(b"z" * (2 << 20))  # more than the kernel holds at once: the client waits for room
+    reader.join()
+    assert bytes(got) == framed(b"z" * (2 << 20))
