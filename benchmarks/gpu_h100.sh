@@ -5,6 +5,7 @@
 # Results land in $OUT. This tree's overhead is measured with the host on the ZeroMQ socket and on the stream
 # socket; BUSY_POLL_US also measures the stream socket with that `busy_poll_us` for the driver.
 #   OUT=gpu-results BEFORE=path/to/earlier/tree BUSY_POLL_US=2000 bash benchmarks/gpu_h100.sh [overhead|tests|all]
+#   OUT=gpu-results bash benchmarks/gpu_h100.sh transport   # overlap off only, ZeroMQ against the stream socket
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 PART=${1:-all}
@@ -25,12 +26,23 @@ out, label, work = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 (work / label).mkdir(parents=True, exist_ok=True)
 bench = Bench(size="1b", device="cuda:0", dtype="bfloat16", out_dir=work / label, work_dir=work)
 options = json.loads(sys.argv[4])
+if "overlaps" in options:  # only this tree's harness takes it
+    options["overlaps"] = tuple(options["overlaps"])
 result = overhead.run(bench, **options) if options else overhead.run(bench)
 (out / f"overhead-{label}.json").write_text(json.dumps(result, indent=1))
 PY
   )
 }
 
+if [ "$PART" = transport ]; then  # overlap off only: the ZeroMQ socket, the stream socket, the bare floors
+  OUT=$(cd "$OUT" && pwd)
+  overhead . zeromq-off '{"overlaps": [false]}'
+  overhead . stream-off '{"overlaps": [false], "stream_socket": true}'
+  overhead . "stream-off-busy-poll-${BUSY_POLL_US:-2000}" \
+      "{\"overlaps\": [false], \"stream_socket\": true, \"busy_poll_us\": ${BUSY_POLL_US:-2000}}"
+  python -m pie_driver_trtllm.benchmarks.socket_floor --out "$OUT/socket-floor.json" || true
+  python -m pie_driver_trtllm.benchmarks -w driver_cost --out "$OUT/driver_cost" --repeat 1 || true
+fi
 if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   OUT=$(cd "$OUT" && pwd)
   overhead . after

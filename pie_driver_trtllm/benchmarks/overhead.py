@@ -96,12 +96,14 @@ def plan(bench: Bench, batch: int) -> tuple[int, int, int, int, int]:
     return 32, 16, REPS, STEPS, BLOCKS
 
 
-def run(bench: Bench, **driver_options: Any) -> dict[str, Any]:
-    """`driver_options`: more `[driver.options]` for the driver side (say `busy_poll_us`)."""
+def run(bench: Bench, overlaps: tuple[bool, ...] | None = None, **driver_options: Any) -> dict[str, Any]:
+    """`driver_options`: more `[driver.options]` for the driver side (say `busy_poll_us`); `overlaps`: the
+    engine's `reference_overlap` settings to measure (default: on and off on CUDA, off on CPU)."""
     model = bench.model()
     # On CUDA the reference engine runs the predicted next decode step ahead (option reference_overlap),
     # which hides the driver's per-step cost behind the GPU; measured without it too, that cost shows.
-    overlaps = (True, False) if bench.device.startswith("cuda") else (False,)
+    if overlaps is None:
+        overlaps = (True, False) if bench.device.startswith("cuda") else (False,)
     runs = {overlap: _measure(bench, model, overlap, driver_options) for overlap in overlaps}
     rows = runs[overlaps[0]]
     result = {**header(bench, "overhead"), "engine": "reference", "lookahead_tokens": 1,
