@@ -8,6 +8,7 @@ limit, a peer that never reads, one that leaves mid-message, more connections th
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import stat
 import struct
@@ -302,3 +303,34 @@ def test_a_reply_larger_than_a_socket_buffer_reaches_the_client(tmp_path):
     client.send_raw(b"z" * (2 << 20))  # more than the kernel holds at once: the client waits for room
     reader.join()
     assert bytes(got) == framed(b"z" * (2 << 20))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another user needs root")
+def test_a_process_of_another_user_is_closed_even_where_the_modes_would_let_it_in(start):
+    driver = start()
+    path = Path(driver.stream_endpoint.removeprefix("unix://"))
+    os.chmod(path.parent, 0o755)  # as if someone loosened the modes: the credential check still holds
+    os.chmod(path, 0o777)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # as nobody: connect, ask, and report what came back
+        os.close(read_end)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(framed(request(1, "health")))
+            os.write(write_end, b"closed" if sock.recv(1) == b"" else b"served")
+        except (BrokenPipeError, ConnectionResetError):  # closed before the request was written
+            os.write(write_end, b"closed")
+        except OSError as exc:
+            os.write(write_end, f"error {exc}".encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    with os.fdopen(read_end, "rb") as outcome:
+        assert outcome.read() == b"closed"
+    assert driver.client(stream=True).call("stats").result["refused_connections"] == 1
