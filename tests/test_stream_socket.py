@@ -138,6 +138,13 @@ def test_the_stream_socket_serves_what_the_zeromq_socket_serves_and_is_private(s
         a = stream.forward([step(1, [a[0]["outputs"][0]["token"]], len(prompt) + n)])
         b = dealer.forward([step(2, [b[0]["outputs"][0]["token"]], len(prompt) + n)])
         assert a == b
+    # A reply larger than the kernel's socket buffer: written in pieces as the host reads.
+    vocab = driver.handshake_line["caps"]["vocab_size"]
+    wide = {"context": 3, "tokens": prompt, "positions": list(range(len(prompt))),
+            "samplers": [{"at": i % len(prompt), "type": "logprobs", "token_ids": list(range(min(vocab, 1024)))}
+                         for i in range(128)]}
+    assert len(msgspec.msgpack.encode(stream.forward([wide]))) > 400_000
+    assert stream.forward([wide]) == dealer.forward([wide])
     stats = stream.call("stats").result
     assert stats["connections"] == 2 and stats["dropped_replies"] == 0
     stream.close()
