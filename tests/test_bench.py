@@ -27,6 +27,7 @@ NUMBERS: dict[str, list[str]] = {
               "encode_reply_mean_ms", "host_encode_mean_ms"],
     "multitoken": ["rows.0.tokens_per_s", "rows.0.round_trips_per_token", "rows.1.tokens_per_s_ratio"],
     "rl": ["prompt_ratio", "fresh_prompt_ratio", "forks_tokens_per_s", "fresh_tokens_per_s", "tokens_per_s_ratio"],
+    "driver_cost": ["batches.0.socket.median_us", "batches.0.stream.median_us", "batches.0.in_process.median_us"],
 }
 OVERHEAD_ROW = ["driver_tokens_per_s", "in_process_tokens_per_s", "ratio", "driver_step_ms", "in_process_step_ms"]
 
@@ -115,3 +116,15 @@ def test_overhead_asks_the_driver_under_test_for_stage_times_only_if_it_knows_th
     bench = Bench(size="tiny", device="cpu", dtype="float32", out_dir=tmp_path)
     assert _driver_takes(bench, tiny_model, "stage_times", True)
     assert not _driver_takes(bench, tiny_model, "no_such_option", True)
+
+
+@pytest.mark.slow
+def test_overhead_reaches_the_driver_over_the_stream_socket_when_asked(tmp_path: Path) -> None:
+    from pie_driver_trtllm.benchmarks import overhead
+    from pie_driver_trtllm.benchmarks.common import Bench
+
+    bench = Bench(size="tiny", device="cpu", dtype="float32", out_dir=tmp_path, work_dir=tmp_path, quick=True)
+    result = overhead.run(bench, overlaps=(False,), stream_socket=True)
+    assert result["driver_options"] == {"stream_socket": True}
+    assert {row["host_transport"] for row in result["batches"]} == {"stream"}
+    assert all(positive_finite(row["driver_step_ms"]) for row in result["batches"])

@@ -165,7 +165,8 @@ def _measure(bench: Bench, model: Path, overlap: bool, driver_options: dict[str,
         client.call("release", contexts=[999_999])
         core.release(Release((999_999,)))
         for batch in BATCHES:
-            rows.append(_batch(bench, batch, client, core))
+            rows.append({**_batch(bench, batch, client, core),
+                         "host_transport": "stream" if url.startswith("unix://") else "zeromq"})
         client.close()
     finally:
         driver.stop()
