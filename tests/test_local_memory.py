@@ -48,6 +48,16 @@ def test_asleep_the_stack_is_smallest_and_waking_restores_it(fake: FakeDriver) -
     assert fake.stack == 4096
 
 
+def test_a_launch_that_grew_the_stack_while_asleep_is_shrunk_again_by_a_deeper_sleep(fake: FakeDriver) -> None:
+    memory = LocalMemory()
+    memory.shrink()  # level 1
+    fake.stack = 2048  # a kernel launched while asleep (moving the weights out, say) grew it again
+    memory.shrink()  # level 2
+    assert fake.stack == SMALLEST
+    memory.restore()
+    assert fake.stack == 4096  # the larger of the two
+
+
 def test_a_restore_without_room_says_so_and_a_later_one_succeeds(fake: FakeDriver) -> None:
     memory = LocalMemory()
     memory.shrink()

@@ -31,9 +31,8 @@ class LocalMemory:
         self._saved: int | None = None  # the stack size before the shrink, while shrunk
 
     def shrink(self) -> None:
-        """Free the stack reservation (asleep). Does nothing where the driver API refuses."""
-        if self._saved is not None:
-            return
+        """Free the stack reservation (asleep). Does nothing where the driver API refuses. Again while
+        shrunk (a deeper sleep), it frees what a launch since then grew, and keeps the larger size to restore."""
         cuda = _driver()
         if cuda is None:
             return
@@ -41,7 +40,7 @@ class LocalMemory:
         if cuda.cuCtxGetLimit(ctypes.byref(size), STACK_SIZE) != 0 or size.value <= SMALLEST:
             return
         if cuda.cuCtxSetLimit(STACK_SIZE, ctypes.c_size_t(SMALLEST)) == 0:
-            self._saved = size.value
+            self._saved = max(self._saved or 0, size.value)
 
     def restore(self) -> None:
         """Reserve the stack size of before the shrink again; raises MemoryError if the device has no room."""
