@@ -18,6 +18,13 @@ RECEIVE_HWM = 64  # messages ZeroMQ queues per connection before it stops readin
 SEND_HWM = 256  # replies ZeroMQ queues per connection; it learns of reads in batches of half that
 
 
+class Delimited(bytes):
+    """The routing identity of a peer whose message carried an empty delimiter frame (a `REQ` socket, or
+    a `DEALER` speaking like one): its reply goes back with the delimiter, or a `REQ` drops it."""
+
+    __slots__ = ()
+
+
 class Listener:
     """The bound ROUTER socket and what closes with it: the connection cap and the ZAP thread. If the
     bind fails, everything made is closed, the endpoint released, and the StartupError raised."""

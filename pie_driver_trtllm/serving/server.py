@@ -1,4 +1,5 @@
-"""ZeroMQ transport: one ROUTER socket, owned by whichever thread holds the socket lock.
+"""The serving loop: the ROUTER socket (and the stream socket beside it, when on), owned by whichever thread
+holds the socket lock.
 
 The owner decodes, plans, runs and answers each request itself, so a forward crosses no thread on its
 way. Only while it makes an engine call does it let the lock go: if the call takes longer than
@@ -10,7 +11,6 @@ pipe polled next to it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -24,10 +24,11 @@ from pie_driver_trtllm.serving.backend import Pending
 from pie_driver_trtllm.serving.backlog import Backlog
 from pie_driver_trtllm.serving.endpoint import CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
-from pie_driver_trtllm.serving.listener import Listener
+from pie_driver_trtllm.serving.listener import Delimited, Listener
 from pie_driver_trtllm.serving.stage_clock import StageClock
 from pie_driver_trtllm.serving.stream_listener import StreamListener, StreamPeer
 from pie_driver_trtllm.serving.unread_replies import TRACKED_BYTES, UnreadReplies
+from pie_driver_trtllm.serving.wakeup import Wakeup
 from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, Request, encode_error, encode_ok
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
@@ -42,33 +43,6 @@ class Backend(Protocol):
     def health(self) -> dict[str, Any]: ...
     def stats(self) -> dict[str, Any]: ...
     def count_error(self, code: str) -> None: ...
-
-
-class Delimited(bytes):
-    """The routing identity of a peer whose message carried an empty delimiter frame (a `REQ` socket, or
-    a `DEALER` speaking like one): its reply goes back with the delimiter, or a `REQ` drops it."""
-
-    __slots__ = ()
-
-
-class Wakeup:
-    """A pipe polled next to the socket; any thread may `set` it to interrupt the poll."""
-
-    def __init__(self) -> None:
-        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def set(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # full of unread wake-ups: the reader will come
-            os.write(self._write_fd, b"!")
-
-    def clear(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 4096):
-                pass
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.close(self._write_fd)
 
 
 class _Run:
