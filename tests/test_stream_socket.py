@@ -341,3 +341,12 @@ def test_a_process_of_another_user_is_closed_even_where_the_modes_would_let_it_i
     with os.fdopen(read_end, "rb") as outcome:
         assert outcome.read() == b"closed"
     assert driver.client(stream=True).call("stats").result["refused_connections"] == 1
+
+
+@pytest.mark.slow
+def test_a_driver_of_replicas_serves_the_stream_socket_too(start):
+    driver = start(driver={"device": ["cpu", "cpu"]})
+    stream, dealer = driver.client(stream=True), driver.client()
+    assert stream.call("handshake").result["caps"]["replicas"] == 2
+    forwards = [[step(c, [c + 3, c + 4, c + 5])] for c in range(4)]  # spread over both replicas
+    assert [stream.forward(f) for f in forwards] == [dealer.forward(f) for f in forwards]
