@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 import stat
 import struct
@@ -19,11 +20,12 @@ from pathlib import Path
 import msgspec
 import pytest
 from conftest import write_config
-from hypothesis import example, given
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pie_driver_trtllm.client import DriverClient, DriverProcess, parse_reply, spawn
 from pie_driver_trtllm.config import StartupError, parse_config
+from pie_driver_trtllm.wire.errors import ErrorCode
 from pie_driver_trtllm.wire.stream_frames import FrameSplitter, FrameTooLarge
 
 HEADER = struct.Struct(">I")
@@ -350,3 +352,56 @@ def test_a_driver_of_replicas_serves_the_stream_socket_too(start):
     assert stream.call("handshake").result["caps"]["replicas"] == 2
     forwards = [[step(c, [c + 3, c + 4, c + 5])] for c in range(4)]  # spread over both replicas
     assert [stream.forward(f) for f in forwards] == [dealer.forward(f) for f in forwards]
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            return data
+        data += piece
+
+
+messages = st.one_of(
+    st.binary(max_size=64).map(lambda b: HEADER.pack(len(b)) + b),  # a whole message of garbage
+    st.dictionaries(st.sampled_from(["v", "id", "op", "requests", "contexts", "level"]),
+                    st.one_of(st.integers(-2, 1 << 33), st.text(max_size=8), st.lists(st.integers(0, 9), max_size=3)),
+                    max_size=5).map(lambda m: framed(msgspec.msgpack.encode(m))),  # a map of the envelope's keys
+    st.builds(lambda n, tail: HEADER.pack(n) + tail, st.integers(0, 1 << 32 - 1), st.binary(max_size=16)),  # any header
+    st.binary(max_size=12),  # bytes with no framing at all
+)
+
+
+@pytest.mark.slow
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(messages, min_size=1, max_size=5))
+@example([HEADER.pack(4097)])  # over the frame limit, nothing after it
+@example([b"\x00\x00"])  # half a header, then the end of the stream
+def test_any_bytes_get_framed_replies_or_nothing_and_never_cost_another_connection(stream_driver, chunks):
+    sock = raw_connection(stream_driver)
+    sock.sendall(b"".join(chunks))
+    sock.shutdown(socket.SHUT_WR)  # the driver answers what came whole, then closes
+    replies = FrameSplitter(1 << 30)
+    replies.feed(read_until_closed(sock))
+    assert replies.buffered == 0  # only whole replies
+    for reply in replies.frames:
+        decoded = msgspec.msgpack.decode(reply)
+        assert isinstance(decoded, dict) and isinstance(decoded["ok"], bool)
+        if not decoded["ok"]:  # a structured refusal, never the serving loop's last line of defence
+            error = decoded["error"]
+            assert error["code"] in set(ErrorCode) - {ErrorCode.ENGINE_ERROR}
+            assert not re.match(r"[A-Z]\w*(Error|Exception):", error["message"]), error
+    assert stream_driver.process.poll() is None
+    other = raw_connection(stream_driver)
+    other.sendall(framed(request(1, "health")))
+    assert read_message(other)["ok"]
+    other.close()
+
+
+@pytest.fixture(scope="module")
+def stream_driver(tmp_path_factory, tiny_model):
+    directory = tmp_path_factory.mktemp("stream-fuzz")
+    driver = spawn(write_config(directory, tiny_model, stream_socket=True, max_frame_bytes=4096))
+    yield driver
+    driver.stop()
