@@ -405,3 +405,31 @@ def stream_driver(tmp_path_factory, tiny_model):
     driver = spawn(write_config(directory, tiny_model, stream_socket=True, max_frame_bytes=4096))
     yield driver
     driver.stop()
+
+
+@pytest.mark.slow
+def test_a_zeromq_peer_cannot_take_a_stream_connections_replies_by_its_routing_id(start):
+    """State ops wait behind a slow forward, queued per connection: a DEALER naming itself like a stream
+    connection must neither share its queue nor receive its replies."""
+    import zmq
+
+    driver = start(env={"PIE_DRIVER_FAULTS": "hang_on_token:77,hang_s:1.5"})
+    stream = raw_connection(driver)  # the first stream connection
+    stream.sendall(framed(request(1, "health")))
+    assert read_message(stream)["ok"]
+    slow = driver.client()
+    slow.send("forward", requests=[step(3, [5, 77])])
+    time.sleep(0.3)  # the forward holds the engine now
+    impostor = zmq.Context.instance().socket(zmq.DEALER)
+    impostor.setsockopt(zmq.ROUTING_ID, b"stream-1")
+    impostor.setsockopt(zmq.LINGER, 0)
+    impostor.connect(driver.endpoint)
+    impostor.send(request(10, "release", contexts=[1001]))
+    time.sleep(0.2)
+    stream.sendall(framed(request(20, "release", contexts=[1002])))
+    assert read_message(stream)["id"] == 20
+    assert slow.recv().ok
+    assert impostor.poll(5000)
+    assert msgspec.msgpack.decode(impostor.recv())["id"] == 10
+    assert not impostor.poll(300), "a ZeroMQ peer got a stream connection's reply"
+    impostor.close()

@@ -35,7 +35,9 @@ _CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 
 class StreamPeer(bytes):
-    """The identity of a stream connection, as a ROUTER peer's is its routing id."""
+    """The identity of a stream connection, as a ROUTER peer's is its routing id. It starts with a zero
+    byte and is longer than 5 bytes, so it equals no routing id: ZeroMQ refuses a chosen id that starts
+    with a zero byte and makes its own 5 bytes long. (Queues keyed by identity hold both kinds.)"""
 
     __slots__ = ()
 
@@ -144,7 +146,7 @@ class StreamListener:
                 continue
             sock.setblocking(False)
             self._serial += 1
-            conn = _Connection(sock, StreamPeer(b"stream-%d" % self._serial), self.max_frame_bytes)
+            conn = _Connection(sock, StreamPeer(b"\x00stream-%d" % self._serial), self.max_frame_bytes)
             self._by_fd[conn.fd] = conn
             self._by_identity[conn.identity] = conn
             self._poller.register(conn.fd, zmq.POLLIN)
