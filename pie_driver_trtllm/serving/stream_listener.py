@@ -32,6 +32,8 @@ READ_BUDGET = 1 << 20  # bytes read from one connection per turn, so the others 
 MAX_WAITING_FRAMES = 64  # a connection with this many messages not yet served is not read until they are
 MAX_FRAMES_PER_TURN = 256
 _CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
+# The poll flags as plain ints: pyzmq's are enum members, whose `&` and `|` cost a call each.
+_IN, _OUT, _ERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
 
 
 class StreamPeer(bytes):
@@ -83,7 +85,7 @@ class StreamListener:
         self._socket.listen(64)
         self._socket.setblocking(False)
         self.fd = self._socket.fileno()
-        poller.register(self.fd, zmq.POLLIN)
+        poller.register(self.fd, _IN)
 
     @property
     def connections(self) -> int:
@@ -102,34 +104,35 @@ class StreamListener:
         """Accept, write what waits, read, then serve the messages read, a turn of each connection at a
         time. `deliver` may let another thread take over (an engine call): each message is taken out of
         its queue before it is served, so neither thread serves one twice."""
+        by_fd = self._by_fd
         if self.fd in events:
             self._accept(admit)
         for fd, flags in events.items():
-            conn = self._by_fd.get(fd) if type(fd) is int else None
+            conn = by_fd.get(fd) if type(fd) is int else None
             if conn is None:
                 continue
-            if flags & (zmq.POLLOUT | zmq.POLLERR) and conn.outbox:  # an error: the write finds out which
+            if flags & (_OUT | _ERR) and conn.outbox:  # an error: the write finds out which
                 self._flush(conn)
-            if flags & (zmq.POLLIN | zmq.POLLERR) and not conn.ending:
+            if flags & (_IN | _ERR) and not conn.ending:
                 self._read(conn)
         served = 0
         while served < MAX_FRAMES_PER_TURN:
-            turn = [conn for conn in self._by_fd.values() if conn.splitter.frames or conn.refusal or conn.ending]
-            if not turn:
-                return
-            for conn in turn:
-                if self._by_fd.get(conn.fd) is not conn:  # closed while another thread served (see above)
+            progressed = False
+            for conn in list(by_fd.values()):
+                if by_fd.get(conn.fd) is not conn:  # closed while another thread served (see above)
                     continue
                 if conn.splitter.frames:
                     served += 1
+                    progressed = True
                     deliver(conn.identity, conn.splitter.frames.popleft())
                 elif conn.refusal is not None:
                     refusal, conn.refusal = conn.refusal, None
+                    progressed = True
                     refuse(conn.identity, refusal)
                 elif conn.ending and not conn.outbox:
                     self._close(conn)
-            if all(conn.ending and not conn.splitter.frames and not conn.refusal for conn in turn):
-                return  # what is left are connections whose replies are still being written
+            if not progressed:
+                return  # nothing left to serve; connections still writing replies wait for their turn
 
     def _accept(self, admit: Callable[[], bool]) -> None:
         for _ in range(64):
@@ -149,7 +152,7 @@ class StreamListener:
             conn = _Connection(sock, StreamPeer(b"\x00stream-%d" % self._serial), self.max_frame_bytes)
             self._by_fd[conn.fd] = conn
             self._by_identity[conn.identity] = conn
-            self._poller.register(conn.fd, zmq.POLLIN)
+            self._poller.register(conn.fd, _IN)
 
     def _read(self, conn: _Connection) -> None:
         splitter, budget = conn.splitter, READ_BUDGET
@@ -250,7 +253,7 @@ class StreamListener:
     def _watch(self, conn: _Connection) -> None:
         """Poll for what the connection waits on: reading unless it ends, writing while replies wait."""
         # (flags 0 takes it off the poller)
-        self._poller.register(conn.fd, (0 if conn.ending else zmq.POLLIN) | (zmq.POLLOUT if conn.outbox else 0))
+        self._poller.register(conn.fd, (0 if conn.ending else _IN) | (_OUT if conn.outbox else 0))
 
     # ------------------------------------------------------------------ closing
 
