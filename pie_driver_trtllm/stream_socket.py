@@ -6,8 +6,9 @@ from __future__ import annotations
 import select
 import socket
 import time
+from collections import deque
 
-from pie_driver_trtllm.wire.stream_frames import MAX_LENGTH, SCHEME, FrameSplitter, header
+from pie_driver_trtllm.wire.stream_frames import MAX_LENGTH, SCHEME, FrameSplitter, drop_written, header
 
 
 class StreamSocket:
@@ -32,17 +33,14 @@ class StreamSocket:
 
     def send(self, frame: bytes | memoryview) -> None:
         """Write one message whole, waiting up to the timeout for room."""
-        pieces = [memoryview(header(frame)), memoryview(frame)]
+        pieces = deque((memoryview(header(frame)), memoryview(frame)))
         deadline = time.monotonic() + self.timeout_s
         while pieces:
             try:
                 sent = self._sock.sendmsg(pieces, (), socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 sent = 0
-            while sent and pieces and sent >= len(pieces[0]):
-                sent -= len(pieces.pop(0))
-            if sent:
-                pieces[0] = pieces[0][sent:]
+            drop_written(pieces, sent)
             if pieces:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([], [self._sock], [], left)[1]:

@@ -53,6 +53,10 @@ class ConnectionCap:
     def connections(self) -> int:
         return len(self._live)
 
+    def has_room(self) -> bool:
+        """Whether one more connection, here or elsewhere, stays within the limit."""
+        return len(self._live) + self.elsewhere() < self.limit
+
     def drain(self) -> None:
         """Read every event the monitor has queued, then close the newest connections past the cap."""
         while True:

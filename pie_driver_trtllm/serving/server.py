@@ -88,12 +88,13 @@ class DriverServer:
         self._stream: StreamListener | None = None
         if stream_socket:
             try:
-                self._stream = StreamListener(endpoint.private_dir, limits.max_frame_bytes, max_unread_reply_bytes,
-                                              self._poller)
+                stream = StreamListener(endpoint.private_dir, limits.max_frame_bytes, max_unread_reply_bytes,
+                                        self._poller)
             except BaseException:
                 self._listener.close(linger=0)
                 raise
-            self._connections.elsewhere = lambda: self._stream.connections if self._stream is not None else 0
+            self._stream = stream
+            self._connections.elsewhere = lambda: stream.connections
 
     @property
     def stream_url(self) -> str | None:
@@ -205,12 +206,11 @@ class DriverServer:
 
     def _serve_stream(self, events: dict[Any, int]) -> None:
         assert self._stream is not None
-        self._stream.serve(events, self._admits_connection, self._take,
-                           lambda peer, error: self._reject(peer, None, error))
+        self._stream.serve(events, self._connections.has_room, self._take, self._refuse)
 
-    def _admits_connection(self) -> bool:
-        stream = self._stream.connections if self._stream is not None else 0
-        return self._connections.connections + stream < self._connections.limit
+    def _refuse(self, identity: bytes, error: DriverError) -> None:
+        """A message that cannot be read as one (its id unknown)."""
+        self._reject(identity, None, error)
 
     def _take(self, identity: bytes, frame: bytes | memoryview) -> None:
         """Serve one message from either socket."""
@@ -238,9 +238,8 @@ class DriverServer:
         elif request.op == "stats":
             stats = self.backend.stats()
             stats["dropped_replies"] = self.dropped_replies
-            stream = self._stream
-            stats["connections"] = self._connections.connections + (stream.connections if stream else 0)
-            stats["refused_connections"] = self._connections.refused + (stream.refused if stream else 0)
+            stats["connections"] = self._connections.connections + self._connections.elsewhere()
+            stats["refused_connections"] = self._connections.refused + (self._stream.refused if self._stream else 0)
             if self.stages is not None:
                 stats["stages"] = self.stages.report()
             self._send(identity, encode_ok(request.id, stats))

@@ -24,7 +24,7 @@ import zmq
 
 from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
-from pie_driver_trtllm.wire.stream_frames import SCHEME, FrameSplitter, FrameTooLarge, header
+from pie_driver_trtllm.wire.stream_frames import SCHEME, FrameSplitter, FrameTooLarge, drop_written, header
 
 READ_BYTES = 16 << 10  # one read when no large message is in progress
 MAX_READ_BYTES = 1 << 20  # one read while a large message arrives
@@ -212,10 +212,10 @@ class StreamListener:
         except OSError:  # the peer is gone: what it sent is still served, the replies dropped
             self._drop(conn)
             return False
-        if sent < len(head):
-            self._queue(conn, memoryview(head)[sent:], memoryview(payload))
-        elif sent < len(head) + len(payload):
-            self._queue(conn, memoryview(payload)[sent - len(head):])
+        if sent < len(head) + len(payload):  # the kernel took part: the rest waits for room
+            pieces = deque((memoryview(head), memoryview(payload)))
+            drop_written(pieces, sent)
+            self._queue(conn, *pieces)
         return True
 
     def _queue(self, conn: _Connection, *pieces: memoryview) -> None:
@@ -236,10 +236,7 @@ class StreamListener:
                 self._drop(conn)
                 return
             conn.unsent -= sent
-            while sent and sent >= len(conn.outbox[0]):
-                sent -= len(conn.outbox.popleft())
-            if sent:
-                conn.outbox[0] = conn.outbox[0][sent:]
+            drop_written(conn.outbox, sent)
         self._watch(conn)
         if conn.ending and not conn.splitter.frames and conn.refusal is None:
             self._close(conn)

@@ -23,6 +23,14 @@ def header(payload: bytes | memoryview) -> bytes:
     return HEADER.pack(len(payload))
 
 
+def drop_written(pieces: deque[memoryview], sent: int) -> None:
+    """Drop from the front of `pieces` the `sent` bytes a write took, leaving what is still to write."""
+    while sent and sent >= len(pieces[0]):
+        sent -= len(pieces.popleft())
+    if sent:
+        pieces[0] = pieces[0][sent:]
+
+
 class FrameSplitter:
     """Cuts the bytes of a stream, fed in whatever pieces they arrived in, into whole messages.
 
