@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 DRIVER_NAME = "pie-driver-trtllm"
 PROTOCOL_VERSION = 1
-PROTOCOL_MINOR = 1  # 1.1: token samplers may ask for a run of tokens (`max_tokens`)
+PROTOCOL_MINOR = 2  # 1.1: runs of tokens (`max_tokens`); 1.2: the `step` op, a decode step as columns

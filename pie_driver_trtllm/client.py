@@ -158,6 +158,14 @@ class DriverClient:
     def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.call("forward", requests=requests)["results"]
 
+    def step(self, contexts: list[int], tokens: list[int], positions: list[int],
+             sampler: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A decode step as columns (protocol 1.2): the results of the forward it stands for."""
+        fields: dict[str, Any] = {"contexts": contexts, "tokens": tokens, "positions": positions}
+        if sampler is not None:
+            fields["sampler"] = sampler
+        return self.call("step", **fields)["results"]
+
     def load_weights(self, path: str, version: int) -> int:
         """Replace the driver's weights from a safetensors directory; the version it now serves."""
         return self.call("load_weights", path=path, version=version)["weights_version"]

@@ -90,11 +90,11 @@ def reference(tiny_model):
     return config, lambda: CoreHarness(config, engine)
 
 
-def test_handshake_advertises_protocol_1_1_and_keeps_v1_fields(reference) -> None:
+def test_handshake_advertises_protocol_1_2_and_keeps_v1_fields(reference) -> None:
     config, make = reference
     harness = make()
     hello = build_handshake(config, harness.engine, build_caps(config, harness.engine, harness.limits))
-    assert hello["protocol"] == 1 and hello["protocol_version"] == [1, 1]
+    assert hello["protocol"] == 1 and hello["protocol_version"] == [1, 2]
     assert hello["caps"]["max_sampler_tokens"] == 64
 
 

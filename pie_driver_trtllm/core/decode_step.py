@@ -18,8 +18,8 @@ from typing import Any
 from pie_driver_trtllm.core.histories import ContextStore
 from pie_driver_trtllm.core.lookahead import LookaheadBuffer
 from pie_driver_trtllm.engines.base import Row, RowResult
-from pie_driver_trtllm.sampler import TOKEN_SAMPLERS
-from pie_driver_trtllm.wire.codec import ForwardItem, ForwardTokens
+from pie_driver_trtllm.sampler import TOKEN_SAMPLERS, Sampler
+from pie_driver_trtllm.wire.codec import ForwardItem, ForwardTokens, StepColumns
 
 _TOKEN_SAMPLERS = frozenset(TOKEN_SAMPLERS)
 
@@ -45,30 +45,44 @@ def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, ma
             return None
         if item.samplers[0].return_logprob:
             logprobs = True
-    contexts = [item.context for item in items]
+    return _plan([item.context for item in items], [item.tokens[0] for item in items],
+                 [item.positions[0] for item in items], [item.samplers[0] for item in items], logprobs,
+                 store, lookahead, max_len, rng)
+
+
+def plan_step(columns: StepColumns, store: ContextStore, lookahead: LookaheadBuffer, max_len: int,
+              rng: random.Random) -> DecodePlan | None:
+    """`plan_decode` for a step that came as columns: its one sampler is checked once, not per request."""
+    sampler = columns.sampler
+    if sampler is None or sampler.type not in _TOKEN_SAMPLERS or sampler.max_tokens:
+        return None
+    return _plan(columns.contexts, columns.tokens, columns.positions, [sampler] * len(columns.contexts),
+                 sampler.return_logprob, store, lookahead, max_len, rng)
+
+
+def _plan(contexts: list[int], tokens: list[int], positions: list[int], samplers: list[Sampler], logprobs: bool,
+          store: ContextStore, lookahead: LookaheadBuffer, max_len: int, rng: random.Random) -> DecodePlan | None:
     unique = set(contexts)
     histories = store._histories
     lives = list(map(histories.get, contexts))
-    if len(unique) != len(contexts) or None in lives \
-            or list(map(len, lives)) != [item.positions[0] for item in items] \
-            or (store.max_tokens is not None and store.tokens + len(items) > store.max_tokens):
+    if len(unique) != len(contexts) or None in lives or list(map(len, lives)) != positions \
+            or (store.max_tokens is not None and store.tokens + len(contexts) > store.max_tokens):
         return None  # (past the bound on total tokens, the general path evicts)
     # From here on the forward is a decode step: the same changes as the general path. Each request
     # touches only its own context, so appending all first, then refreshing the LRU order in request
     # order, ends where the general path's request-by-request merge ends.
-    for item, live in zip(items, lives, strict=True):
-        live.append(item.tokens[0])
-    store.tokens += len(items)
+    for live, token in zip(lives, tokens, strict=True):
+        live.append(token)
+    store.tokens += len(contexts)
     move_to_end = histories.move_to_end
     for context in contexts:
         move_to_end(context)
     if lookahead._predictions or lookahead.size > 1:
-        plan = _plan_with_lookahead(items, lives, lookahead, max_len, rng)
+        plan = _plan_with_lookahead(contexts, samplers, lives, lookahead, max_len, rng)
         plan.logprobs = logprobs
         return plan
     rows = []
-    for item, live, context in zip(items, lives, contexts, strict=True):
-        sampler = item.samplers[0]
+    for context, live, sampler in zip(contexts, lives, samplers, strict=True):
         if sampler.type == "greedy" or sampler.temperature == 0.0:  # is_greedy, for a token sampler
             rows.append(Row(context, live, len(live), sampler, None, 1))
         else:
@@ -77,17 +91,15 @@ def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, ma
     return DecodePlan([None] * len(rows), rows, None, unique, logprobs)
 
 
-def _plan_with_lookahead(items: list, lives: list[list[int]], lookahead: LookaheadBuffer, max_len: int,
-                         rng: random.Random) -> DecodePlan:
+def _plan_with_lookahead(contexts: list[int], samplers: list[Sampler], lives: list[list[int]],
+                         lookahead: LookaheadBuffer, max_len: int, rng: random.Random) -> DecodePlan:
     """The rows of a decode step when the lookahead buffer may serve some or greedy rows ask for more."""
     predictions, size = lookahead._predictions, lookahead.size
-    tokens: list[int | None] = [None] * len(items)
+    tokens: list[int | None] = [None] * len(contexts)
     rows: list[Row] = []
     slots: list[int] | None = None
-    for index, (item, live) in enumerate(zip(items, lives, strict=True)):
-        context = item.context
+    for index, (context, sampler, live) in enumerate(zip(contexts, samplers, lives, strict=True)):
         length = len(live)
-        sampler = item.samplers[0]
         if sampler.is_greedy and sampler.return_logprob:  # a buffered token has no log-probability
             steps = 1  # the engine makes this one; the buffer stays for the steps after it
             seed = None

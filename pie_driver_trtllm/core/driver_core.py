@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pie_driver_trtllm.core.decode_step import DecodePlan, finish_decode, plan_decode
+from pie_driver_trtllm.core.decode_step import DecodePlan, finish_decode, plan_decode, plan_step
 from pie_driver_trtllm.core.histories import ContextStore, MergeResult
 from pie_driver_trtllm.core.lookahead import LookaheadBuffer
 from pie_driver_trtllm.core.runs import check_at_end, run_output, run_steps
@@ -102,7 +102,10 @@ class DriverCore:
         None, having changed nothing, for any other forward."""
         if not self.fast_decode:
             return None
-        plan = plan_decode(body.items, self.store, self.lookahead, self._max_len, self._rng)
+        if body.columns is not None:
+            plan = plan_step(body.columns, self.store, self.lookahead, self._max_len, self._rng)
+        else:
+            plan = plan_decode(body.items, self.store, self.lookahead, self._max_len, self._rng)
         if plan is not None:
             self.counters.requests += len(plan.tokens)
             self.counters.tokens_in += len(plan.tokens)

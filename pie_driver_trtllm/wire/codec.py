@@ -17,7 +17,7 @@ import msgspec
 from pie_driver_trtllm import PROTOCOL_VERSION
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode, shown
 from pie_driver_trtllm.wire.fast_forward import fast_forward
-from pie_driver_trtllm.wire.limits import Limits
+from pie_driver_trtllm.wire.limits import Limits, output_problem
 from pie_driver_trtllm.wire.messages import (
     Fork,
     Forward,
@@ -27,6 +27,7 @@ from pie_driver_trtllm.wire.messages import (
     Release,
     Request,
     Sleep,
+    StepColumns,
     Truncate,
     Wake,
     is_uint,
@@ -41,13 +42,14 @@ from pie_driver_trtllm.wire.samplers import (
     sampler_from_wire,
     wire_map,
 )
+from pie_driver_trtllm.wire.step import decode_step
 
 # Re-exported: inner code imports the validated objects and the samplers from here.
 __all__ = ["ALL_SAMPLERS", "TOKEN_SAMPLERS", "Fork", "Forward", "ForwardItem", "FrameRejected", "Limits",
-           "LoadWeights", "Release", "Request", "Sampler", "Sleep", "Truncate", "Wake"]
+           "LoadWeights", "Release", "Request", "Sampler", "Sleep", "StepColumns", "Truncate", "Wake"]
 
 CONTROL_OPS = frozenset({"handshake", "health", "stats"})
-STATE_OPS = frozenset({"forward", "fork", "truncate", "release", "load_weights", "sleep", "wake", "shutdown"})
+STATE_OPS = frozenset({"forward", "step", "fork", "truncate", "release", "load_weights", "sleep", "wake", "shutdown"})
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 
@@ -142,6 +144,8 @@ def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
     op = header.op
     if op in CONTROL_OPS or op == "shutdown":
         return Request(request_id, op)
+    if op == "step":
+        return decode_step(frame, limits, request_id)
     if op not in _OP_TYPES:
         known = ", ".join(sorted(CONTROL_OPS | STATE_OPS))
         raise FrameRejected(request_id, DriverError(ErrorCode.UNKNOWN_OP, f"unknown op {shown(op)}; known: {known}"))
@@ -209,30 +213,6 @@ def _forward_body(wire: _Forward, limits: Limits, request_id: int) -> Forward:
     if problem:
         raise _capacity(request_id, problem)
     return Forward(items)
-
-
-def output_problem(sampler_lists: list[tuple[Sampler, ...]], limits: Limits) -> str | None:
-    """What a forward with these samplers would exceed of the output caps, or None."""
-    prob_rows = logit_rows = elements = 0
-    for samplers in sampler_lists:
-        for s in samplers:
-            if s.type == "dist":
-                prob_rows += 1
-                elements += s.k
-            elif s.type == "logprobs":
-                logit_rows += 1
-                elements += len(s.token_ids)
-            elif s.return_logprob:
-                elements += 1
-    if prob_rows > limits.max_prob_rows:
-        return f"forward has {prob_rows} dist samplers; max_prob_rows is {limits.max_prob_rows}"
-    if logit_rows > limits.max_logit_rows:
-        return f"forward has {logit_rows} logprobs samplers; max_logit_rows is {limits.max_logit_rows}"
-    if elements > limits.max_output_elements:
-        return (f"forward asks for {elements} output values (dist k, logprobs token_ids, one per "
-                "return_logprob); "
-                f"max_output_elements is {limits.max_output_elements}")
-    return None
 
 
 def _capacity(request_id: int, message: str) -> FrameRejected:

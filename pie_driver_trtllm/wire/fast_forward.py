@@ -33,6 +33,8 @@ def fast_forward(frame: bytes | memoryview, limits: Limits) -> Request | None:
     other positions are decoded and checked by msgspec; sampler lists are looked up decoded.
     """
     data = frame if type(frame) is bytes else bytes(frame)
+    if b"requests" not in data:  # another op (a step, say): no scans and no decode spent on it here
+        return None
     fast = _fast_path(limits)
     # msgspec keeps the last of repeated keys; a typed field is checked at every occurrence, a raw one is
     # not. So each request must hold exactly one 'positions' key: the name cannot overlap itself, and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pie_driver_trtllm.sampler import ALL_SAMPLERS
+from pie_driver_trtllm.sampler import ALL_SAMPLERS, Sampler
 
 MAX_SAMPLER_TOKENS = 64   # most tokens one sampler's run may ask for (`max_tokens`)
 MAX_STOP_TOKEN_IDS = 64   # most `stop_token_ids` of one sampler
@@ -46,3 +46,27 @@ def outputs_may_exceed_caps(frame: bytes, limits: Limits) -> bool:
     return (dists > limits.max_prob_rows or logprobs > limits.max_logit_rows
             or dists * limits.vocab_size + logprobs * limits.max_logprob_labels + frame.count(_RETURN_LOGPROB)
             > limits.max_output_elements)
+
+
+def output_problem(sampler_lists: list[tuple[Sampler, ...]], limits: Limits) -> str | None:
+    """What a forward with these samplers would exceed of the output caps, or None."""
+    prob_rows = logit_rows = elements = 0
+    for samplers in sampler_lists:
+        for s in samplers:
+            if s.type == "dist":
+                prob_rows += 1
+                elements += s.k
+            elif s.type == "logprobs":
+                logit_rows += 1
+                elements += len(s.token_ids)
+            elif s.return_logprob:
+                elements += 1
+    if prob_rows > limits.max_prob_rows:
+        return f"forward has {prob_rows} dist samplers; max_prob_rows is {limits.max_prob_rows}"
+    if logit_rows > limits.max_logit_rows:
+        return f"forward has {logit_rows} logprobs samplers; max_logit_rows is {limits.max_logit_rows}"
+    if elements > limits.max_output_elements:
+        return (f"forward asks for {elements} output values (dist k, logprobs token_ids, one per "
+                "return_logprob); "
+                f"max_output_elements is {limits.max_output_elements}")
+    return None

@@ -60,8 +60,45 @@ class Wake:
 
 
 @dataclass(frozen=True, slots=True)
+class StepColumns:
+    """A `step` op: the forward whose request i is `contexts[i]` fed `tokens[i]` at `positions[i]`, each
+    with the one `sampler` (or none), kept as the columns it came in."""
+
+    contexts: list[int]
+    tokens: list[int]
+    positions: list[int]
+    sampler: Sampler | None
+
+    def items(self) -> list[ForwardItem | DriverError]:
+        samplers = (self.sampler,) if self.sampler is not None else ()
+        return [ForwardItem(context, [token], [position], samplers)
+                for context, token, position in zip(self.contexts, self.tokens, self.positions, strict=True)]
+
+
 class Forward:
-    items: list[ForwardItem | DriverError]  # a bad request fails alone, so it stays in its slot
+    """A forward's requests. One that came as columns (a `step`) keeps them and makes its requests only
+    when something asks for them: the decode step's fast path reads the columns instead."""
+
+    __slots__ = ("_items", "columns")
+
+    def __init__(self, items: list[ForwardItem | DriverError] | None = None,
+                 columns: StepColumns | None = None) -> None:
+        self._items = items  # a bad request fails alone, so it stays in its slot
+        self.columns = columns
+
+    @property
+    def items(self) -> list[ForwardItem | DriverError]:
+        if self._items is None:
+            self._items = self.columns.items() if self.columns is not None else []
+        return self._items
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Forward) and self.items == other.items
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Forward({self.columns!r})" if self._items is None else f"Forward({self._items!r})"
 
 
 @dataclass(frozen=True, slots=True)
