@@ -10,9 +10,11 @@ encoding the reply. Two views, at each batch size (every context +1 token, one g
 - `socket`: a real `DriverServer` in a subprocess, a host sending decode forwards back to back (frames
   encoded before the clock starts, replies polled for without sleeping and read but not parsed, so the
   host adds only its socket calls). Microseconds per round trip, over its ZeroMQ socket and over its
-  stream socket (`stream`).
+  stream socket (`stream`), and over the stream socket with each step sent as a `step` op, the decode
+  step as columns (`stream_step`).
 - `stages`: the same backend in this process, each stage timed alone: `decode` (`decode_frame`), `core`
-  (the backend's plan, engine call and result assembly) and `encode` (the reply bytes).
+  (the backend's plan, engine call and result assembly) and `encode` (the reply bytes); `step_in_process`
+  is their sum for `step` frames (`step_decode` and `step_core` its first two stages).
 
 Each of `reps` repetitions runs `steps` steps; its median is one sample. Reported: the median of the
 repetitions and their spread (min, max). `--profile` prints cProfile's top functions for the in-process
@@ -98,10 +100,11 @@ def serve(url: str, max_requests: int, ready: Any) -> None:
 class Frames:
     """Decode-step frames for a batch of contexts: a prefill, then one token per context per step."""
 
-    def __init__(self, batch: int, first_context: int) -> None:
+    def __init__(self, batch: int, first_context: int, as_step: bool = False) -> None:
         self.contexts = list(range(first_context, first_context + batch))
         self.length = 0
         self.ids = 0
+        self.as_step = as_step  # each step a `step` op (columns) rather than a forward
 
     def _frame(self, requests: list[dict[str, Any]]) -> bytes:
         self.ids += 1
@@ -116,6 +119,14 @@ class Frames:
     def steps(self, n: int) -> list[bytes]:
         frames = []
         for _ in range(n):
+            if self.as_step:
+                self.ids += 1
+                frames.append(_ENCODER.encode({
+                    "v": 1, "id": self.ids, "op": "step", "contexts": self.contexts,
+                    "tokens": [(c + self.length) % 500 + 3 for c in self.contexts],
+                    "positions": [self.length] * len(self.contexts), "sampler": {"at": 0, "type": "greedy"}}))
+                self.length += 1
+                continue
             frames.append(self._frame([{"context": c, "tokens": [(c + self.length) % 500 + 3],
                                         "positions": [self.length], "samplers": [{"at": 0, "type": "greedy"}]}
                                        for c in self.contexts]))
@@ -201,14 +212,21 @@ def measure(batches: tuple[int, ...] = BATCHES, reps: int = 5, steps: int = 200,
         for batch in batches:
             remote, local = Frames(batch, batch * 10_000), Frames(batch, batch * 10_000)
             streamed = Frames(batch, batch * 10_000 + 5_000)
+            streamed_steps = Frames(batch, batch * 10_000 + 6_000, as_step=True)
+            local_steps = Frames(batch, batch * 10_000 + 7_000, as_step=True)
             _check(_round_trip(client, remote.prefill()), batch)
             _check(_round_trip(stream, streamed.prefill()), batch)
-            stage_times(backend, limits, [local.prefill()])
+            _check(_round_trip(stream, streamed_steps.prefill()), batch)
+            stage_times(backend, limits, [local.prefill(), local_steps.prefill()])
             socket_times(client, remote.steps(warmup), batch)
             socket_times(stream, streamed.steps(warmup), batch)
+            socket_times(stream, streamed_steps.steps(warmup), batch)
             stage_times(backend, limits, local.steps(warmup))
-            samples: dict[str, list[float]] = {"socket": [], "stream": [], "driver_stages": [], "driver_wait": [],
-                                               "decode": [], "core": [], "encode": [], "in_process": []}
+            stage_times(backend, limits, local_steps.steps(warmup))
+            samples: dict[str, list[float]] = {
+                "socket": [], "stream": [], "stream_step": [], "driver_stages": [], "driver_wait": [],
+                "decode": [], "core": [], "encode": [], "in_process": [], "step_decode": [], "step_core": [],
+                "step_in_process": []}
             for _ in range(reps):  # the two views alternate, so that machine noise hits both alike
                 remote_frames, local_frames = remote.steps(steps), local.steps(steps)
                 before = client.call("stats")["stages"]
@@ -219,12 +237,18 @@ def measure(batches: tuple[int, ...] = BATCHES, reps: int = 5, steps: int = 200,
                 samples["driver_wait"].append(seconds.pop("wait"))
                 samples["driver_stages"].append(sum(seconds.values()))
                 samples["stream"].append(statistics.median(socket_times(stream, streamed.steps(steps), batch)))
+                samples["stream_step"].append(statistics.median(socket_times(stream, streamed_steps.steps(steps),
+                                                                             batch)))
                 staged = stage_times(backend, limits, local_frames)
                 for index, name in enumerate(("decode", "core", "encode")):
                     samples[name].append(statistics.median(t[index] for t in staged))
                 samples["in_process"].append(statistics.median(sum(t) for t in staged))
-            client.call("release", contexts=remote.contexts + streamed.contexts)
-            backend.begin(Request(0, "release", Release(tuple(local.contexts))))
+                staged = stage_times(backend, limits, local_steps.steps(steps))
+                for index, name in enumerate(("step_decode", "step_core")):
+                    samples[name].append(statistics.median(t[index] for t in staged))
+                samples["step_in_process"].append(statistics.median(sum(t) for t in staged))
+            client.call("release", contexts=remote.contexts + streamed.contexts + streamed_steps.contexts)
+            backend.begin(Request(0, "release", Release(tuple(local.contexts + local_steps.contexts))))
             rows.append({"batch": batch, "steps": steps, "reps": reps,
                          **{name: _spread(values) for name, values in samples.items()}})
         client.call("shutdown")
@@ -267,9 +291,11 @@ def report(rows: list[dict[str, Any]]) -> str:
     return table(f"driver_cost: us per decode step, null engine, median (min-max) of {rows[0]['reps']} repetitions "
                  f"of {rows[0]['steps']} steps (load average {load})",
                  ["batch", "ZeroMQ round trip", "its driver stages (mean)", "its driver wait (mean)",
-                  "stream round trip", "in-process", "decode", "core", "encode"],
-                 [[r["batch"], *(cell(r, name) for name in ("socket", "driver_stages", "driver_wait", "stream",
-                                                           "in_process", "decode", "core", "encode"))] for r in rows])
+                  "stream round trip", "stream, step op", "in-process", "decode", "core", "encode",
+                  "in-process, step op", "its decode", "its core"],
+                 [[r["batch"], *(cell(r, name) for name in (
+                     "socket", "driver_stages", "driver_wait", "stream", "stream_step", "in_process", "decode", "core",
+                     "encode", "step_in_process", "step_decode", "step_core"))] for r in rows])
 
 
 def run(bench: Bench) -> dict[str, Any]:

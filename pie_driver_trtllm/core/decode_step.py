@@ -12,6 +12,7 @@ general path would do.
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from pie_driver_trtllm.sampler import TOKEN_SAMPLERS, Sampler
 from pie_driver_trtllm.wire.codec import ForwardItem, ForwardTokens, StepColumns
 
 _TOKEN_SAMPLERS = frozenset(TOKEN_SAMPLERS)
+consume = deque(maxlen=0).extend  # runs an iterator to its end, keeping nothing: a loop in C
 
 
 @dataclass(slots=True)
@@ -71,23 +73,17 @@ def _plan(contexts: list[int], tokens: list[int], positions: list[int], samplers
     # From here on the forward is a decode step: the same changes as the general path. Each request
     # touches only its own context, so appending all first, then refreshing the LRU order in request
     # order, ends where the general path's request-by-request merge ends.
-    for live, token in zip(lives, tokens, strict=True):
-        live.append(token)
+    consume(map(list.append, lives, tokens))
     store.tokens += len(contexts)
-    move_to_end = histories.move_to_end
-    for context in contexts:
-        move_to_end(context)
+    consume(map(histories.move_to_end, contexts))
     if lookahead._predictions or lookahead.size > 1:
         plan = _plan_with_lookahead(contexts, samplers, lives, lookahead, max_len, rng)
         plan.logprobs = logprobs
         return plan
-    rows = []
-    for context, live, sampler in zip(contexts, lives, samplers, strict=True):
-        if sampler.type == "greedy" or sampler.temperature == 0.0:  # is_greedy, for a token sampler
-            rows.append(Row(context, live, len(live), sampler, None, 1))
-        else:
-            rows.append(Row(context, live, len(live), sampler,
-                            sampler.seed if sampler.seed is not None else rng.getrandbits(63), 1))
+    draw = rng.getrandbits
+    rows = [Row(context, live, len(live), s, None if s.type == "greedy" or s.temperature == 0.0  # is_greedy
+                else s.seed if s.seed is not None else draw(63), 1)
+            for context, live, s in zip(contexts, lives, samplers, strict=True)]
     return DecodePlan([None] * len(rows), rows, None, unique, logprobs)
 
 
