@@ -5,7 +5,7 @@
 # Results land in $OUT. This tree's overhead is measured with the host on the ZeroMQ socket and on the stream
 # socket; BUSY_POLL_US also measures the stream socket with that `busy_poll_us` for the driver.
 #   OUT=gpu-results BEFORE=path/to/earlier/tree BUSY_POLL_US=2000 bash benchmarks/gpu_h100.sh [overhead|tests|all]
-#   OUT=gpu-results bash benchmarks/gpu_h100.sh transport   # overlap off only, ZeroMQ against the stream socket
+#   OUT=gpu-results bash benchmarks/gpu_h100.sh transport   # overlap off only: ZeroMQ, the stream socket, step ops
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 PART=${1:-all}
@@ -38,6 +38,7 @@ if [ "$PART" = transport ]; then  # overlap off only: the ZeroMQ socket, the str
   OUT=$(cd "$OUT" && pwd)
   overhead . zeromq-off '{"overlaps": [false]}'
   overhead . stream-off '{"overlaps": [false], "stream_socket": true}'
+  overhead . stream-step-off '{"overlaps": [false], "stream_socket": true, "host_op": "step"}'  # steps as columns
   overhead . "stream-off-busy-poll-${BUSY_POLL_US:-2000}" \
       "{\"overlaps\": [false], \"stream_socket\": true, \"busy_poll_us\": ${BUSY_POLL_US:-2000}}"
   python -m pie_driver_trtllm.benchmarks.socket_floor --out "$OUT/socket-floor.json" || true

@@ -119,12 +119,46 @@ def test_overhead_asks_the_driver_under_test_for_stage_times_only_if_it_knows_th
 
 
 @pytest.mark.slow
-def test_overhead_reaches_the_driver_over_the_stream_socket_when_asked(tmp_path: Path) -> None:
+def test_overhead_reaches_the_driver_over_the_stream_socket_with_step_ops_when_asked(tmp_path: Path) -> None:
     from pie_driver_trtllm.benchmarks import overhead
     from pie_driver_trtllm.benchmarks.common import Bench
 
     bench = Bench(size="tiny", device="cpu", dtype="float32", out_dir=tmp_path, work_dir=tmp_path, quick=True)
-    result = overhead.run(bench, overlaps=(False,), stream_socket=True)
-    assert result["driver_options"] == {"stream_socket": True}
+    result = overhead.run(bench, overlaps=(False,), host_op="step", stream_socket=True)
+    assert result["driver_options"] == {"stream_socket": True} and result["host_op"] == "step"
     assert {row["host_transport"] for row in result["batches"]} == {"stream"}
     assert all(positive_finite(row["driver_step_ms"]) for row in result["batches"])
+
+
+@pytest.mark.parametrize("op", ["forward", "step"])
+def test_the_timed_host_sends_decode_steps_as_step_ops_when_asked(op: str) -> None:
+    import msgspec
+
+    from pie_driver_trtllm.benchmarks.overhead import TimedHost
+
+    sent: list[dict[str, Any]] = []
+    reply = msgspec.msgpack.encode({"v": 1, "id": 1, "ok": True, "results": [{"ok": True, "outputs": [{"token": 4}]}]})
+
+    class Socket:
+        def poll(self, timeout: int) -> bool:
+            return True
+
+        def recv(self) -> bytes:
+            return reply
+
+    class Client:
+        socket, busy_poll_s, timeout_s = Socket(), 0.0, 1.0
+
+        def send_raw(self, frame: bytes) -> None:
+            sent.append(msgspec.msgpack.decode(frame))
+
+    host = TimedHost(Client(), op)  # type: ignore[arg-type]
+    greedy = {"at": 0, "type": "greedy"}
+    host.forward([{"context": 3, "tokens": [1, 2], "positions": [0, 1], "samplers": [{**greedy, "at": 1}]}])
+    host.forward([{"context": 3, "tokens": [5], "positions": [2], "samplers": [greedy]}])
+    assert sent[0]["op"] == "forward"  # a prompt is never a step
+    if op == "step":
+        assert {k: sent[1][k] for k in ("op", "contexts", "tokens", "positions", "sampler")} == {
+            "op": "step", "contexts": [3], "tokens": [5], "positions": [2], "sampler": greedy}
+    else:
+        assert sent[1]["op"] == "forward"

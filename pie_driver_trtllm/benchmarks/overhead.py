@@ -47,15 +47,23 @@ class TimedHost:
     """The host's side of each driver step, split: encoding the request, the round trip from sending it to
     the reply in hand (the driver's work plus the transport both ways), and decoding the reply."""
 
-    def __init__(self, client: DriverClient) -> None:
+    def __init__(self, client: DriverClient, op: str = "forward") -> None:
         self.client = client
+        self.op = op  # "step": each decode step (one token per context) goes as a `step` op, in columns
         self._ids = itertools.count(1 << 40)  # its own ids: the driver echoes them, nothing here checks them
         self.seconds = {"host_encode": 0.0, "round_trip": 0.0, "host_decode": 0.0}
 
     def forward(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         clock, seconds = time.perf_counter, self.seconds
         start = clock()
-        request = _ENCODER.encode({"v": 1, "id": next(self._ids), "op": "forward", "requests": requests})
+        if self.op == "step" and all(len(r["tokens"]) == 1 for r in requests):
+            request = _ENCODER.encode({"v": 1, "id": next(self._ids), "op": "step",
+                                       "contexts": [r["context"] for r in requests],
+                                       "tokens": [r["tokens"][0] for r in requests],
+                                       "positions": [r["positions"][0] for r in requests],
+                                       "sampler": requests[0]["samplers"][0]})
+        else:
+            request = _ENCODER.encode({"v": 1, "id": next(self._ids), "op": "forward", "requests": requests})
         sent = clock()
         self.client.send_raw(request)  # the send is part of the round trip: ZeroMQ's I/O thread is woken
         frame = self._receive()
@@ -96,18 +104,20 @@ def plan(bench: Bench, batch: int) -> tuple[int, int, int, int, int]:
     return 32, 16, REPS, STEPS, BLOCKS
 
 
-def run(bench: Bench, overlaps: tuple[bool, ...] | None = None, **driver_options: Any) -> dict[str, Any]:
+def run(bench: Bench, overlaps: tuple[bool, ...] | None = None, host_op: str = "forward",
+        **driver_options: Any) -> dict[str, Any]:
     """`driver_options`: more `[driver.options]` for the driver side (say `busy_poll_us`); `overlaps`: the
-    engine's `reference_overlap` settings to measure (default: on and off on CUDA, off on CPU)."""
+    engine's `reference_overlap` settings to measure (default: on and off on CUDA, off on CPU); `host_op`:
+    "step" sends each decode step as a `step` op (one sampler, columns) instead of a forward."""
     model = bench.model()
     # On CUDA the reference engine runs the predicted next decode step ahead (option reference_overlap),
     # which hides the driver's per-step cost behind the GPU; measured without it too, that cost shows.
     if overlaps is None:
         overlaps = (True, False) if bench.device.startswith("cuda") else (False,)
-    runs = {overlap: _measure(bench, model, overlap, driver_options) for overlap in overlaps}
+    runs = {overlap: _measure(bench, model, overlap, driver_options, host_op) for overlap in overlaps}
     rows = runs[overlaps[0]]
     result = {**header(bench, "overhead"), "engine": "reference", "lookahead_tokens": 1,
-              "reference_overlap": overlaps[0], "driver_options": driver_options,
+              "reference_overlap": overlaps[0], "driver_options": driver_options, "host_op": host_op,
               "host_busy_poll_s": HOST_BUSY_POLL_S if bench.device != "cpu" else 0.0,
               "torch_threads": 1 if bench.device == "cpu" else None, "batches": rows,
               "batches_without_overlap": runs.get(False) if len(overlaps) > 1 else None,
@@ -134,8 +144,8 @@ def run(bench: Bench, overlaps: tuple[bool, ...] | None = None, **driver_options
     return result
 
 
-def _measure(bench: Bench, model: Path, overlap: bool, driver_options: dict[str, Any] | None = None
-             ) -> list[dict[str, Any]]:
+def _measure(bench: Bench, model: Path, overlap: bool, driver_options: dict[str, Any] | None = None,
+             host_op: str = "forward") -> list[dict[str, Any]]:
     """Both sides at every batch size, with the engine's overlap on or off on both."""
     config = bench.work_dir / f"overhead-{'overlap' if overlap else 'plain'}"
     # On CPU both sides get one intra-op thread: two torch processes whose idle OpenMP threads spin on the
@@ -165,7 +175,7 @@ def _measure(bench: Bench, model: Path, overlap: bool, driver_options: dict[str,
         client.call("release", contexts=[999_999])
         core.release(Release((999_999,)))
         for batch in BATCHES:
-            rows.append({**_batch(bench, batch, client, core),
+            rows.append({**_batch(bench, batch, client, core, host_op),
                          "host_transport": "stream" if url.startswith("unix://") else "zeromq"})
         client.close()
     finally:
@@ -176,10 +186,10 @@ def _measure(bench: Bench, model: Path, overlap: bool, driver_options: dict[str,
     return rows
 
 
-def _batch(bench: Bench, batch: int, client: Any, core: Any) -> dict[str, Any]:
+def _batch(bench: Bench, batch: int, client: Any, core: Any, host_op: str = "forward") -> dict[str, Any]:
     prompt_len, warmup, reps, steps, blocks = plan(bench, batch)
     contexts = list(range(batch * 1000, batch * 1000 + batch))
-    host = TimedHost(client)
+    host = TimedHost(client, host_op)
     sides = {"driver": (Decode(contexts, prompt_len), host.forward),
              "in_process": (Decode(contexts, prompt_len), core_forward(core))}
     for decode, forward in sides.values():
