@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import msgspec
-
 from pie_driver_trtllm.sampler import Sampler
 
 
@@ -20,14 +18,13 @@ class ModelInfo:
     pad_token_id: int | None
 
 
-class Row(msgspec.Struct):
+@dataclass(slots=True)
+class Row:
     """One sampler to evaluate: the distribution after `tokens[:length]` of `context`.
 
     `tokens` is the context's live history (or a private snapshot); engines must not mutate it.
     `steps` > 1 asks for that many tokens in a row, each sampled after appending the previous one: a greedy
     row's lookahead, or a run (`sampler.max_tokens`); step i of a seeded row uses `step_seed(seed, i)`.
-    A msgspec struct rather than a dataclass: the core makes one per row of every step, and a struct is
-    built in C, about twice as fast.
     """
 
     context: int
@@ -38,7 +35,8 @@ class Row(msgspec.Struct):
     steps: int = 1
 
 
-class RowResult(msgspec.Struct):  # a struct, as `Row`: one is made per row of every engine call
+@dataclass(slots=True)
+class RowResult:
     tokens: list[int] | None = None                          # token samplers
     dist: tuple[list[int], list[float]] | None = None         # dist
     logprobs: list[float] | None = None                      # logprobs
