@@ -39,6 +39,8 @@ if [ "$PART" = transport ]; then  # overlap off only: the ZeroMQ socket, the str
   overhead . zeromq-off '{"overlaps": [false]}'
   overhead . stream-off '{"overlaps": [false], "stream_socket": true}'
   overhead . stream-step-off '{"overlaps": [false], "stream_socket": true, "host_op": "step"}'  # steps as columns
+  overhead . stream-step-rehearse-off \
+      '{"overlaps": [false], "stream_socket": true, "host_op": "step", "rehearse_steps": true}'
   overhead . "stream-off-busy-poll-${BUSY_POLL_US:-2000}" \
       "{\"overlaps\": [false], \"stream_socket\": true, \"busy_poll_us\": ${BUSY_POLL_US:-2000}}"
   python -m pie_driver_trtllm.benchmarks.socket_floor --out "$OUT/socket-floor.json" || true

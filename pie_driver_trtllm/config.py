@@ -128,6 +128,12 @@ class DriverOptions(Struct, forbid_unknown_fields=True):
     busy_poll_us: Annotated[int, Meta(ge=0, le=100_000, description=(
         "After each reply the socket is polled without sleeping for this long, since the host's next request "
         "usually follows within microseconds (a sleep and wake-up costs 100-300 us). 0 turns it off."))] = 200
+    rehearse_steps: Annotated[bool, Meta(description=(
+        "After a decode step's reply, while the host prepares the next step, run the driver's side of that step "
+        "again on its frame with nothing changed (decode, a read-only plan, the reply's encoding). The engine "
+        "call between two steps evicts that code and data from the CPU's caches; rehearsed, the next step's "
+        "decode and plan run warm. Skipped when the next request has already arrived; it pays when the host "
+        "takes longer between steps than the rehearsal does."))] = False
     stage_times: Annotated[bool, Meta(description=(
         "Time each forward's stages inside the driver (decode, plan, engine, finish, encode, send, and the wait "
         "for the next forward) and report their totals in `stats.stages`; for profiling, about 1 us a forward."

@@ -162,3 +162,14 @@ def test_the_timed_host_sends_decode_steps_as_step_ops_when_asked(op: str) -> No
             "op": "step", "contexts": [3], "tokens": [5], "positions": [2], "sampler": greedy}
     else:
         assert sent[1]["op"] == "forward"
+
+
+@pytest.mark.slow
+def test_cold_steps_reports_each_stage_with_and_without_rehearsal() -> None:
+    from pie_driver_trtllm.benchmarks.cold_steps import STAGES, measure, report
+
+    rows = measure(batches=(1,), reps=1, steps=5, evict_bytes=1 << 20)
+    for prefix in ("plain", "rehearsed"):
+        for stage in (*STAGES, "total"):
+            assert positive_finite(rows[0][f"{prefix}_{stage}"]["median_us"]), (prefix, stage)
+    assert "rehearsal" in report(rows)

@@ -47,24 +47,29 @@ _ENCODER = msgspec.msgpack.Encoder()
 
 
 class NullEngine(TrivialEngine):
-    """An engine whose step does nothing: a precomputed token per row, built once per batch size."""
+    """An engine whose step does nothing: a precomputed token per row, built once per batch size. With
+    `evict_bytes`, each step first copies a buffer that large, as a real engine call's work would, leaving
+    the CPU's caches full of other data."""
 
     kind = "null"
 
-    def __init__(self) -> None:
+    def __init__(self, evict_bytes: int = 0) -> None:
         super().__init__()
+        self._evict = bytearray(evict_bytes) if evict_bytes else None
         self.model = ModelInfo(name="null", arch_name="NullForBenchmarks", vocab_size=VOCAB, max_model_len=1 << 24,
                                eos_token_id=None, pad_token_id=None)
         self._results: list[RowResult] = []
 
     def step(self, rows: list[Row]) -> list[RowResult]:
+        if self._evict is not None:
+            bytes(self._evict)
         n = len(rows)
         if len(self._results) < n:
             self._results += [RowResult(tokens=[(i * 7919) % (VOCAB - 3) + 3]) for i in range(len(self._results), n)]
         return self._results[:n]
 
 
-def build(max_requests: int) -> tuple[Any, Any, Any]:
+def build(max_requests: int, evict_bytes: int = 0) -> tuple[Any, Any, Any]:
     """(backend, limits, handshake) around the null engine, wired as the driver wires one device."""
     from pie_driver_trtllm.config import parse_config
     from pie_driver_trtllm.core.driver_core import DriverCore
@@ -76,7 +81,7 @@ def build(max_requests: int) -> tuple[Any, Any, Any]:
                                "engine": "reference", "lookahead_tokens": 1,
                                "max_concurrent_requests": max_requests,
                                "max_batched_tokens": max(8192, max_requests * PROMPT)}}})
-    engine = _wrap_engine(NullEngine(), config)
+    engine = _wrap_engine(NullEngine(evict_bytes), config)
     core = DriverCore(engine, max_contexts=config.options.max_session_histories,
                       lookahead_tokens=config.options.lookahead_tokens, random_seed=config.driver.random_seed)
     limits = build_limits(config, engine)
@@ -84,15 +89,15 @@ def build(max_requests: int) -> tuple[Any, Any, Any]:
     return LocalBackend(core, "cpu"), limits, handshake
 
 
-def serve(url: str, max_requests: int, ready: Any) -> None:
+def serve(url: str, max_requests: int, ready: Any, rehearse: bool = False, evict_bytes: int = 0) -> None:
     """The driver's server around the null engine, until the host sends `shutdown`; `ready` gets the URL of
     its stream socket."""
     from pie_driver_trtllm.serving.endpoint import resolve_endpoint
     from pie_driver_trtllm.serving.server import DriverServer
 
-    backend, limits, handshake = build(max_requests)
+    backend, limits, handshake = build(max_requests, evict_bytes)
     server = DriverServer(resolve_endpoint(url), limits, backend, handshake, busy_poll_s=200e-6, stage_times=True,
-                          stream_socket=True)
+                          stream_socket=True, rehearse=rehearse)
     ready.put(server.stream_url)
     server.serve()
 
@@ -163,16 +168,21 @@ def stage_times(backend: Any, limits: Any, frames: list[bytes]) -> list[tuple[fl
     return times
 
 
-def socket_times(client: Any, frames: list[bytes], batch: int) -> list[float]:
-    """Round-trip seconds of each frame sent back to back by a host that only sends and receives. The
-    host polls for the reply without sleeping, as the driver does for the next request after a reply: a
-    thread's wake-up (hundreds of microseconds on a busy machine) is the scheduler's cost, not the driver's."""
+def socket_times(client: Any, frames: list[bytes], batch: int, host_s: float = 0.0) -> list[float]:
+    """Round-trip seconds of each frame sent back to back by a host that only sends and receives (after
+    spinning `host_s` between a reply and the next frame: a host's own work). The host polls for the reply
+    without sleeping, as the driver does for the next request after a reply: a thread's wake-up (hundreds
+    of microseconds on a busy machine) is the scheduler's cost, not the driver's."""
     socket = client.socket
     poll, recv = socket.poll, socket.recv
     clock = time.perf_counter
     times = []
     replies = []
     for frame in frames:
+        if host_s:
+            until = clock() + host_s
+            while clock() < until:
+                pass
         start = clock()
         socket.send(frame)
         while not poll(0):

@@ -38,8 +38,10 @@ class DecodePlan:
 
 
 def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, max_len: int,
-                rng: random.Random) -> DecodePlan | None:
-    """The plan of a decode step, or None (nothing changed) when `items` is not one."""
+                rng: random.Random, dry: bool = False) -> DecodePlan | None:
+    """The plan of a decode step, or None (nothing changed) when `items` is not one. `dry`: a rehearsal,
+    which reads what the plan reads and builds its rows but changes nothing (no append, no LRU move, no
+    lookahead, no seed drawn); it brings that code and data back into the CPU's caches between steps."""
     logprobs = False
     for item in items:
         if type(item) is not ForwardItem or len(item.tokens) != 1 or len(item.samplers) != 1 \
@@ -49,25 +51,32 @@ def plan_decode(items: list, store: ContextStore, lookahead: LookaheadBuffer, ma
             logprobs = True
     return _plan([item.context for item in items], [item.tokens[0] for item in items],
                  [item.positions[0] for item in items], [item.samplers[0] for item in items], logprobs,
-                 store, lookahead, max_len, rng)
+                 store, lookahead, max_len, rng, dry)
 
 
 def plan_step(columns: StepColumns, store: ContextStore, lookahead: LookaheadBuffer, max_len: int,
-              rng: random.Random) -> DecodePlan | None:
+              rng: random.Random, dry: bool = False) -> DecodePlan | None:
     """`plan_decode` for a step that came as columns: its one sampler is checked once, not per request."""
     sampler = columns.sampler
     if sampler is None or sampler.type not in _TOKEN_SAMPLERS or sampler.max_tokens:
         return None
     return _plan(columns.contexts, columns.tokens, columns.positions, [sampler] * len(columns.contexts),
-                 sampler.return_logprob, store, lookahead, max_len, rng)
+                 sampler.return_logprob, store, lookahead, max_len, rng, dry)
 
 
 def _plan(contexts: list[int], tokens: list[int], positions: list[int], samplers: list[Sampler], logprobs: bool,
-          store: ContextStore, lookahead: LookaheadBuffer, max_len: int, rng: random.Random) -> DecodePlan | None:
+          store: ContextStore, lookahead: LookaheadBuffer, max_len: int, rng: random.Random,
+          dry: bool = False) -> DecodePlan | None:
     unique = set(contexts)
     histories = store._histories
     lives = list(map(histories.get, contexts))
-    if len(unique) != len(contexts) or None in lives or list(map(len, lives)) != positions \
+    if len(unique) != len(contexts) or None in lives:
+        return None
+    if dry:  # a rehearsal on the last step's frame: its positions are one behind; the rows, never run
+        return DecodePlan([None] * len(contexts), [Row(context, live, len(live), s, None, 1)
+                                                   for context, live, s in zip(contexts, lives, samplers, strict=True)],
+                          None, unique, logprobs)
+    if list(map(len, lives)) != positions \
             or (store.max_tokens is not None and store.tokens + len(contexts) > store.max_tokens):
         return None  # (past the bound on total tokens, the general path evicts)
     # From here on the forward is a decode step: the same changes as the general path. Each request

@@ -80,6 +80,7 @@ class DriverCore:
         self.weights_version = 0    # the version of the weights served (0: those it started with)
         self.weights_serving = True  # False after a load that failed part way, until one succeeds
         self.asleep = 0
+        self.last_was_decode = False  # the last forward took the decode step's fast path
 
     # ------------------------------------------------------------------ forward
 
@@ -97,15 +98,19 @@ class DriverCore:
         plan = self.plan_forward(body)
         return self.finish_forward(plan, self.run_rows(plan.rows) if plan.rows else [])
 
-    def plan_decode(self, body: Forward) -> DecodePlan | None:
+    def plan_decode(self, body: Forward, dry: bool = False) -> DecodePlan | None:
         """A decode step's plan (every request one token at its history's end, one token sampler), or
-        None, having changed nothing, for any other forward."""
+        None, having changed nothing, for any other forward. `dry`: a rehearsal (`decode_step.plan_decode`),
+        which changes nothing at all."""
         if not self.fast_decode:
             return None
         if body.columns is not None:
-            plan = plan_step(body.columns, self.store, self.lookahead, self._max_len, self._rng)
+            plan = plan_step(body.columns, self.store, self.lookahead, self._max_len, self._rng, dry)
         else:
-            plan = plan_decode(body.items, self.store, self.lookahead, self._max_len, self._rng)
+            plan = plan_decode(body.items, self.store, self.lookahead, self._max_len, self._rng, dry)
+        if dry:
+            return plan
+        self.last_was_decode = plan is not None
         if plan is not None:
             self.counters.requests += len(plan.tokens)
             self.counters.tokens_in += len(plan.tokens)

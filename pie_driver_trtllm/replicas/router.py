@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from pie_driver_trtllm.wire.codec import (
     Fork,
     Forward,
     ForwardItem,
+    FrameRejected,
     Limits,
     LoadWeights,
     Release,
@@ -96,6 +98,13 @@ class ReplicaSet:
     def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request:
         """A forward the one-pass path can take (`splice`), else the codec's general decode."""
         return decode_spliced(frame, limits) or decode_frame(frame, limits)
+
+    def rehearse(self, frame: bytes | memoryview, limits: Limits, arrived: Callable[[], bool]) -> bool:
+        """Between steps: decode the last forward's frame again (the replicas plan their own steps)."""
+        with contextlib.suppress(FrameRejected):
+            self.decode_frame(frame, limits)
+            return True
+        return False
 
     def handle(self, request: Request) -> dict[str, Any]:
         self._pool.close_retired(kind="work")

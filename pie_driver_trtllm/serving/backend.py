@@ -18,6 +18,7 @@ from pie_driver_trtllm.wire.codec import (
     Fork,
     Forward,
     ForwardTokens,
+    FrameRejected,
     Limits,
     LoadWeights,
     Release,
@@ -26,6 +27,7 @@ from pie_driver_trtllm.wire.codec import (
     Truncate,
     Wake,
     decode_frame,
+    encode_ok,
 )
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
@@ -51,6 +53,26 @@ class LocalBackend:
 
     def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request:
         return decode_frame(frame, limits)
+
+    def rehearse(self, frame: bytes | memoryview, limits: Limits, arrived: Callable[[], bool]) -> bool:
+        """The driver's side of the last decode step once more, changing nothing: decode its frame, plan it
+        read-only, encode its reply, stopping between them once `arrived()` (the next request is here).
+        Called between steps, it brings back into the CPU's caches what the engine call evicted, so that
+        the next step's own decode and plan run warm. False when the last forward was no decode step."""
+        core = self.core
+        if not core.last_was_decode:
+            return False
+        try:
+            request = decode_frame(frame, limits)
+        except FrameRejected:
+            return False
+        body = request.body
+        if not isinstance(body, Forward) or arrived():
+            return True
+        if core.plan_decode(body, dry=True) is not None and not arrived():
+            tokens = body.columns.tokens if body.columns is not None else [item.tokens[0] for item in body.items]
+            encode_ok(request.id, ForwardTokens(tokens, core.weights_version))
+        return True
 
     def begin(self, request: Request) -> dict[str, Any] | ForwardTokens | Pending:
         body = request.body

@@ -196,7 +196,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None, parent: int) -> int:
                               max_connections=config.options.max_connections,
                               max_unread_reply_bytes=config.options.max_unread_reply_bytes,
                               stage_times=config.options.stage_times,
-                              stream_socket=config.options.stream_socket)
+                              stream_socket=config.options.stream_socket,
+                              rehearse=config.options.rehearse_steps)
 
         def request_stop(signum: int, frame: object) -> None:
             stopped_by.append(signum)
