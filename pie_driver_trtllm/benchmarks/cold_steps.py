@@ -9,10 +9,10 @@ step then finds its code and data evicted: on an H100 host its decode and plan t
 back-to-back cost. Here the null engine copies a buffer of `--evict-mib` each step to the same effect.
 Two servers, one rehearsing and one not, take turns; a host on each one's stream socket sends decode
 forwards and polls for the replies, spending `--host-us` on its own work between a reply and the next
-forward (a host that sends at once leaves no time to rehearse in), and each server's `stats.stages`
-give its own stages per forward (`decode`, `plan`, `finish`, `encode`, `send`; the engine call and the
-wait for the next forward excluded). Reported: the median of the repetitions' means and their spread
-(min, max), in microseconds.
+forward (a host that sends at once leaves no time to rehearse in). Each server's `stats.stages` give its
+own stages per forward: `decode`, `plan`, `finish`, `encode` and `send` (their `total`), and `wait`, from
+a reply to the next forward's frame in hand: the host's time, plus any delay a rehearsal still under way
+adds to it. Reported: the median of the repetitions' means and their spread (min, max), in microseconds.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def measure(batches: tuple[int, ...] = (1, 64), reps: int = 5, steps: int = 100,
                     for stage, us in per.items():
                         samples.setdefault((rehearse, stage), []).append(us)
                     samples.setdefault((rehearse, "total"), []).append(sum(per.values()))
+                    samples.setdefault((rehearse, "wait"), []).append((after["wait"] - before["wait"]) / steps * 1e6)
             for rehearse, client in clients.items():
                 client.call("release", contexts=frames[rehearse].contexts)
             rows.append({"batch": batch, "steps": steps, "reps": reps, "evict_bytes": evict_bytes, "host_us": host_us,
@@ -90,8 +91,8 @@ def report(rows: list[dict[str, Any]]) -> str:
     return table(f"cold_steps: the driver's stages per forward, us, the engine evicting {rows[0]['evict_bytes'] >> 20} "
                  f"MiB a step, the host spending {rows[0]['host_us']:g} us between steps; median (min-max) of "
                  f"{rows[0]['reps']} repetitions of {rows[0]['steps']} steps",
-                 ["batch", "rehearsal", *STAGES, "total"],
-                 [[r["batch"], label, *(cell(r, f"{prefix}_{stage}") for stage in (*STAGES, "total"))]
+                 ["batch", "rehearsal", *STAGES, "total", "wait"],
+                 [[r["batch"], label, *(cell(r, f"{prefix}_{stage}") for stage in (*STAGES, "total", "wait"))]
                   for r in rows for label, prefix in (("off", "plain"), ("on", "rehearsed"))])
 
 
