@@ -207,3 +207,50 @@ def test_steps_over_the_socket_answer_what_forwards_answer(start_driver, devices
     reply = client.call("step", check=False, contexts=[1], tokens=[1], positions=[0, 1])
     assert not reply.ok and reply.error is not None and reply.error.code == "BAD_REQUEST"
     assert client.call("health")["status"] == "ok"
+
+
+# ---------------------------------------------------------------- hostile step frames
+
+anything = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
+                     st.text(max_size=4), st.binary(max_size=4), st.lists(st.integers(-3, 60), max_size=3),
+                     st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2))
+sampler_like = st.one_of(sampler_maps, st.dictionaries(st.sampled_from(["at", "type", "k", "top_p", "seed", "x"]),
+                                                       anything, max_size=3), anything)
+
+
+@st.composite
+def step_fields(draw: st.DrawFn) -> dict[str, Any]:
+    """Columns mostly of one length with values around the limits, now and then a column of any shape,
+    a sampler map of any kind, an unknown field."""
+    n = draw(st.integers(0, 7))
+    fields: dict[str, Any] = {name: draw(st.lists(st.integers(0, top), min_size=n, max_size=n))
+                              for name, top in (("contexts", 2**64 - 1), ("tokens", 60), ("positions", 45))}
+    if draw(st.integers(0, 3)) == 0:
+        fields[draw(st.sampled_from(sorted(fields)))] = draw(st.one_of(anything, st.lists(anything, max_size=3)))
+    if draw(st.booleans()):
+        fields["sampler"] = draw(sampler_like)
+    if draw(st.integers(0, 9)) == 0:
+        fields["extra"] = draw(anything)
+    return fields
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=step_fields())
+@example(fields={"contexts": [1, 2], "tokens": [1, 2], "positions": [0, 0],
+                 "sampler": {"at": 0, "type": "dist", "k": 9}})
+@example(fields={"contexts": [0] * 7, "tokens": [0] * 7, "positions": [0] * 7})
+@example(fields={"contexts": [1], "tokens": [55], "positions": [0]})
+@example(fields={"contexts": [1], "tokens": [5], "positions": [41]})
+def test_any_step_frame_gets_a_request_or_a_documented_refusal(fields: dict[str, Any]) -> None:
+    frame = encode({"v": 1, "id": 9, "op": "step", **fields})
+    try:
+        request = decode_frame(frame, LIMITS)
+    except FrameRejected as exc:
+        assert exc.request_id == 9
+        assert exc.error.code.value in {"BAD_REQUEST", "OUT_OF_RANGE", "CAPACITY", "UNSUPPORTED"}, exc.error.message
+        return
+    columns = request.body.columns  # type: ignore[union-attr]
+    assert columns is not None and len(columns.contexts) == len(columns.tokens) == len(columns.positions)
+    assert len(columns.contexts) <= min(LIMITS.max_forward_requests, LIMITS.max_forward_tokens)
+    assert all(t < LIMITS.vocab_size for t in columns.tokens)
+    assert all(p < LIMITS.max_model_len for p in columns.positions)
