@@ -111,30 +111,28 @@ class Frames:
         self.ids = 0
         self.as_step = as_step  # each step a `step` op (columns) rather than a forward
 
-    def _frame(self, requests: list[dict[str, Any]]) -> bytes:
+    def _frame(self, op: str, **fields: Any) -> bytes:
         self.ids += 1
-        return _ENCODER.encode({"v": 1, "id": self.ids, "op": "forward", "requests": requests})
+        return _ENCODER.encode({"v": 1, "id": self.ids, "op": op, **fields})
 
     def prefill(self) -> bytes:
         self.length = PROMPT
-        return self._frame([{"context": c, "tokens": [(c + i) % 500 + 3 for i in range(PROMPT)],
-                             "positions": list(range(PROMPT)), "samplers": [{"at": PROMPT - 1, "type": "greedy"}]}
-                            for c in self.contexts])
+        return self._frame("forward", requests=[
+            {"context": c, "tokens": [(c + i) % 500 + 3 for i in range(PROMPT)], "positions": list(range(PROMPT)),
+             "samplers": [{"at": PROMPT - 1, "type": "greedy"}]} for c in self.contexts])
 
     def steps(self, n: int) -> list[bytes]:
         frames = []
+        greedy = {"at": 0, "type": "greedy"}
         for _ in range(n):
+            tokens = [(c + self.length) % 500 + 3 for c in self.contexts]
             if self.as_step:
-                self.ids += 1
-                frames.append(_ENCODER.encode({
-                    "v": 1, "id": self.ids, "op": "step", "contexts": self.contexts,
-                    "tokens": [(c + self.length) % 500 + 3 for c in self.contexts],
-                    "positions": [self.length] * len(self.contexts), "sampler": {"at": 0, "type": "greedy"}}))
-                self.length += 1
-                continue
-            frames.append(self._frame([{"context": c, "tokens": [(c + self.length) % 500 + 3],
-                                        "positions": [self.length], "samplers": [{"at": 0, "type": "greedy"}]}
-                                       for c in self.contexts]))
+                frames.append(self._frame("step", contexts=self.contexts, tokens=tokens,
+                                          positions=[self.length] * len(tokens), sampler=greedy))
+            else:
+                frames.append(self._frame("forward", requests=[
+                    {"context": c, "tokens": [t], "positions": [self.length], "samplers": [greedy]}
+                    for c, t in zip(self.contexts, tokens, strict=True)]))
             self.length += 1
         return frames
 

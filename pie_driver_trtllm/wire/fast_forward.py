@@ -119,6 +119,13 @@ def _short_requests(wire: Any, fast: _FastPath, limits: Limits) -> Request | Non
     return Request(wire.id, "forward", Forward(items))
 
 
+def known_sampler_list(raw: bytes, limits: Limits) -> tuple[tuple[Sampler, ...], int] | None:
+    """A sampler list still in its msgpack bytes, checked against `limits` once and remembered by those
+    bytes: (samplers, largest `at`), or None when one is bad (the general path names it)."""
+    fast = _fast_path(limits)
+    return fast.raw_samplers.get(raw) or fast.learn_raw_samplers(raw)
+
+
 # A frame averaging fewer bytes per request than this (a decode step's request is about 70) has its
 # positions decoded as ints at once: too few per request for the shared-int run to pay for its checks.
 # Its requests must each name `samplers` once (counted like `positions`, since that field is raw there).

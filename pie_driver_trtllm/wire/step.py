@@ -16,12 +16,11 @@ import msgspec
 
 from pie_driver_trtllm.sampler import Sampler
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
+from pie_driver_trtllm.wire.fast_forward import known_sampler_list
 from pie_driver_trtllm.wire.limits import Limits, output_problem
 from pie_driver_trtllm.wire.messages import Forward, FrameRejected, Request, StepColumns
 from pie_driver_trtllm.wire.samplers import U32, U64, WireSampler, sampler_from_wire
 
-_MAX_KNOWN_SAMPLERS = 256  # sampler maps remembered by their bytes; a host sends a few, over and over
-_MAX_KNOWN_BYTES = 1024   # and only short ones
 _sampler_decoder = msgspec.msgpack.Decoder(WireSampler)
 
 
@@ -63,32 +62,22 @@ def decode_step(frame: bytes | memoryview, limits: Limits, request_id: int) -> R
 
 
 def _sampler(raw: msgspec.Raw, limits: Limits, request_id: int) -> Sampler:
-    """The step's sampler, checked once per distinct map (remembered by its bytes)."""
-    known = _known_samplers(limits)
+    """The step's sampler: a forward's one-sampler list, checked once per distinct map (remembered by its
+    bytes, as the forward's fast path remembers its lists); a bad one named as a forward names it."""
     data = bytes(raw)
-    sampler = known.get(data)
-    if sampler is not None:
-        return sampler
+    known = known_sampler_list(b"\x91" + data, limits)  # the map as a list of one
+    if known is not None and known[1] < 1:
+        return known[0][0]
     try:
-        sampler = sampler_from_wire(_sampler_decoder.decode(data), 1, limits)
+        return sampler_from_wire(_sampler_decoder.decode(data), 1, limits)
     except msgspec.ValidationError as exc:
         raise _refused(request_id, ErrorCode.BAD_REQUEST, f"step: sampler: {exc}") from None
     except DriverError as exc:
         raise _refused(request_id, exc.code, f"step: sampler: {exc.message}") from None
-    if len(data) <= _MAX_KNOWN_BYTES:
-        if len(known) >= _MAX_KNOWN_SAMPLERS:
-            known.clear()
-        known[data] = sampler
-    return sampler
 
 
 def _refused(request_id: int, code: ErrorCode, message: str) -> FrameRejected:
     return FrameRejected(request_id, DriverError(code, message))
-
-
-@functools.lru_cache(maxsize=8)
-def _known_samplers(limits: Limits) -> dict[bytes, Sampler]:
-    return {}
 
 
 @functools.lru_cache(maxsize=8)
