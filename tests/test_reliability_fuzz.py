@@ -68,6 +68,7 @@ contexts = st.one_of(st.integers(0, 12), st.sampled_from([2**32, 2**63, 2**64 - 
 token = st.one_of(st.integers(0, VOCAB - 1), st.integers(0, VOCAB - 1), st.sampled_from([VOCAB, 2**32 - 1, -1]))
 temperature = st.one_of(st.floats(0, 3), st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf]), st.none(),
                         st.sampled_from([5e-324, 1e-300, 1e-30, 1e-6, 1e-5]))
+edges = st.sampled_from([0.0, 5e-324, 1e-300, 1e-46, 1.0])  # in range, with the ends and what float32 holds as 0
 
 
 @st.composite
@@ -81,9 +82,9 @@ def sampler(draw: st.DrawFn, n_tokens: int) -> dict[str, Any]:
     if kind in ("top_k", "top_k_top_p") or draw(st.booleans()):
         s["top_k"] = draw(st.integers(0, 600))
     if kind in ("top_p", "top_k_top_p"):
-        s["top_p"] = draw(st.floats(-0.5, 1.5))
+        s["top_p"] = draw(st.one_of(st.floats(-0.5, 1.5), edges))
     if kind == "min_p":
-        s["min_p"] = draw(st.floats(-0.5, 1.5))
+        s["min_p"] = draw(st.one_of(st.floats(-0.5, 1.5), edges))
     if kind == "dist":
         s["k"] = draw(st.integers(0, VOCAB + 2))
     if kind == "logprobs":
@@ -131,7 +132,7 @@ def frame(draw: st.DrawFn) -> bytes | list[bytes]:
     """One message: bytes, or (rarely) a multi-part message."""
     kind = draw(st.sampled_from(["bytes", "shape", "envelope", "forward", "forward", "forward", "broken",
                                  "huge", "duplicates", "fork", "truncate", "release", "control", "multipart",
-                                 "amplify"]))
+                                 "amplify", "step", "step"]))
     request_id = next(_ids)
     base = {"v": 1, "id": request_id}
     if kind == "bytes":
@@ -158,9 +159,24 @@ def frame(draw: st.DrawFn) -> bytes | list[bytes]:
                               "length": draw(st.one_of(st.integers(0, 20), anything))})
     if kind == "release":
         return msgpack.packb({**base, "op": "release", "contexts": draw(st.lists(contexts, max_size=4))})
+    if kind == "step":  # columns of any lengths and values, one sampler, now and then a field of any type
+        n = draw(st.integers(0, 5))
+        fields: dict[str, Any] = {
+            "contexts": draw(st.lists(contexts, min_size=n, max_size=n)),
+            "tokens": draw(st.lists(token, min_size=n, max_size=n + draw(st.integers(0, 1)))),
+            "positions": draw(st.lists(st.one_of(st.integers(0, 12), st.sampled_from([MAX_LEN, 2**32 - 1])),
+                                       min_size=n, max_size=n))}
+        if draw(st.booleans()):
+            fields["sampler"] = draw(sampler(1))
+        if draw(st.integers(0, 3)) == 0:
+            fields[draw(st.sampled_from(["contexts", "tokens", "positions", "sampler", "extra"]))] = draw(anything)
+        return msgpack.packb({**base, "op": "step", **fields})
     if kind == "huge":  # sizes from the strategy, contents built here: hypothesis need not draw 100k values
         n = draw(st.sampled_from([MAX_TOKENS + 1, 20_000, 200_000]))
-        field = draw(st.sampled_from(["tokens", "positions", "requests", "contexts", "token_ids"]))
+        field = draw(st.sampled_from(["tokens", "positions", "requests", "contexts", "token_ids", "step"]))
+        if field == "step":
+            return msgpack.packb({**base, "op": "step", "contexts": list(range(n)), "tokens": [1] * n,
+                                  "positions": [0] * n})
         if field == "requests":
             requests = [{"context": 1, "tokens": [1], "positions": [0]}] * min(n, 2000)
         else:

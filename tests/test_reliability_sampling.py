@@ -14,7 +14,7 @@ from pie_driver_trtllm.config import parse_config
 from pie_driver_trtllm.engines.base import Row
 from pie_driver_trtllm.engines.model_facts import read_model_info
 from pie_driver_trtllm.engines.reference.batched import BatchedReferenceEngine
-from pie_driver_trtllm.engines.sampling import row_result
+from pie_driver_trtllm.engines.sampling import row_result, row_results
 from pie_driver_trtllm.sampler import MIN_TEMPERATURE, Sampler
 from pie_driver_trtllm.wire.codec import Limits, decode_frame
 
@@ -48,6 +48,24 @@ def test_dist_and_logprobs_at_a_tiny_temperature_are_finite(temperature):
     assert ids[0] == 1 and probs[0] == 1.0 and all(math.isfinite(p) for p in probs) and math.fsum(probs) == 1.0
     logprobs = row_result(logits, Sampler("logprobs", 0, temperature=temperature, token_ids=(1, 0)), None)
     assert logprobs.error is None and logprobs.logprobs[0] == 0.0 and logprobs.logprobs[1] <= -1e5
+
+
+# Each passes the edge's check (0 < top_p <= 1) but is 0 in float32.
+TINY_TOP_P = [5e-324, 1e-300, 1e-50, 1e-46]
+
+
+@pytest.mark.parametrize("top_p", TINY_TOP_P)
+@pytest.mark.parametrize("kind", ["top_p", "top_k_top_p"])
+def test_a_top_p_too_small_for_float32_keeps_the_top_token(kind, top_p):
+    sampler = decoded_sampler({"at": 0, "type": kind, "temperature": 0.8, "top_k": 3, "top_p": top_p,
+                               "return_logprob": True})
+    assert sampler.top_p == top_p and not sampler.is_greedy
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.5, 0.0], [1.0, -2.0, 3.0, 0.0, 2.5]])
+    alone = [row_result(logits[i], sampler, seed) for i, seed in enumerate((7, None))]
+    together = row_results(logits, [sampler, sampler], [7, None])
+    for row, result in enumerate(alone + together):  # the top token alone stays: its probability is 1
+        assert result.error is None and result.tokens == [int(torch.argmax(logits[row % 2]))]
+        assert result.token_logprobs == [0.0]
 
 
 @pytest.mark.parametrize("sampler", [Sampler("multinomial", 0, temperature=0.7), Sampler("dist", 0, k=2),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from pie_driver_trtllm.engines.sampling import row_results, sample_token
 from pie_driver_trtllm.engines.token_draws import draw_tokens, filtered_probs, seed_uniform
-from pie_driver_trtllm.sampler import Sampler
+from pie_driver_trtllm.sampler import MIN_TEMPERATURE, Sampler
 
 VOCAB = 50
 
@@ -18,7 +18,9 @@ def sampler_strategy() -> st.SearchStrategy[Sampler]:
         lambda kind, t, k, p, m: Sampler(kind, 0, temperature=t, top_k=k if "top_k" in kind else 0,
                                          top_p=p if "top_p" in kind else 1.0, min_p=m if kind == "min_p" else 0.0),
         st.sampled_from(["multinomial", "top_k", "top_p", "min_p", "top_k_top_p"]),
-        st.floats(0.05, 3.0), st.integers(1, VOCAB + 5), st.floats(0.01, 0.99), st.floats(0.0, 0.9))
+        st.one_of(st.floats(0.05, 3.0), st.floats(MIN_TEMPERATURE, 1e30)), st.integers(1, VOCAB + 5),
+        st.one_of(st.floats(0.01, 0.99), st.floats(0.0, 1.0, exclude_min=True)),  # all the edge accepts
+        st.floats(0.0, 1.0))
 
 
 def plain_filter(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
@@ -47,6 +49,8 @@ def plain_filter(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
 @given(st.lists(st.tuples(sampler_strategy(), st.integers(0, 2**64 - 1)), min_size=1, max_size=8),
        st.integers(0, 2**31))
 @example([(Sampler("top_p", 0, temperature=1.0, top_p=0.5), 0), (Sampler("top_k", 0, top_k=1), 3)], 0)
+@example([(Sampler("top_p", 0, top_p=7.245421963755456e-207), 5),  # 0 in float32: kept the top token too
+          (Sampler("top_k_top_p", 0, top_k=3, top_p=5e-324), 1)], 0)
 def test_a_batch_draws_what_each_row_draws_alone(rows, logits_seed):
     logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(logits_seed)) * 3
     samplers, seeds = [s for s, _ in rows], [seed for _, seed in rows]

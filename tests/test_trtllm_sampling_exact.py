@@ -47,13 +47,16 @@ def test_seeded_draws_are_the_reference_draws_in_every_context(double: None, tin
         assert tokens == expected * 2, (seed, tokens)
 
 
+@pytest.mark.parametrize("sampler", [{"type": "min_p", "temperature": 3.0, "min_p": 0.999},
+                                     {"type": "top_p", "temperature": 3.0, "top_p": 1e-300},  # 0 in float32
+                                     {"type": "top_k_top_p", "temperature": 3.0, "top_k": 9, "top_p": 5e-324}])
 @pytest.mark.parametrize("mode", ["generate", "pyexecutor"])
-def test_min_p_filters(double: None, tiny_model: Path, mode: str) -> None:
+def test_filters_that_keep_only_the_top_token(double: None, tiny_model: Path, mode: str, sampler: dict) -> None:
     harness, _ = load_double_engine(tiny_model, execution_mode=mode)
     top = int(torch.argmax(last_logits(tiny_model, PROMPT)))
     requests = [{"context": c, "tokens": PROMPT, "positions": [0, 1, 2, 3],
-                 "samplers": [{"at": 3, "type": "min_p", "temperature": 3.0, "min_p": 0.999}]} for c in range(6)]
-    assert {r["outputs"][0]["token"] for r in harness.forward(requests)} == {top}
+                 "samplers": [{"at": 3, **sampler, "seed": c}]} for c in range(6)]
+    assert [r["outputs"][0]["token"] for r in harness.forward(requests)] == [top] * 6
 
 
 def test_a_stochastic_step_keeps_the_resident_request_when_it_drew_the_greedy_token(double: None,

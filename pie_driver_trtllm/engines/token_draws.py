@@ -16,6 +16,7 @@ import torch
 from pie_driver_trtllm.sampler import Sampler
 
 _MASK64 = (1 << 64) - 1
+_SMALLEST_BAR = float(torch.finfo(torch.float32).tiny)  # below any top token's probability (>= 1 / vocab)
 _unseeded = random.Random()
 
 
@@ -47,8 +48,9 @@ def filtered_probs(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.T
         ordered, order = torch.sort(scores, dim=1, descending=True)
         probs = torch.softmax(ordered, dim=1)
         # A token goes when the tokens above it already hold top_p; the top one always stays. Rows
-        # without top_p get an infinite bar.
-        bars = column([s.top_p if s.top_p < 1.0 else float("inf") for s in samplers])
+        # without top_p get an infinite bar. A top_p below float32's smallest normal would round to 0
+        # and drop the top token too; raised to it, the bar still keeps the top token alone, as top_p does.
+        bars = column([max(s.top_p, _SMALLEST_BAR) if s.top_p < 1.0 else float("inf") for s in samplers])
         drop = torch.zeros_like(ordered, dtype=torch.bool).scatter(1, order, probs.cumsum(dim=1) - probs >= bars)
         scores = scores.masked_fill(drop, float("-inf"))
     if any(s.min_p > 0.0 for s in samplers):
