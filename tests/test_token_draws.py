@@ -25,14 +25,14 @@ def sampler_strategy() -> st.SearchStrategy[Sampler]:
 
 def plain_filter(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
     """The filters written out for one row, token by token, as the protocol states them."""
-    scores = (logits / sampler.temperature).tolist()
+    scores, ranks = (logits / sampler.temperature).tolist(), logits.tolist()  # tokens rank by their logits
     keep = set(range(len(scores)))
     if 0 < sampler.top_k < len(scores):
-        kth = sorted(scores, reverse=True)[sampler.top_k - 1]
-        keep = {i for i in keep if scores[i] >= kth}
+        kth = sorted(ranks, reverse=True)[sampler.top_k - 1]
+        keep = {i for i in keep if ranks[i] >= kth}
     if sampler.top_p < 1.0:
         probs = torch.softmax(torch.tensor([scores[i] if i in keep else float("-inf") for i in range(len(scores))]), 0)
-        order = sorted(keep, key=lambda i: -scores[i])
+        order = sorted(keep, key=lambda i: -ranks[i])
         above, kept = 0.0, set()
         for i in order:
             if above < sampler.top_p:
@@ -51,6 +51,8 @@ def plain_filter(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
 @example([(Sampler("top_p", 0, temperature=1.0, top_p=0.5), 0), (Sampler("top_k", 0, top_k=1), 3)], 0)
 @example([(Sampler("top_p", 0, top_p=7.245421963755456e-207), 5),  # 0 in float32: kept the top token too
           (Sampler("top_k_top_p", 0, top_k=3, top_p=5e-324), 1)], 0)
+@example([(Sampler("top_k", 0, temperature=1e30, top_k=1), 2),  # scores round to one value in float32
+          (Sampler("top_k_top_p", 0, temperature=1e39, top_k=7, top_p=0.5), 4)], 0)
 def test_a_batch_draws_what_each_row_draws_alone(rows, logits_seed):
     logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(logits_seed)) * 3
     samplers, seeds = [s for s, _ in rows], [seed for _, seed in rows]

@@ -37,21 +37,24 @@ def filtered_probs(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.T
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)[:, None]
 
-    scores = logits.float() / column([s.temperature for s in samplers])
+    logits = logits.float()
+    scores = logits / column([s.temperature for s in samplers])
+    # top_k and top_p rank tokens by their logits: dividing by a huge temperature can round distinct
+    # scores to one value in float32 (to 0 past 3.4e38), and the rank must not change with it.
     ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in samplers]
     if any(ks):
-        top = torch.topk(scores, max(ks), dim=1).values
+        top = torch.topk(logits, max(ks), dim=1).values
         kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks]).to(device, non_blocking=True)[:, None])
         kth = kth.masked_fill(column([0.0 if k else 1.0 for k in ks]).bool(), float("-inf"))
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        scores = scores.masked_fill(logits < kth, float("-inf"))
     if any(s.top_p < 1.0 for s in samplers):
-        ordered, order = torch.sort(scores, dim=1, descending=True)
-        probs = torch.softmax(ordered, dim=1)
+        order = torch.sort(logits, dim=1, descending=True, stable=True).indices  # ties in id order
+        probs = torch.softmax(scores.gather(1, order), dim=1)
         # A token goes when the tokens above it already hold top_p; the top one always stays. Rows
         # without top_p get an infinite bar. A top_p below float32's smallest normal would round to 0
         # and drop the top token too; raised to it, the bar still keeps the top token alone, as top_p does.
         bars = column([max(s.top_p, _SMALLEST_BAR) if s.top_p < 1.0 else float("inf") for s in samplers])
-        drop = torch.zeros_like(ordered, dtype=torch.bool).scatter(1, order, probs.cumsum(dim=1) - probs >= bars)
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, probs.cumsum(dim=1) - probs >= bars)
         scores = scores.masked_fill(drop, float("-inf"))
     if any(s.min_p > 0.0 for s in samplers):
         probs = torch.softmax(scores, dim=1)
