@@ -205,6 +205,7 @@ def test_a_header_over_max_frame_bytes_is_answered_then_the_connection_closed(st
 def test_a_peer_that_leaves_mid_message_or_before_its_reply_costs_nobody_anything(start):
     driver = start()
     host = driver.client(stream=True)
+    before = host.call("stats").result["requests"]
     for _ in range(20):
         sock = raw_connection(driver)
         frame = request(1, "forward", requests=[step(40, [3, 4, 5])])
@@ -219,7 +220,8 @@ def test_a_peer_that_leaves_mid_message_or_before_its_reply_costs_nobody_anythin
         assert time.monotonic() < deadline, "connections of peers that left were not closed"
         time.sleep(0.05)
     # The forwards that arrived whole still ran; their replies had nowhere to go.
-    assert host.call("stats").result["dropped_replies"] <= 20
+    stats = host.call("stats").result
+    assert stats["requests"] - before == 20 + 1 and stats["dropped_replies"] == 20  # and the host's forward
 
 
 @pytest.mark.slow
@@ -280,6 +282,38 @@ def test_a_slow_forward_leaves_its_connection_served_by_the_standby(start):
     assert first["id"] == 2 and first["ok"]  # answered while the forward still runs
     second = read_message(sock)
     assert second["id"] == 1 and second["results"][0]["ok"]
+
+
+@pytest.mark.slow
+def test_a_header_over_the_limit_waits_for_the_replies_to_the_ops_before_it(start):
+    driver = start(max_frame_bytes=4096, env={"PIE_DRIVER_FAULTS": "hang_on_token:77,hang_s:1.0"})
+    sock = raw_connection(driver)
+    # A forward that runs past TAKEOVER_S, a state op queued behind it, a health answered at once, then
+    # a header over the limit: the refusal and the close come only after the replies to all three.
+    sock.sendall(framed(request(1, "forward", requests=[step(3, [5, 77])]),
+                        request(2, "forward", requests=[step(4, [5, 6])]), request(3, "health"))
+                 + HEADER.pack(5000) + b"x" * 10)
+    replies = [read_message(sock) for _ in range(4)]
+    assert [r["id"] for r in replies] == [3, 1, 2, None]
+    assert replies[1]["results"][0]["ok"] and replies[2]["results"][0]["ok"]
+    assert replies[3]["error"]["code"] == "BAD_FRAME"
+    assert sock.recv(1) == b""  # closed
+    assert driver.client(stream=True).call("stats").result["dropped_replies"] == 0
+
+
+@pytest.mark.slow
+def test_shutdown_writes_the_replies_a_connection_has_not_read_yet(start):
+    driver = start()
+    sock = raw_connection(driver)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    wide = {"context": 9, "tokens": [5, 9, 14, 2, 7], "positions": list(range(5)),  # a reply of about 590 KB
+            "samplers": [{"at": i % 5, "type": "logprobs", "token_ids": list(range(512))} for i in range(128)]}
+    sock.sendall(framed(request(1, "forward", requests=[wide]), request(2, "shutdown")))
+    time.sleep(1.0)  # the driver has written what the kernel takes and holds the rest when it shuts down
+    replies = {reply["id"]: reply for reply in (read_message(sock), read_message(sock))}  # shutdown's may come first
+    assert replies[1]["results"][0]["ok"] and len(replies[1]["results"][0]["outputs"]) == 128
+    assert replies[2]["ok"]
+    assert driver.process.wait(10) == 0
 
 
 def test_the_client_refuses_a_stream_url_nobody_serves(tmp_path):

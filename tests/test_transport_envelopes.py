@@ -70,3 +70,29 @@ def test_the_reply_keeps_the_envelope_it_came_with(sockets):
     dealer.send_multipart([frame(8, "health"), b""])  # a trailing empty part is no envelope
     [payload] = dealer.recv_multipart()
     assert parse_reply(payload).error.code == "BAD_FRAME"
+
+
+@pytest.mark.slow
+def test_queued_ops_keep_each_their_own_envelope(start_driver):
+    driver = start_driver(env={"PIE_DRIVER_FAULTS": "hang_on_token:77,hang_s:1.0"})
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(driver.endpoint)
+
+    def entry(context: int, tokens: list[int]) -> dict:
+        return {"context": context, "tokens": tokens, "positions": list(range(len(tokens))),
+                "samplers": [{"at": len(tokens) - 1, "type": "greedy"}]}
+
+    try:
+        dealer.send(frame(1, "forward", requests=[entry(3, [5, 77])]))  # runs past TAKEOVER_S
+        assert dealer.poll(200) == 0
+        dealer.send(frame(2, "forward", requests=[entry(4, [5, 6])]))  # waits behind it, bare
+        dealer.send_multipart([b"", frame(3, "forward", requests=[entry(5, [5, 6])])])  # waits, delimited
+        envelopes = {}
+        for _ in range(3):
+            assert dealer.poll(TIMEOUT_MS)
+            parts = dealer.recv_multipart()
+            envelopes[parse_reply(parts[-1]).id] = parts[:-1]
+        assert envelopes == {1: [], 2: [], 3: [b""]}
+    finally:
+        dealer.close(0)

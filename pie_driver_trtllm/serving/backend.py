@@ -1,4 +1,5 @@
-"""The backend of a single replica: the driver core of one engine on one device.
+"""What the server serves (`Backend`: one replica's core, or a router over several), and the backend of a
+single replica: the driver core of one engine on one device.
 
 `begin` plans an op while the server holds the socket; a forward that needs the engine comes back as a
 `Pending` whose `run` (the engine call) the server makes without holding it, so that a standby thread
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pie_driver_trtllm.core.decode_step import DecodePlan
 from pie_driver_trtllm.core.driver_core import DriverCore, ForwardPlan
@@ -41,6 +42,17 @@ class Pending:
     finish: Callable[[Any], dict[str, Any]]
     expire: Callable[[], dict[str, Any] | None]
     deadline: float | None = None
+
+
+class Backend(Protocol):
+    """What the transport serves: the core of one replica, or a router over several."""
+
+    def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request: ...
+    def rehearse(self, frame: bytes | memoryview, limits: Limits, arrived: Callable[[], bool]) -> bool: ...
+    def begin(self, request: Request) -> dict[str, Any] | ForwardTokens | Pending: ...
+    def health(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]: ...
+    def count_error(self, code: str) -> None: ...
 
 
 class LocalBackend:

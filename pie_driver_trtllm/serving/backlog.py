@@ -13,7 +13,9 @@ class Backlog:
 
     def __init__(self, max_ops: int, max_bytes: int) -> None:
         self.max_ops, self.max_bytes = max_ops, max_bytes
-        self._queues: dict[bytes, deque[tuple[Request, int]]] = {}  # in turn order
+        # Keyed by connection, in turn order; each op keeps its own identity, whose type says how its
+        # reply is enveloped (a message with an empty delimiter, or without).
+        self._queues: dict[bytes, deque[tuple[bytes, Request, int]]] = {}
         self._ops = 0
         self.bytes = 0
 
@@ -27,21 +29,25 @@ class Backlog:
         queue = self._queues.get(identity)
         if queue is None:
             queue = self._queues[identity] = deque()
-        queue.append((request, size))
+        queue.append((identity, request, size))
         self._ops += 1
         self.bytes += size
         return True
 
     def pop(self) -> tuple[bytes, Request]:
         """The next op: the oldest of the connection whose turn it is; that connection goes last."""
-        identity = next(iter(self._queues))
-        queue = self._queues.pop(identity)
-        request, size = queue.popleft()
+        key = next(iter(self._queues))
+        queue = self._queues.pop(key)
+        identity, request, size = queue.popleft()
         if queue:
-            self._queues[identity] = queue
+            self._queues[key] = queue
         self._ops -= 1
         self.bytes -= size
         return identity, request
 
+    def holds(self, identity: bytes) -> bool:
+        """Whether an op of this connection waits."""
+        return identity in self._queues
+
     def forwards(self) -> int:
-        return sum(request.op == "forward" for queue in self._queues.values() for request, _ in queue)
+        return sum(request.op == "forward" for queue in self._queues.values() for _, request, _ in queue)

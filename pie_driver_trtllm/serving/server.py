@@ -16,12 +16,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
 from pie_driver_trtllm.serving import endpoint as endpoints
-from pie_driver_trtllm.serving.backend import Pending
+from pie_driver_trtllm.serving.backend import Backend, Pending
 from pie_driver_trtllm.serving.backlog import Backlog
 from pie_driver_trtllm.serving.endpoint import CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
@@ -34,17 +34,6 @@ from pie_driver_trtllm.wire.codec import ForwardTokens, FrameRejected, Limits, R
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 TAKEOVER_S = 0.01  # an engine call longer than this gets the socket served by the standby thread
-
-
-class Backend(Protocol):
-    """What the transport serves: the core of one replica, or a router over several."""
-
-    def decode_frame(self, frame: bytes | memoryview, limits: Limits) -> Request: ...
-    def rehearse(self, frame: bytes | memoryview, limits: Limits, arrived: Callable[[], bool]) -> bool: ...
-    def begin(self, request: Request) -> dict[str, Any] | ForwardTokens | Pending: ...
-    def health(self) -> dict[str, Any]: ...
-    def stats(self) -> dict[str, Any]: ...
-    def count_error(self, code: str) -> None: ...
 
 
 class _Run:
@@ -95,7 +84,7 @@ class DriverServer:
         if stream_socket:
             try:
                 stream = StreamListener(endpoint.private_dir, limits.max_frame_bytes, max_unread_reply_bytes,
-                                        self._poller)
+                                        self._poller, self._answering)
             except BaseException:
                 self._listener.close(linger=0)
                 raise
@@ -268,6 +257,11 @@ class DriverServer:
                 ErrorCode.CAPACITY, f"the driver is busy: {len(self._backlog)} state ops ({self._backlog.bytes} "
                 "bytes of frames) wait; send it again after a reply", busy=True))
 
+    def _answering(self, identity: bytes) -> bool:
+        """Whether an op of this connection runs or waits to run."""
+        run = self._run
+        return (run is not None and run.identity == identity) or self._backlog.holds(identity)
+
     @property
     def inflight(self) -> int:
         """Forwards started or waiting."""
@@ -389,7 +383,7 @@ class DriverServer:
 
     def _shutdown(self) -> None:
         if self._stream is not None:
-            self._stream.close()
+            self._stream.close(linger_s=1.0)  # as the ROUTER's linger
         self._listener.close()
         self._wakeup.close()
         endpoints.release(self.endpoint)

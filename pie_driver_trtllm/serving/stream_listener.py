@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -60,8 +62,10 @@ class StreamListener:
     """The listening socket, its connections, and their unread requests and unsent replies."""
 
     def __init__(self, directory: str | None, max_frame_bytes: int, max_unread_bytes: int,
-                 poller: zmq.Poller) -> None:
+                 poller: zmq.Poller, answering: Callable[[bytes], bool]) -> None:
         self.max_frame_bytes, self.max_unread_bytes = max_frame_bytes, max_unread_bytes
+        # Whether an op of a connection runs or waits to run: its refusal and its closing wait for it.
+        self._answering = answering
         self.refused = 0
         self._own_dir = directory is None  # beside the ROUTER's private socket, or in a directory of its own
         self._dir = tempfile.mkdtemp(prefix="pie-trtllm-s-", dir="/tmp") if directory is None else directory
@@ -94,7 +98,8 @@ class StreamListener:
     @property
     def waiting(self) -> bool:
         """Whether a message has been read and not served: the serving loop must not sleep."""
-        return any(conn.splitter.frames or conn.refusal for conn in self._by_fd.values())
+        return any(conn.splitter.frames or (conn.refusal and not self._answering(conn.identity))
+                   for conn in self._by_fd.values())
 
     # ------------------------------------------------------------------ one turn of the serving loop
 
@@ -125,12 +130,13 @@ class StreamListener:
                     served += 1
                     progressed = True
                     deliver(conn.identity, conn.splitter.frames.popleft())
-                elif conn.refusal is not None:
-                    refusal, conn.refusal = conn.refusal, None
-                    progressed = True
-                    refuse(conn.identity, refusal)
-                elif conn.ending and not conn.outbox:
-                    self._close(conn)
+                elif conn.ending and not self._answering(conn.identity):  # (a refusal ends it too)
+                    if conn.refusal is not None:  # only once the ops before it are answered
+                        refusal, conn.refusal = conn.refusal, None
+                        progressed = True
+                        refuse(conn.identity, refusal)
+                    elif not conn.outbox:
+                        self._close(conn)
             if not progressed:
                 return  # nothing left to serve; connections still writing replies wait for their turn
 
@@ -238,7 +244,7 @@ class StreamListener:
             conn.unsent -= sent
             drop_written(conn.outbox, sent)
         self._watch(conn)
-        if conn.ending and not conn.splitter.frames and conn.refusal is None:
+        if conn.ending and not conn.splitter.frames and conn.refusal is None and not self._answering(conn.identity):
             self._close(conn)
 
     def _drop(self, conn: _Connection) -> None:
@@ -261,8 +267,19 @@ class StreamListener:
         del self._by_identity[conn.identity]
         conn.sock.close()
 
-    def close(self) -> None:
-        """Close every connection and the socket; remove the socket file and a directory of its own."""
+    def close(self, linger_s: float = 0.0) -> None:
+        """Write the replies that wait for up to `linger_s` (as the ROUTER's linger does), then close every
+        connection and the socket; remove the socket file and a directory of its own."""
+        deadline = time.monotonic() + linger_s
+        writing = [conn for conn in self._by_fd.values() if conn.outbox]
+        while writing and time.monotonic() < deadline:
+            room = select.poll()
+            for conn in writing:
+                room.register(conn.fd, select.POLLOUT)
+            room.poll(max(1, int((deadline - time.monotonic()) * 1000)))
+            for conn in writing:
+                self._flush(conn)
+            writing = [conn for conn in writing if conn.outbox and self._by_fd.get(conn.fd) is conn]
         for conn in list(self._by_fd.values()):
             self._close(conn)
         with contextlib.suppress(KeyError):
