@@ -20,6 +20,7 @@ from pie_driver_trtllm.engines.reference import batched as batched_module
 from pie_driver_trtllm.engines.reference.batched import BatchedReferenceEngine
 from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
 from pie_driver_trtllm.modelgen import make_model
+from pie_driver_trtllm.serving.backend import LocalBackend
 from pie_driver_trtllm.wire.codec import (
     Fork,
     Forward,
@@ -211,9 +212,14 @@ def test_a_swap_that_fails_part_way_serves_nothing_until_a_good_load(tiny_model,
         h.core.load_weights(LoadWeights(str(second_model), 1))
     assert failed.value.code == "WEIGHTS_LOAD_FAILED" and failed.value.details == {"serving_previous": False}
     assert h.core.weights_health() == {"weights_version": 0, "weights": "unavailable", "asleep": 0}
+    assert LocalBackend(h.core, "cpu").health()["status"] == "degraded"
+    with pytest.raises(DriverError) as again:  # a load refused before it changed anything: still nothing served
+        h.core.load_weights(LoadWeights(str(second_model / "missing"), 1))
+    assert again.value.code == "WEIGHTS_LOAD_FAILED" and again.value.details == {"serving_previous": False}
     lengths = {c: h.core.store.length(c) for c in histories}
-    reply = full_forward(h, [greedy(c, [hist[-1]], len(hist) - 1) for c, hist in histories.items()])
-    assert [r["error"]["code"] for r in reply["results"]] == ["WEIGHTS_UNAVAILABLE"] * len(histories)
+    reply = full_forward(h, [greedy(c, [hist[-1]], len(hist) - 1) for c, hist in histories.items()]
+                         + [greedy(9, [100_000], 0)])  # an entry that would be OUT_OF_RANGE: every entry fails alike
+    assert [r["error"]["code"] for r in reply["results"]] == ["WEIGHTS_UNAVAILABLE"] * (len(histories) + 1)
     assert {c: h.core.store.length(c) for c in histories} == lengths  # nothing merged
     with pytest.raises(RuntimeError, match="serves no weights"):
         h.engine.step([])
@@ -234,8 +240,9 @@ def test_sleep_and_wake(tiny_model, second_model, kind):
     assert h.core.sleep(Sleep(1)) == {"asleep": 1}
     if kind != "per-context":
         assert h.engine.decoder.cache == []  # the KV cache is gone, not just emptied
-    reply = full_forward(h, [greedy(c, [hist[-1]], len(hist) - 1) for c, hist in histories.items()])
-    assert [r["error"]["code"] for r in reply["results"]] == ["ASLEEP"] * len(histories)
+    reply = full_forward(h, [greedy(c, [hist[-1]], len(hist) - 1) for c, hist in histories.items()]
+                         + [greedy(9, [100_000], 0)])  # an entry that would be OUT_OF_RANGE: every entry fails alike
+    assert [r["error"]["code"] for r in reply["results"]] == ["ASLEEP"] * (len(histories) + 1)
     # Histories only: fork, truncate and release work while asleep.
     assert h.core.fork(Fork(1, 4, 3)) == {"length": 3}
     assert h.core.truncate(Truncate(2, 3)) == {"length": 3}

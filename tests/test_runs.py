@@ -13,6 +13,7 @@ from test_protocol_fastpath import check_paths_agree
 from trtllm_support import CoreHarness, double_imported, trt_config
 
 from pie_driver_trtllm.config import parse_config
+from pie_driver_trtllm.engines.base import RowResult
 from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
 from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV
 from pie_driver_trtllm.serving.driver import build_caps, build_handshake
@@ -108,11 +109,31 @@ def test_a_run_before_the_end_of_its_history_fails_alone(reference) -> None:
     harness = reference[1]()
     harness.forward([{"context": 1, "tokens": [1, 2, 3, 4], "positions": [0, 1, 2, 3]}])
     bad, good = harness.forward([
-        {"context": 1, "tokens": [2], "positions": [1], "samplers": [{"at": 0, "type": "greedy", "max_tokens": 4}]},
+        {"context": 1, "tokens": [7, 8], "positions": [1, 2],
+         "samplers": [{"at": 0, "type": "greedy", "max_tokens": 4}]},
         {"context": 2, "tokens": [9], "positions": [0], "samplers": [{"at": 0, "type": "greedy", "max_tokens": 4}]}])
     assert bad["ok"] is False and bad["error"]["code"] == "BAD_REQUEST"
     assert "end of context 1" in bad["error"]["message"]
+    assert harness.core.store.get(1) == [1, 7, 8]  # its tokens stay merged (the rollback included), as documented
     assert good["ok"] is True and len(good["outputs"][0]["tokens"]) == 4
+    assert harness.core.stats()["tokens_out"] == 4  # the run's tokens; the refused entry's none
+
+
+def test_tokens_out_counts_a_run_token_by_token_and_a_failed_entry_not_at_all(reference) -> None:
+    harness = reference[1]()
+    inner = harness.engine.step
+
+    def failing_dist(rows: list[Any]) -> list[Any]:  # an engine that fails every dist row alone
+        return [RowResult(error="Injected: row fails") if row.sampler.type == "dist" else result
+                for row, result in zip(rows, inner(rows), strict=True)]
+
+    harness.engine.step = failing_dist
+    run = {"at": 2, "type": "greedy", "max_tokens": 4}
+    prompt = {"tokens": [1, 15, 99], "positions": [0, 1, 2]}
+    failed, good = harness.forward([{"context": 1, **prompt, "samplers": [run, {"at": 2, "type": "dist", "k": 2}]},
+                                    {"context": 2, **prompt, "samplers": [run, {"at": 1, "type": "greedy"}]}])
+    assert failed["ok"] is False and good["ok"] is True and len(good["outputs"][0]["tokens"]) == 4
+    assert harness.core.stats()["tokens_out"] == 4 + 1
 
 
 def test_a_run_stops_at_max_model_len(reference) -> None:

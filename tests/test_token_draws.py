@@ -89,3 +89,12 @@ def test_a_bad_row_fails_alone_in_a_batch():
     results = row_results(logits, [sampler, sampler, Sampler("greedy", 0)], [1, 2, None])
     assert results[0].tokens and results[2].tokens == [int(torch.argmax(logits[2]))]
     assert results[1].error is not None and "NaN" in results[1].error
+
+
+def test_ties_at_the_kth_logit_all_stay_and_top_p_takes_ties_in_id_order():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
+    kept = {name: set(torch.nonzero(filtered_probs(logits, [sampler])[0]).flatten().tolist())
+            for name, sampler in {"top_k": Sampler("top_k", 0, top_k=1),
+                                  "top_p": Sampler("top_p", 0, top_p=0.1),
+                                  "top_p_two": Sampler("top_p", 0, top_p=0.4)}.items()}
+    assert kept == {"top_k": {1, 2, 4}, "top_p": {1}, "top_p_two": {1, 2}}

@@ -182,8 +182,9 @@ class DriverCore:
                 self.counters.error(failure.code)
                 replies.append({"ok": False, "error": failure.to_wire()})
             else:
-                self.counters.tokens_out += len(plan.outputs[index])
-                replies.append({"ok": True, "outputs": plan.outputs[index]})
+                outputs = plan.outputs[index]
+                self.counters.tokens_out += sum(len(out["tokens"]) if "tokens" in out else 1 for out in outputs)
+                replies.append({"ok": True, "outputs": outputs})
         return {"results": replies, "weights_version": self.weights_version}
 
     def _merge(self, item: ForwardItem, plan: ForwardPlan) -> MergeResult:
@@ -261,8 +262,7 @@ class DriverCore:
             if result.error is not None:
                 failures[index] = DriverError(ErrorCode(result.code), result.error)
             elif result.tokens is not None and row.sampler.is_run:
-                outputs[index][position] = out = run_output(row.sampler, self._max_len, row.length, result)
-                self.counters.tokens_out += len(out["tokens"]) - 1  # the request's outputs count one each
+                outputs[index][position] = run_output(row.sampler, self._max_len, row.length, result)
                 if row.sampler.is_greedy and row.context in self.store and row.tokens is self.store.get(row.context):
                     self.lookahead.fill(row.context, row.length, result.tokens)  # the live history, not a copy
             elif result.tokens is not None:
@@ -332,14 +332,14 @@ class DriverCore:
         return None
 
     def refuse_forward(self, body: Forward, error: DriverError) -> dict[str, Any]:
-        """Every request fails with `error` (or its own validation failure); no state changes."""
-        self.counters.requests += len(body.items)
-        replies = []
-        for item in body.items:
-            failure = item if isinstance(item, DriverError) else error
-            self.counters.error(failure.code)
-            replies.append({"ok": False, "error": failure.to_wire()})
-        return {"results": replies, "weights_version": self.weights_version}
+        """Every request fails with `error`, a valid one or not (as with replicas); no state changes."""
+        count = len(body.items)
+        self.counters.requests += count
+        for _ in range(count):
+            self.counters.error(error.code)
+        wire = error.to_wire()
+        results = [{"ok": False, "error": wire} for _ in range(count)]
+        return {"results": results, "weights_version": self.weights_version}
 
     def load_weights(self, body: LoadWeights) -> dict[str, Any]:
         """Replace the weights. Every cached KV goes with the old weights, and so does the lookahead
@@ -351,11 +351,11 @@ class DriverCore:
         try:
             self.engine.load_weights(body.path)  # type: ignore[attr-defined]
         except WeightsLoadError as exc:
-            if not exc.serving_previous:
+            serving = exc.serving_previous and self.weights_serving  # nothing served since a part-way failure
+            if not serving:
                 self.weights_serving = False
                 self.lookahead.clear()
-            raise DriverError(ErrorCode.WEIGHTS_LOAD_FAILED, exc.message,
-                              serving_previous=exc.serving_previous) from None
+            raise DriverError(ErrorCode.WEIGHTS_LOAD_FAILED, exc.message, serving_previous=serving) from None
         except Exception as exc:  # an engine failure other than a refused load: assume the worst
             self.weights_serving = False
             self.lookahead.clear()
