@@ -136,6 +136,14 @@ def test_tokens_out_counts_a_run_token_by_token_and_a_failed_entry_not_at_all(re
     assert harness.core.stats()["tokens_out"] == 4 + 1
 
 
+def test_a_run_at_the_end_of_its_history_after_out_of_order_positions_is_a_run(reference) -> None:
+    scattered, plain = reference[1](), reference[1]()
+    run = {"at": 2, "type": "greedy", "max_tokens": 3}
+    (reply,) = scattered.forward([{"context": 1, "tokens": [5, 6, 7], "positions": [0, 1, 1], "samplers": [run]}])
+    (expected,) = plain.forward([{"context": 1, "tokens": [5, 7], "positions": [0, 1], "samplers": [{**run, "at": 1}]}])
+    assert reply == expected and len(reply["outputs"][0]["tokens"]) == 3
+
+
 def test_a_run_stops_at_max_model_len(reference) -> None:
     harness = reference[1]()  # max_history_tokens 40: positions 0..39
     prompt = list(range(1, 38))

@@ -112,7 +112,8 @@ class ContextStore:
                 snapshots[index] = work[: position + 1]
         self._histories[context] = work
         self.tokens += len(work) - len(history or ())
-        return MergeResult(cut_at, [], snapshots)
+        # A prefix that is the whole history after all reads the live one: it is at the end (runs need that).
+        return MergeResult(cut_at, [], {index: prefix for index, prefix in snapshots.items() if prefix != work})
 
     def _evict_over_bound(self, keep: int) -> list[int]:
         evicted = []
