@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -161,6 +162,45 @@ def test_the_driver_with_handshake_fd_1_writes_the_handshake_to_stdout(env: dict
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0 and '"ready"' not in err, err
+
+
+@pytest.mark.slow
+def test_the_handshake_fd_gets_exactly_two_lines_then_closes_and_stdout_stays_empty(env: dict[str, str],
+                                                                                   tiny_model: Path,
+                                                                                   tmp_path: Path) -> None:
+    from pie_driver_trtllm.client import DriverClient
+
+    config = write_config(tmp_path, tiny_model, driver={"group_id": 5}, stream_socket=True)
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen([sys.executable, "-m", "pie_driver_trtllm", "--config", str(config),
+                                "--handshake-fd", str(write_end)], pass_fds=(write_end,), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    os.close(write_end)
+    try:
+        data, deadline = b"", time.monotonic() + 120
+        while chunk := _read_within(read_end, deadline):  # b"" once the driver closes its end
+            data += chunk
+        lines = data.decode().splitlines()
+        assert len(lines) == 2
+        first, second = json.loads(lines[0]), json.loads(lines[1])
+        assert set(first) == {"group_id", "endpoint", "stream_endpoint", "caps"} and first["group_id"] == 5
+        assert second == {"ready": True, "num_groups": 1}
+        client = DriverClient(first["endpoint"])
+        assert client.call("handshake").result["caps"] == first["caps"]
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        os.close(read_end)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and out == b""
+
+
+def _read_within(fd: int, deadline: float) -> bytes:
+    ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+    assert ready, "the handshake stream was not closed in time"
+    return os.read(fd, 1 << 16)
 
 
 def test_make_model_onto_a_file(env: dict[str, str], tmp_path: Path) -> None:

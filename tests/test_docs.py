@@ -38,7 +38,7 @@ PACKAGE = ROOT / "pie_driver_trtllm"
 START = "<!-- config-table:start -->"
 END = "<!-- config-table:end -->"
 OPS = ("handshake", "forward", "fork", "truncate", "release", "health", "stats", "shutdown", "load_weights", "sleep",
-       "wake")
+       "wake", "step")
 CONFIG_SECTIONS = {"model": ModelSection, "driver": DriverSection, "driver.options": DriverOptions}
 
 # Bare file names in the pages that are not part of this tree: other projects' sources (tensorrt-llm.md

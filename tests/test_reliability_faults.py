@@ -74,6 +74,10 @@ def test_engine_raise_fails_that_batch_only(faulty):
     results = client.forward([prefill(2, [*PROMPT, RAISE]), prefill(3, PROMPT)])
     assert [error_code(r) for r in results] == ["ENGINE_ERROR", "ENGINE_ERROR"]  # the whole call raised
     assert "injected fault" in results[0]["error"]["message"]
+    # The failed entries stay merged: a retry sends only the last token again, at its own position.
+    retry = client.forward([{"context": 3, "tokens": [PROMPT[-1]], "positions": [len(PROMPT) - 1],
+                             "samplers": [{"at": 0, "type": "greedy"}]}])[0]
+    assert retry["ok"] and retry["outputs"][0]["token"] == control[0]
     # The next batch is fine, and the batch's other context answers as if nothing had happened.
     assert greedy_run(client, 3, PROMPT) == control
     assert greedy_run(client, 4, PROMPT) == control

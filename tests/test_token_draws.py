@@ -98,3 +98,26 @@ def test_ties_at_the_kth_logit_all_stay_and_top_p_takes_ties_in_id_order():
                                   "top_p": Sampler("top_p", 0, top_p=0.1),
                                   "top_p_two": Sampler("top_p", 0, top_p=0.4)}.items()}
     assert kept == {"top_k": {1, 2, 4}, "top_p": {1}, "top_p_two": {1, 2}}
+
+
+def test_a_seed_draws_the_first_token_whose_cumulative_probability_reaches_its_splitmix64_uniform():
+    """The rule protocol.md states, written out on its own: u = (top 53 bits of splitmix64(seed) + 1) / 2^53."""
+    mask = (1 << 64) - 1
+
+    def uniform(seed: int) -> float:
+        z = (seed + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return (((z ^ (z >> 31)) >> 11) + 1) / 2.0**53
+
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.0, 1.1, -0.4]])
+    probs = torch.softmax(logits[0].double(), 0).tolist()
+    sampler = Sampler("multinomial", 0, temperature=1.0)
+    for seed in [0, 1, 2, 41, 2**32, 2**63 + 5, 2**64 - 1, *range(100, 160)]:
+        u, total, expected = uniform(seed), 0.0, len(probs) - 1
+        for token, p in enumerate(probs):
+            total += p
+            if total >= u:
+                expected = token
+                break
+        assert draw_tokens(logits, [sampler], [seed]) == [expected], seed
