@@ -11,6 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from conftest import write_config
+from test_docs import DOCS, first_column, page_text, section
 
 from pie_driver_trtllm.client import DriverClient, DriverProcess, spawn
 
@@ -139,7 +140,15 @@ def test_a_refused_fork_leaves_dst_on_another_replica_intact(pair):
 def test_replica_health_has_the_documented_fields(pair):
     health = pair.client().call("health").result
     assert [set(entry) for entry in health["replicas"]] == [
-        {"device", "alive", "contexts", "inflight", "restarts", "pid"}] * 2
+        {"device", "alive", "contexts", "inflight", "engine", "restarts", "pid"}] * 2
+
+
+def test_replica_stats_fields_are_the_documented_ones(pair):
+    stats = pair.client().call("stats").result
+    documented = set(first_column(section(page_text(DOCS / "protocol.md"), "5.7 stats")))
+    only_sometimes = {"stages", "engine"}  # with `stage_times` on; `engine` is each replica's own
+    assert set(stats) == documented - only_sometimes
+    assert stats["engine_timeouts"] == sum(r["engine_timeouts"] for r in stats["replicas"])
 
 
 def test_each_replica_counts_its_own_step_timeouts(pair):
@@ -148,7 +157,20 @@ def test_each_replica_counts_its_own_step_timeouts(pair):
     assert hung["error"]["code"] == "ENGINE_ERROR" and "engine_step_timeout_s" in hung["error"]["message"]
     stats = client.call("stats").result
     assert sorted(r.get("engine_timeouts") for r in stats["replicas"]) == [0, 1]
+    assert stats["engine_timeouts"] == 1
+    # The hung step has not returned: its replica is fenced off, and health says so at once.
+    asked = time.monotonic()
+    health = client.call("health").result
+    assert time.monotonic() - asked < 0.5
+    assert health["status"] == "degraded"
+    assert sorted(r["engine"] for r in health["replicas"]) == ["ok", "stuck"]
+    stuck = next(r for r in health["replicas"] if r["engine"] == "stuck")
+    assert 1.0 <= stuck["stuck_s"] < 3.0 and stuck["alive"]
     deadline = time.monotonic() + 30
     while client.call("health")["status"] != "ok":  # the hung step returns; the replica serves again
         assert time.monotonic() < deadline, "the replica stayed fenced off"
         time.sleep(0.1)
+    health = client.call("health").result
+    assert [r["engine"] for r in health["replicas"]] == ["ok", "ok"]
+    assert not any("stuck_s" in r for r in health["replicas"])
+    assert client.forward([prefill(9, [4, 5], sample=True)])[0]["ok"]

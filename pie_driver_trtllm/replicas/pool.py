@@ -37,6 +37,8 @@ class Replica:
     failures: int = 0
     next_start: float = 0.0
     contexts: set[int] = field(default_factory=set)
+    stuck_since: float | None = None  # when its engine's overrunning call started, as the router learned it
+    fenced_notes: int = 0             # replies seen saying its engine is fenced off (`engine_state`)
     # A socket belongs to one thread: a dead replica's clients wait here for their owner to close them.
     retired_work: list[DriverClient] = field(default_factory=list)
     retired_control: list[DriverClient] = field(default_factory=list)
@@ -110,6 +112,7 @@ class ReplicaPool:
             if not replica.alive:
                 return
             replica.alive = False
+            replica.stuck_since = None  # its engine went with the process
             replica.failures += 1
             replica.next_start = time.monotonic() + BACKOFF_S[min(replica.failures, len(BACKOFF_S)) - 1]
             self._on_death(replica)

@@ -5,7 +5,8 @@ and joins the results in order. A well-formed forward takes one pass (`splice`):
 to their replicas as they came and the results come back as the replicas encoded them. Anything else
 takes the general way: validated here, and a replica's share cut into sub-forwards within that
 replica's caps (`batches`). Contexts of a replica that dies fail with REPLICA_LOST until replayed from
-position 0, while the other replicas keep serving. `stats` counts what the host sent and received.
+position 0, while the other replicas keep serving. `stats` counts what the host sent and received;
+`health` follows each replica's process and whether its engine is fenced off (`engine_state`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import zmq
 
 from pie_driver_trtllm.client import parse_reply
 from pie_driver_trtllm.replicas.batches import (
@@ -30,9 +30,10 @@ from pie_driver_trtllm.replicas.batches import (
     router_caps,
     sub_forwards,
 )
+from pie_driver_trtllm.replicas.engine_state import FencedEngines, ask
 from pie_driver_trtllm.replicas.host_counters import HostCounters
 from pie_driver_trtllm.replicas.placement import Placement
-from pie_driver_trtllm.replicas.pool import Replica, ReplicaPool
+from pie_driver_trtllm.replicas.pool import STATS_TIMEOUT_S, Replica, ReplicaPool
 from pie_driver_trtllm.replicas.replica_calls import ReplicaCalls
 from pie_driver_trtllm.replicas.splice import (
     FAILED_MARK,
@@ -71,6 +72,7 @@ class ReplicaSet:
         self._lock = self._pool.lock
         self.replicas = self._pool.replicas
         self._calls = ReplicaCalls(self.replicas, self._pool.mark_dead)
+        self._fenced = FencedEngines(self.replicas, self._lock, self._calls.call)
         handshake = self.replicas[0].control.call("handshake").result  # type: ignore[union-attr]
         caps = handshake["caps"]  # every replica runs the same config, so replica 0's caps are each one's
         self._replica_caps = (caps["max_forward_requests"], caps["max_forward_tokens"])
@@ -136,18 +138,21 @@ class ReplicaSet:
         raise AssertionError(f"op {request.op!r} reached the backend")
 
     def health(self) -> dict[str, Any]:
+        """Each replica as the router knows it; only a replica whose engine is fenced off is asked."""
+        self._fenced.refresh()
         with self._lock:
             replicas = [{"device": r.device, "alive": r.alive, "contexts": len(r.contexts),
-                         "restarts": r.restarts, "pid": r.process.process.pid if r.process else None}
-                        for r in self.replicas]
+                         **self._fenced.entry(r), "restarts": r.restarts,
+                         "pid": r.process.process.pid if r.process else None} for r in self.replicas]
         weights = self._weights.health()
-        ok = all(r["alive"] for r in replicas) and weights["weights"] == "serving"
+        ok = all(r["alive"] and r["engine"] == "ok" for r in replicas) and weights["weights"] == "serving"
         return {"status": "ok" if ok else "degraded", **weights, "replicas": replicas}
 
     def stats(self) -> dict[str, Any]:
         """`requests` and `errors` as the host sent and received them; the rest summed over the replicas."""
         total: dict[str, Any] = {"tokens_in": 0, "tokens_out": 0, "engine_calls": 0, "engine_s": 0.0,
-                                 "oom_splits": 0, "lookahead_hits": 0, "contexts": 0, "evictions": 0}
+                                 "oom_splits": 0, "engine_timeouts": 0, "lookahead_hits": 0, "contexts": 0,
+                                 "evictions": 0}
         self._pool.close_retired(kind="control")
         requests, errors, not_returned = self._counters.snapshot()
         per_replica = []
@@ -155,10 +160,7 @@ class ReplicaSet:
             entry: dict[str, Any] = {"device": replica.device, "alive": replica.alive}
             client = replica.control
             if replica.alive and client is not None:
-                try:
-                    stats = client.call("stats").result
-                except (TimeoutError, RuntimeError, zmq.ZMQError):
-                    stats = {}
+                stats = ask(client, "stats", STATS_TIMEOUT_S) or {}
                 for key in total:
                     total[key] += stats.get(key, 0)
                 entry.update(stats)
@@ -220,6 +222,7 @@ class ReplicaSet:
                 self._counters.add_failures(failures)
                 joined += failures
             elif FAILED_MARK in received[0]:
+                self._fenced.answered(index, received[0])
                 slots = split.slots(index)
                 results = [_renumbered(result, j, slot)
                            for j, (slot, result) in enumerate(zip(slots, received[1].results, strict=True))]
@@ -261,6 +264,8 @@ class ReplicaSet:
         for sub in subs:
             received = None if sub.request_id is None else replies.get(sub.request_id)
             clean = received is not None and received[1].results is not None and FAILED_MARK not in received[0]
+            if received is not None and not clean:
+                self._fenced.answered(sub.replica, received[0])
             for piece, result in zip(sub.pieces, self._outcome(sub, replies), strict=True):
                 if piece.samplers is None:
                     results[piece.request] = result
