@@ -117,6 +117,10 @@ def test_engine_hang_past_deadline_fails_the_forward_and_fences_the_engine(fault
     refused = client.forward([prefill(23, PROMPT)])[0]
     assert time.monotonic() - asked < 0.5
     assert refused["error"]["code"] == "ENGINE_ERROR" and "not started" in refused["error"]["message"]
+    for op, fields in (("sleep", {"level": 1}), ("wake", {}), ("load_weights", {"path": "/nowhere", "version": 9})):
+        reply = client.call(op, check=False, **fields)
+        assert reply.error is not None and reply.error.code == "ENGINE_ERROR" and "not started" in reply.error.message
+    assert client.call("health")["asleep"] == 0 and client.call("health")["weights_version"] == 0
     # Once the stuck call returns the engine is back, and no context lost its state.
     deadline = time.monotonic() + 10
     while client.call("health")["status"] != "ok":

@@ -13,9 +13,11 @@ from test_protocol_fastpath import check_paths_agree
 from trtllm_support import CoreHarness, double_imported, trt_config
 
 from pie_driver_trtllm.config import parse_config
+from pie_driver_trtllm.core.runs import run_output
 from pie_driver_trtllm.engines.base import RowResult
 from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
 from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV
+from pie_driver_trtllm.sampler import Sampler
 from pie_driver_trtllm.serving.driver import build_caps, build_handshake
 from pie_driver_trtllm.wire.codec import Limits, decode_frame, encode_forward
 from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
@@ -41,6 +43,20 @@ def test_run_fields_are_normalised_and_a_plain_sampler_stays_one_token() -> None
     assert (plain.max_tokens, plain.is_run) == (0, False)
     assert (run.max_tokens, run.stop_token_ids, run.return_logprobs, run.is_run) == (16, (2, 7), True, True)
     assert (defaulted.max_tokens, defaulted.is_run) == (1, True)  # any run field makes a run, of one by default
+    nil = item({"at": 1, "type": "greedy", "max_tokens": None, "stop_token_ids": None, "return_logprobs": None,
+                "return_logprob": None, "logprob_mode": None}).samplers[0]
+    assert (nil.max_tokens, nil.is_run, nil.return_logprob) == (0, False, False)  # nil means absent
+
+
+@pytest.mark.parametrize(("tokens", "max_tokens", "stops", "length", "reason"), [
+    ([4, 7], 2, (7,), 10, "stop_token"),        # a stop id that is also the max_tokens-th token
+    ([4, 7], 2, (), 62, "max_tokens"),           # the max_tokens-th token is also the last position
+    ([4, 7], 3, (), 62, "max_model_len"),
+])
+def test_a_run_names_the_first_stop_that_applies(tokens: list[int], max_tokens: int, stops: tuple[int, ...],
+                                                 length: int, reason: str) -> None:
+    sampler = Sampler("greedy", 0, temperature=0.0, max_tokens=max_tokens, stop_token_ids=stops)
+    assert run_output(sampler, 64, length, RowResult(tokens=tokens)) == {"tokens": tokens, "stop": reason}
 
 
 @pytest.mark.parametrize(("sampler", "code", "words"), [

@@ -13,13 +13,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
-from trtllm_support import load_double_engine
+from trtllm_support import load_double_engine, trt_config
 
 from pie_driver_trtllm.config import StartupError
 from pie_driver_trtllm.engines.base import Row, WeightsLoadError
 from pie_driver_trtllm.modelgen import make_model
 from pie_driver_trtllm.sampler import Sampler
-from pie_driver_trtllm.wire.codec import Fork
+from pie_driver_trtllm.serving.driver import build_caps
+from pie_driver_trtllm.wire.codec import Fork, LoadWeights, Sleep, Wake
+from pie_driver_trtllm.wire.errors import DriverError, ErrorCode
 
 PROMPT = [5 + (i * 7) % 200 for i in range(40)]  # past one 32-token block, so block reuse has something to serve
 
@@ -72,9 +74,21 @@ def test_rl_ops_start_llm_on_the_ray_orchestrator_with_sleep_and_the_worker_exte
     assert not any(hasattr(plain.engine, op) for op in ("load_weights", "sleep", "wake"))
 
 
-def test_rl_ops_need_generate_mode(tiny_model):
-    from trtllm_support import trt_config
+@pytest.mark.parametrize("mode", ["generate", "pyexecutor"])
+def test_without_rl_ops_the_engine_offers_none_and_each_is_unsupported(double, tiny_model, mode):
+    harness, _ = load_double_engine(tiny_model, execution_mode=mode)
+    config = trt_config(tiny_model, execution_mode=mode)
+    caps = build_caps(config, harness.engine, harness.limits)
+    assert caps["rl_ops"] == [] and caps["sleep_levels"] == []
+    for call in (lambda: harness.core.load_weights(LoadWeights(str(tiny_model), 1)),
+                 lambda: harness.core.sleep(Sleep(1)), lambda: harness.core.wake(Wake())):
+        with pytest.raises(DriverError) as refused:
+            call()
+        assert refused.value.code == ErrorCode.UNSUPPORTED
+    assert harness.core.weights_health() == {"weights_version": 0, "weights": "serving", "asleep": 0}
 
+
+def test_rl_ops_need_generate_mode(tiny_model):
     with pytest.raises(StartupError, match="rl_ops"):
         trt_config(tiny_model, rl_ops=True, execution_mode="pyexecutor")
 
