@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import torch
 from conftest import ENGINE_VARIANTS, write_config
 from transformers import AutoModelForCausalLM
 
+import pie_driver_trtllm
 from pie_driver_trtllm.client import DriverClient, DriverFailed, spawn
 
 pytestmark = pytest.mark.slow
@@ -419,3 +421,32 @@ def test_same_context_twice_in_one_forward_equals_two_forwards(start_driver, tin
     assert together == apart
     assert together[0]["outputs"][1]["token"] == transformers_greedy(tiny_model, prompt[:3], 1)[0]
     assert one.call("stats")["requests"] == 2
+
+
+@pytest.mark.slow
+def test_the_handshake_reports_each_option_where_the_protocol_says(start_driver, tiny_model, engine_variant):
+    options = {"max_concurrent_requests": 7, "max_batched_tokens": 300, "max_sampler_rows": 55,
+               "max_output_elements": 999, "max_logprob_labels": 5, "lookahead_tokens": 3,
+               "virtual_total_pages": 1234, "virtual_kv_page_size": 48, "max_seq_len": 96}
+    if engine_variant != "trtllm-double-pyexecutor":  # the executor needs whole histories
+        options["max_history_tokens"] = 80
+    hello = start_driver(**options).client().call("handshake").result
+    caps, model = hello["caps"], hello["model"]
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert hello["protocol"] == 1 and hello["protocol_version"] == [1, 2]
+    assert hello["driver"] == {"name": "pie-driver-trtllm", "version": pie_driver_trtllm.__version__}
+    assert model["vocab_size"] == config["vocab_size"] and model["eos_token_id"] == config["eos_token_id"]
+    assert model["max_model_len"] == caps["max_model_len"] == min(96, options.get("max_history_tokens", 96))
+    assert {key: caps[key] for key in ("max_forward_requests", "max_forward_tokens", "max_logit_rows",
+                                       "max_prob_rows", "max_sampler_rows", "max_output_elements",
+                                       "max_logprob_labels", "lookahead_tokens", "total_pages", "max_page_refs",
+                                       "kv_page_size")} == {
+        "max_forward_requests": 7, "max_forward_tokens": 300, "max_logit_rows": 300, "max_prob_rows": 300,
+        "max_sampler_rows": 55, "max_output_elements": 999, "max_logprob_labels": 5, "lookahead_tokens": 3,
+        "total_pages": 1234, "max_page_refs": 1234, "kv_page_size": 48}
+    assert (caps["swap_pool_size"], caps["max_custom_mask_bytes"], caps["max_sampler_tokens"]) == (0, 0, 64)
+    assert (caps["supports_user_attention_mask"], caps["supports_adapters"]) == (False, False)
+    assert (caps["tensor_parallel_size"], caps["replicas"], caps["devices"]) == (1, 1, ["cpu"])
+    assert caps["activation_dtype"] == "float32" and caps["samplers"] == sorted(caps["samplers"])
+    assert set(caps["samplers"]) == {"greedy", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p", "dist",
+                                     "logprobs"}
