@@ -180,7 +180,8 @@ class DriverSection(Struct, forbid_unknown_fields=True):
         = "bfloat16"
     # msgspec takes integer bounds up to int64 only: this one is checked in parse_config.
     random_seed: Annotated[Annotated[int, Meta(ge=0, extra={"le": SEED_MAX})] | None, Meta(description=(
-        "Seed of the driver's own randomness (unseeded samplers); unset draws from the OS."))] = None
+        "Seed of the driver's own randomness (unseeded samplers); unset draws from the OS. With several "
+        "devices, replica i uses this plus i."))] = None
     tensor_parallel_size: Annotated[Literal[1], Meta(description=(
         "Must be 1: use several devices for data parallelism."))] = 1
     type: Annotated[EngineName, Meta(description="Driver type as written by the host.")] = "tensorrt_llm"

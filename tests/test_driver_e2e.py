@@ -450,3 +450,50 @@ def test_the_handshake_reports_each_option_where_the_protocol_says(start_driver,
     assert caps["activation_dtype"] == "float32" and caps["samplers"] == sorted(caps["samplers"])
     assert set(caps["samplers"]) == {"greedy", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p", "dist",
                                      "logprobs"}
+
+
+def test_a_history_evicted_by_the_total_token_bound_is_a_gap_from_0(start_driver):
+    client = start_driver(max_total_history_tokens=10).client()
+    for context in (1, 2):  # 6 tokens each: the second passes the bound of 10, and context 1 goes
+        assert client.forward([{"context": context, "tokens": [3, 4, 5, 6, 7, 8], "positions": list(range(6))}])
+    (gap,) = client.forward([{"context": 1, "tokens": [9], "positions": [6]}])
+    assert gap["error"]["code"] == "HISTORY_GAP" and gap["error"]["known_length"] == 0
+    stats = client.call("stats")
+    assert stats["evictions"] == 1 and stats["contexts"] == 1
+
+
+def test_a_greedy_run_fills_the_lookahead_buffer(start_driver):
+    client = start_driver(lookahead_tokens=1).client()  # so a hit can come only from the run
+    (run,) = client.forward([{"context": 1, "tokens": [1, 15, 99], "positions": [0, 1, 2],
+                              "samplers": [{"at": 2, "type": "greedy", "max_tokens": 4}]}])
+    tokens = run["outputs"][0]["tokens"]
+    before = client.call("stats")
+    (fed,) = client.forward([{"context": 1, "tokens": [tokens[0]], "positions": [3],
+                              "samplers": [{"at": 0, "type": "greedy"}]}])
+    after = client.call("stats")
+    assert fed["outputs"][0]["token"] == tokens[1]
+    assert after["lookahead_hits"] == before["lookahead_hits"] + 1 and after["engine_calls"] == before["engine_calls"]
+
+
+def test_driver_random_seed_makes_unseeded_draws_repeatable(start_driver):
+    def draws(seed: int) -> list[int]:
+        client = start_driver(driver={"random_seed": seed}).client()
+        request = {"context": 1, "tokens": [1, 15, 99], "positions": [0, 1, 2],
+                   "samplers": [{"at": 2, "type": "multinomial", "temperature": 5.0}] * 8}
+        return [out["token"] for out in client.forward([request])[0]["outputs"]]
+
+    first = draws(11)
+    assert draws(11) == first and draws(12) != first
+
+
+def test_each_replica_draws_from_its_own_seed(tiny_model, tmp_path):
+    from pie_driver_trtllm.config import SEED_MAX, load_config
+    from pie_driver_trtllm.serving.driver import select_replica
+
+    seeds = []
+    for index in range(3):
+        config = load_config(str(write_config(tmp_path, tiny_model, driver={"device": ["cpu"] * 3,
+                                                                           "random_seed": SEED_MAX - 1})))
+        select_replica(config, index)
+        seeds.append(config.driver.random_seed)
+    assert seeds == [SEED_MAX - 1, SEED_MAX, 0]  # replica 0 draws as one device does

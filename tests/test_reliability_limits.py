@@ -191,3 +191,13 @@ def test_caps_hold_whatever_string_encoding_names_the_sampler_type(kind):
     error = refused(data)
     cap = "max_prob_rows" if kind == "dist" else "max_logit_rows"
     assert error.code == ErrorCode.CAPACITY and cap in error.message
+
+
+def test_dist_rows_count_only_the_entries_that_passed_validation():
+    dist = [{"at": 0, "type": "dist", "k": 2}] * 6
+    bad = {**request(1, dist), "tokens": [1, 5000]}  # a token past vocab_size: OUT_OF_RANGE, its rows not counted
+    items = decode_frame(frame([bad, request(2, dist)]), LIMITS).body.items  # 6 counted of max_prob_rows 8
+    assert isinstance(items[0], DriverError) and items[0].code == ErrorCode.OUT_OF_RANGE
+    assert not isinstance(items[1], DriverError)
+    error = refused(frame([request(1, dist), request(2, dist)]))  # 12 counted
+    assert error.code == ErrorCode.CAPACITY and "max_prob_rows" in error.message

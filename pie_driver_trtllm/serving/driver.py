@@ -16,7 +16,7 @@ import time
 from typing import Any, NoReturn, TextIO
 
 from pie_driver_trtllm import DRIVER_NAME, PROTOCOL_MINOR, PROTOCOL_VERSION, __version__
-from pie_driver_trtllm.config import DriverConfig, StartupError, load_config
+from pie_driver_trtllm.config import SEED_MAX, DriverConfig, StartupError, load_config
 from pie_driver_trtllm.core.driver_core import DriverCore
 from pie_driver_trtllm.engines import load_engine
 from pie_driver_trtllm.engines.base import Engine, rl_ops, sleep_levels
@@ -240,6 +240,8 @@ def select_replica(config: DriverConfig, index: int) -> None:
     if device.startswith("cuda:") and os.environ.get("CUDA_VISIBLE_DEVICES") == device.split(":", 1)[1]:
         device = "cuda:0"  # the only GPU this process can see
     config.driver.device = [device]
+    if config.driver.random_seed is not None:  # replicas drawing one sequence would repeat each other's samples
+        config.driver.random_seed = (config.driver.random_seed + index) % (SEED_MAX + 1)
 
 
 def _build_backend(config: DriverConfig, config_path: str, endpoint: Endpoint) -> tuple[Any, ...]:
