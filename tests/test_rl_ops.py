@@ -336,6 +336,38 @@ def _outcome(index, ok, serving_previous=True):
     return Outcome(index, f"cuda:{index}", reply)
 
 
+def test_a_sleep_or_wake_one_replica_failed_names_it_and_leaves_the_driver_asleep():
+    from pie_driver_trtllm.client import ErrorInfo, Reply
+    from pie_driver_trtllm.replicas.weights import FleetWeights, Outcome
+
+    fleet = FleetWeights()
+    fleet.offered({"rl_ops": ["load_weights", "sleep", "wake"], "sleep_levels": [1]})
+
+    def outcomes(ok_first: bool, second: Reply | None) -> list[Outcome]:
+        first = Reply(1, True, {}) if ok_first else Reply(1, False, {}, ErrorInfo("ENGINE_ERROR", "boom", {}))
+        return [Outcome(0, "cuda:0", first), Outcome(1, "cuda:1", second)]
+
+    with pytest.raises(DriverError) as unsupported:  # a level the engine does not offer
+        fleet.run("sleep", Sleep(2), lambda op, **fields: outcomes(True, Reply(1, True, {})))
+    assert unsupported.value.code == ErrorCode.UNSUPPORTED and fleet.asleep == 0
+    with pytest.raises(DriverError) as slept:
+        fleet.run("sleep", Sleep(1), lambda op, **fields: outcomes(True, None))  # replica 1 is down
+    assert slept.value.code == ErrorCode.ENGINE_ERROR and slept.value.details == {"replicas_failed": [1]}
+    assert fleet.asleep == 1  # forwards get ASLEEP until a wake succeeds on all
+    with pytest.raises(DriverError) as woken:
+        fleet.run("wake", Wake(), lambda op, **fields: outcomes(False, Reply(1, True, {})))
+    assert woken.value.details == {"replicas_failed": [0]} and fleet.health()["asleep"] == 1
+    assert fleet.run("wake", Wake(), lambda op, **fields: outcomes(True, Reply(1, True, {}))) == {"asleep": 0}
+
+
+def test_a_sleep_level_the_engine_does_not_offer_is_unsupported(tiny_model):
+    h = harness(tiny_model)
+    h.engine.sleep_levels = (1,)
+    with pytest.raises(DriverError) as refused:
+        h.core.sleep(Sleep(2))
+    assert refused.value.code == ErrorCode.UNSUPPORTED and h.core.weights_health()["asleep"] == 0
+
+
 def test_replicas_that_did_not_all_load_serve_no_weights_until_a_load_succeeds_on_all():
     from pie_driver_trtllm.replicas.weights import FleetWeights
 

@@ -240,7 +240,7 @@ def select_replica(config: DriverConfig, index: int) -> None:
     if device.startswith("cuda:") and os.environ.get("CUDA_VISIBLE_DEVICES") == device.split(":", 1)[1]:
         device = "cuda:0"  # the only GPU this process can see
     config.driver.device = [device]
-    if config.driver.random_seed is not None:  # replicas drawing one sequence would repeat each other's samples
+    if config.driver.random_seed is not None:  # replicas drawing one sequence would give alike samples
         config.driver.random_seed = (config.driver.random_seed + index) % (SEED_MAX + 1)
 
 
