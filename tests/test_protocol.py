@@ -473,6 +473,16 @@ def test_fork_truncate_release_bodies() -> None:
     {"op": "release", "contexts": [1, True]},
     {"op": "release", "contexts": 1},
     {"op": "release", "contexts": [-3]},
+    {"op": "truncate", "context": 5, "length": 1, "extra": 0},  # unknown fields, on every state op
+    {"op": "release", "contexts": [1], "extra": 0},
+    {"op": "sleep", "level": 1, "extra": 0},
+    {"op": "wake", "extra": 0},
+    {"op": "load_weights", "path": "/w", "version": 1, "extra": 0},
+    {"op": "step", "contexts": [], "tokens": [], "positions": [], "extra": 0},
+    {"op": "truncate", "context": 5, "length": None},  # nil where the field is not optional
+    {"op": "release", "contexts": None},
+    {"op": "load_weights", "path": None, "version": 1},
+    {"op": "sleep", "level": None},
 ])
 def test_state_op_errors_are_bad_request(frame: dict[str, Any]) -> None:
     exc = rejected({"v": 1, "id": 11, **frame})

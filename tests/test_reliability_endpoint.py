@@ -243,3 +243,14 @@ def test_an_abstract_ipc_name_makes_no_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     endpoint = resolve_endpoint("ipc://@pie-test-abstract")
     assert endpoint.socket_path is None and endpoint.lock_fd is None and not list(tmp_path.iterdir())
+
+
+def test_an_ipc_path_of_107_bytes_is_taken_and_one_of_108_refused(tmp_path):
+    base = f"/tmp/pie-len-{tmp_path.name[:8]}-"
+    taken = resolve_endpoint("ipc://" + base + "x" * (107 - len(base)))
+    try:
+        assert taken.socket_path is not None and len(taken.socket_path.encode()) == 107
+    finally:
+        release(taken)
+    with pytest.raises(StartupError, match="108 bytes, over the 107-byte limit"):
+        resolve_endpoint("ipc://" + base + "x" * (108 - len(base)))

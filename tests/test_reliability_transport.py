@@ -76,7 +76,8 @@ LIMITS = Limits(vocab_size=512, max_model_len=2048, max_forward_requests=8, max_
     b"\xdd\xff\xff\xff\xff",                                   # an array claiming 4 billion entries
     b"\xdf\xff\xff\xff\xff",                                   # a map claiming 4 billion pairs
     b"\xdb\xff\xff\xff\xff",                                   # a 4 GiB string
-    b"\x83\xa1v\x01\xa2id\x01\xa2op\xa7forward" + b"\xdd\x7f\xff\xff\xff",  # inner claim
+    b"\x84\xa1v\x01\xa2id\x01\xa2op\xa7forward\xa8requests" + b"\xdd\x7f\xff\xff\xff",  # inner claim
+    b"\x83\xa1v\x01\xa2id\x01\xa2op\xa7forward" + b"\xdd\x7f\xff\xff\xff",  # bytes after the map
 ])
 def test_decoding_refuses_length_claims_without_allocating(frame):
     started = time.monotonic()

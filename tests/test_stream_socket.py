@@ -88,10 +88,11 @@ def step(context: int, tokens: list[int], at: int = 0) -> dict:
 def start(tmp_path, tiny_model):
     started: list[DriverProcess] = []
 
-    def run(env: dict[str, str] | None = None, **options) -> DriverProcess:
+    def run(env: dict[str, str] | None = None, endpoint: str | None = None, **options) -> DriverProcess:
         directory = tmp_path / f"d{len(started)}"
         directory.mkdir()
-        started.append(spawn(write_config(directory, tiny_model, stream_socket=True, **options), env=env))
+        started.append(spawn(write_config(directory, tiny_model, stream_socket=True, **options), env=env,
+                             endpoint=endpoint))
         return started[-1]
 
     yield run
@@ -153,6 +154,17 @@ def test_the_stream_socket_serves_what_the_zeromq_socket_serves_and_is_private(s
     dealer.close()
     assert driver.stop() == 0
     assert not path.exists() and not path.parent.exists()
+
+
+@pytest.mark.slow
+def test_with_an_explicit_endpoint_the_stream_socket_has_a_private_directory_of_its_own(start, tmp_path):
+    driver = start(endpoint=f"ipc://{tmp_path}/explicit.sock")
+    path = Path(driver.stream_endpoint.removeprefix("unix://"))
+    assert path.parent.name.startswith("pie-trtllm-s-") and path.parent.parent == Path("/tmp")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert driver.client(stream=True).call("health").ok
+    assert driver.stop() == 0
+    assert not path.parent.exists()
 
 
 @pytest.mark.slow
