@@ -117,6 +117,10 @@ def test_sigkill_of_a_replica_fails_only_its_contexts_and_it_restarts(start_driv
     assert all(r["error"]["code"] == "REPLICA_LOST" for c, r in results.items() if c in victim_contexts)
     # Every REPLICA_LOST answer the router built is counted.
     assert client.call("stats")["errors"] == {"REPLICA_LOST": len(lost) + len(victim_contexts)}
+    gone = sorted(victim_contexts)[0]  # a fork from it, or a truncate of it, names the loss too
+    for op, fields in (("fork", {"src": gone, "dst": 500}), ("truncate", {"context": gone, "length": 1})):
+        refused = client.call(op, check=False, **fields)
+        assert refused.error is not None and refused.error.code == "REPLICA_LOST", (op, refused)
 
     # The replica comes back; a lost context replayed from position 0 and a new context are served.
     wait_for(lambda: client.call("health")["status"] == "ok", 60, 0.2)
