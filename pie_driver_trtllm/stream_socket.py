@@ -33,23 +33,31 @@ class StreamSocket:
 
     def send(self, frame: bytes | memoryview) -> None:
         """Write one message whole, waiting up to the timeout for room."""
+        self._check_open()
         pieces = deque((memoryview(header(frame)), memoryview(frame)))
         deadline = time.monotonic() + self.timeout_s
+        written = 0
         while pieces:
             try:
                 sent = self._sock.sendmsg(pieces, (), socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 sent = 0
+            written += sent
             drop_written(pieces, sent)
             if pieces:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([], [self._sock], [], left)[1]:
+                    if written:  # the driver would read what comes next as this message's rest
+                        self.close()
+                        raise TimeoutError(f"could not send to {self.url} within {self.timeout_s} s; part of "
+                                           "the message went out, so the connection is closed")
                     raise TimeoutError(f"could not send to {self.url} within {self.timeout_s} s")
 
     def poll(self, timeout_ms: int = 0) -> bool:
         """Whether a whole reply is in hand, reading what has arrived and waiting up to `timeout_ms`."""
         deadline = time.monotonic() + timeout_ms / 1000
         while not self._splitter.frames:
+            self._check_open()
             try:
                 chunk = self._sock.recv(max(65536, min(self._splitter.missing, 1 << 24)))
             except (BlockingIOError, InterruptedError):
@@ -70,3 +78,7 @@ class StreamSocket:
 
     def close(self, linger: int | None = None) -> None:
         self._sock.close()
+
+    def _check_open(self) -> None:
+        if self._sock.fileno() < 0:
+            raise ConnectionError(f"the connection to {self.url} is closed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 import socket
 import stat
 import struct
@@ -326,6 +327,22 @@ def test_shutdown_writes_the_replies_a_connection_has_not_read_yet(start):
     assert replies[1]["results"][0]["ok"] and len(replies[1]["results"][0]["outputs"]) == 128
     assert replies[2]["ok"]
     assert driver.process.wait(10) == 0
+
+
+@pytest.mark.slow
+def test_a_client_send_that_times_out_part_way_closes_its_connection(start):
+    driver = start()
+    client = DriverClient(driver.stream_endpoint, timeout_s=1.0)
+    assert client.call("health").ok
+    os.kill(driver.process.pid, signal.SIGSTOP)  # the kernel's buffer fills and stays full
+    try:
+        with pytest.raises(TimeoutError, match="part of the message went out"):
+            client.send_raw(request(2, "health", pad=b"p" * (8 << 20)))
+    finally:
+        os.kill(driver.process.pid, signal.SIGCONT)
+    with pytest.raises(ConnectionError):  # never the rest of a message the driver would misread
+        client.call("health")
+    assert DriverClient(driver.stream_endpoint, timeout_s=5).call("health").ok
 
 
 def test_the_client_refuses_a_stream_url_nobody_serves(tmp_path):

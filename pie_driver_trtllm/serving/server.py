@@ -145,9 +145,7 @@ class DriverServer:
                 self._start(*self._backlog.pop())
                 continue
             elif self.stop_requested.is_set():
-                self._receive_frames()  # what already arrived is answered SHUTTING_DOWN
-                if self._stream is not None:
-                    self._serve_stream(dict(self._poller.poll(0)))
+                self._answer_what_arrived()
                 self._shutdown()
                 return
             events = self._wait()
@@ -187,23 +185,42 @@ class DriverServer:
             return 50
         return max(1, min(50, int((deadline - time.monotonic()) * 1000) + 1))
 
-    def _receive_frames(self) -> None:
+    def _answer_what_arrived(self) -> None:
+        """At shutdown: every message read or waiting gets its SHUTTING_DOWN, within a second (a flood
+        cannot hold the exit)."""
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            more = self._receive_frames()
+            if self._stream is not None:
+                self._serve_stream(dict(self._poller.poll(0)))
+                more = more or self._stream.waiting
+            if not more:
+                return
+
+    def _receive_frames(self) -> bool:
+        """Serve what the ROUTER holds, up to a bound; True when it stopped at the bound."""
+        router = self._router
         for _ in range(256):  # bounded, so replies keep flowing under a flood
             try:
-                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                identity = router.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            identity = parts[0].bytes
-            if len(parts) > 2 and not parts[1].buffer:  # an empty delimiter: kept in the reply's envelope
+                return False
+            parts = [router.recv(copy=False)] if router.rcvmore else []
+            if router.rcvmore and not parts[0].buffer:  # an empty delimiter: kept in the reply's envelope
                 identity = Delimited(identity)
-                del parts[1]
-            if len(parts) != 2:
+                parts = [router.recv(copy=False)]
+            extra = 0
+            while router.rcvmore:  # counted, not kept: a message of a million parts costs no list
+                router.recv()
+                extra += 1
+            if len(parts) + extra != 1:
                 if self.stages is not None:
                     self.stages.frame()
                 self._reject(identity, None, DriverError(
-                    ErrorCode.BAD_FRAME, f"expected one frame per message, got {len(parts) - 1}"))
+                    ErrorCode.BAD_FRAME, f"expected one frame per message, got {len(parts) + extra}"))
                 continue
-            self._take(identity, parts[1].buffer)
+            self._take(identity, parts[0].buffer)
+        return True
 
     def _serve_stream(self, events: dict[Any, int]) -> None:
         assert self._stream is not None
