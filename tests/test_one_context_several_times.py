@@ -66,7 +66,7 @@ def served(harness: CoreHarness, requests: list[dict[str, Any]]) -> list[dict[st
 
 
 def same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
-    """Equal replies: tokens and top-k ids exactly, probabilities to float32 rounding."""
+    """Equal replies: tokens and top-k ids exactly, probabilities and log-probabilities to float32 rounding."""
     assert [r["ok"] for r in got] == [r["ok"] for r in want], (got, want)
     for g, w in zip(got, want, strict=True):
         if not g["ok"]:
@@ -77,6 +77,9 @@ def same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
             if "dist" in b:
                 assert a["dist"][0] == b["dist"][0], (got, want)
                 assert a["dist"][1] == pytest.approx(b["dist"][1], rel=1e-4)
+            elif "logprobs" in b:
+                assert {**a, "logprobs": None} == {**b, "logprobs": None}, (got, want)
+                assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
             else:
                 assert a == b, (got, want)
 
@@ -154,9 +157,16 @@ def test_one_forward_answers_as_consecutive_forwards(make, model, case):
 
 # ---------------------------------------------------------------------------------------------- property
 
+# Runs (protocol 1.1): greedy ones, which engines chain themselves, and ones sampled a token at a time.
+RUNS = {"greedy-run": {"type": "greedy", "max_tokens": 4},
+        "stop-run": {"type": "greedy", "max_tokens": 5, "stop_token_ids": [16, 43]},
+        "zero-temperature-run": {"type": "multinomial", "temperature": 0.0, "seed": 2, "max_tokens": 3},
+        "seeded-run": {"type": "top_k", "top_k": 5, "temperature": 0.8, "seed": 11, "max_tokens": 3,
+                       "stop_token_ids": [16]},
+        "logprobs-run": {"type": "greedy", "max_tokens": 3, "return_logprobs": True}}
 # One forward: entries (context, move, size, sampler kind, token seed); a fork may come before it.
 ENTRY = st.tuples(st.integers(0, 2), st.sampled_from(["follow", "follow", "extend", "rollback"]),
-                  st.integers(1, 3), st.sampled_from(["greedy", "greedy", "dist", "seeded", "none"]),
+                  st.integers(1, 3), st.sampled_from(["greedy", "greedy", "dist", "seeded", "none", *RUNS]),
                   st.integers(0, 499))
 FORK = st.none() | st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 3))
 FORWARDS = st.lists(st.tuples(FORK, st.lists(ENTRY, min_size=1, max_size=3)), min_size=2, max_size=4)
@@ -175,8 +185,20 @@ def engine_pairs(tiny_model, model):
 
 
 def sampler_for(kind: str, at: int) -> list[dict[str, Any]]:
+    if kind in RUNS:
+        return [{"at": at, **RUNS[kind]}]
     return {"greedy": [{"at": at, "type": "greedy"}], "dist": [{"at": at, "type": "dist", "k": 3}],
             "seeded": [{"at": at, "type": "multinomial", "temperature": 0.8, "seed": 11}], "none": []}[kind]
+
+
+def merge(history: list[int], start: int, tokens: list[int]) -> None:
+    """The protocol's merge (§6): a token equal to the one at its position changes nothing, another one
+    cuts the history there."""
+    for position, token in enumerate(tokens, start):
+        if position < len(history) and history[position] == token:
+            continue
+        del history[position:]
+        history.append(token)
 
 
 @pytest.mark.parametrize("path", ["batched-overlap", "per-context"])
@@ -184,12 +206,15 @@ def sampler_for(kind: str, at: int) -> list[dict[str, Any]]:
 @given(forwards=FORWARDS)
 @example(forwards=[(None, [(0, "extend", 3, "greedy", 1), (0, "rollback", 2, "greedy", 2)]),
                    (None, [(0, "follow", 1, "greedy", 0), (0, "rollback", 1, "dist", 3)])])
+@example(forwards=[(None, [(0, "follow", 1, "greedy", 0)]),  # a run, then an append to its context
+                   (None, [(0, "follow", 1, "greedy", 0), (0, "follow", 1, "greedy-run", 0),
+                           (0, "follow", 1, "greedy", 0)])])
 def test_a_context_named_several_times_answers_as_consecutive_forwards(engine_pairs, path, forwards):
     """Random forwards naming contexts several times, with rollbacks, forks and lookahead between them:
     the replies equal those of sending each entry in a forward of its own, and the plain engine's."""
     together, apart, plain = engine_pairs[path]()
     histories: dict[int, list[int]] = {}
-    last: dict[int, int] = {}
+    last: dict[int, list[int]] = {}
     for fork, entries in forwards:
         if fork is not None and histories.get(fork[0]):
             src, dst, cut = fork
@@ -199,25 +224,29 @@ def test_a_context_named_several_times_answers_as_consecutive_forwards(engine_pa
                     harness.core.fork(Fork(src, dst, length))
             histories[dst] = histories[src][:length]
             last.pop(dst, None)
-        requests = []
+        requests, refused = [], []
         for context, move, size, kind, seed in entries:
             history = histories.setdefault(context, [])
             back = size if move == "rollback" and len(history) > 1 else -1
             start = max(0, len(history) - 1 - back) if back >= 0 else len(history)
             if move == "follow" and context in last and start == len(history):
-                tokens = [last[context]]
+                tokens = last[context][:size]  # a run's tokens fed back, as many as the host keeps
             else:
                 tokens = [(seed + 37 * i) % 500 + 1 for i in range(size if history else size + 1)]
-            history[start:] = tokens
+            merge(history, start, tokens)
+            # A rollback to the tokens already there cuts nothing: a run not at the end is BAD_REQUEST.
+            refused.append(kind in RUNS and start + len(tokens) < len(history))
             requests.append({"context": context, "tokens": tokens, "positions": list(range(start, start + len(tokens))),
                              "samplers": sampler_for(kind, len(tokens) - 1)})
         got = together.forward(requests)
         same(got, [apart.forward([request])[0] for request in requests])
         if plain is not None:
             same(got, plain.forward(requests))
-        for request, reply in zip(requests, got, strict=True):
-            assert reply["ok"], reply
+        for request, reply, bad in zip(requests, got, refused, strict=True):
+            assert reply["ok"] is not bad, reply
             last.pop(request["context"], None)
-            outputs = reply["outputs"]
+            outputs = reply.get("outputs")
             if outputs and "token" in outputs[-1]:
-                last[request["context"]] = outputs[-1]["token"]
+                last[request["context"]] = [outputs[-1]["token"]]
+            elif outputs and "tokens" in outputs[-1]:
+                last[request["context"]] = outputs[-1]["tokens"]

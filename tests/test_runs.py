@@ -7,14 +7,19 @@ from typing import Any
 
 import msgpack
 import pytest
+import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_one_context_several_times import same
 from test_protocol_fastpath import check_paths_agree
+from transformers import AutoModelForCausalLM
 from trtllm_support import CoreHarness, double_imported, trt_config
 
 from pie_driver_trtllm.config import parse_config
 from pie_driver_trtllm.core.runs import run_output
 from pie_driver_trtllm.engines.base import RowResult
+from pie_driver_trtllm.engines.model_facts import read_model_info
+from pie_driver_trtllm.engines.reference.batched import BatchedReferenceEngine
 from pie_driver_trtllm.engines.reference.engine import ReferenceEngine
 from pie_driver_trtllm.engines.tensorrt_llm.startup import TEST_DOUBLE_ENV
 from pie_driver_trtllm.sampler import Sampler
@@ -250,16 +255,61 @@ def test_a_run_overwritten_later_in_its_forward_reads_its_own_prefix(reference, 
     assert len(together[0]["outputs"][0]["tokens"]) == 6
 
 
-def test_two_runs_after_one_prefix_each_equal_a_run_alone(reference) -> None:
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=["batched", "eager", "trtllm-double-generate", "trtllm-double-pyexecutor"])
+def fresh(request, tiny_model, hf_model, monkeypatch):
+    """A maker of harnesses, each over an engine of its own: the reference engine's batched and eager paths,
+    and the TensorRT-LLM engine on its test double in both execution modes."""
+    if request.param.startswith("trtllm-double"):
+        monkeypatch.setenv(TEST_DOUBLE_ENV, "1")
+        with double_imported():
+            from pie_driver_trtllm.engines.tensorrt_llm.startup import TensorRTLLMEngine
+
+            config = trt_config(tiny_model, execution_mode=request.param.rsplit("-", 1)[1], lookahead_tokens=4)
+            yield lambda: CoreHarness(config, TensorRTLLMEngine.load(config, "cpu"))
+        return
+    config = parse_config({"model": {"snapshot_dir": str(tiny_model)},
+                           "driver": {"device": ["cpu"], "activation_dtype": "float32",
+                                      "options": {"engine": "reference", "lookahead_tokens": 4}}})
+    info = read_model_info(config)
+    if request.param == "eager":
+        yield lambda: CoreHarness(config, ReferenceEngine(hf_model, "cpu", info))
+    else:
+        yield lambda: CoreHarness(config, BatchedReferenceEngine(hf_model, "cpu", info, slots=3, version="test"))
+
+
+def test_two_runs_after_one_prefix_each_equal_a_run_alone(fresh) -> None:
     def run(seed: int, greedy: bool = False) -> dict[str, Any]:
         kind = {"type": "greedy"} if greedy else {"type": "top_p", "top_p": 0.9, "seed": seed}
         return {"at": 2, **kind, "max_tokens": 7}
 
     prompt = {"context": 1, "tokens": [6, 2, 8], "positions": [0, 1, 2]}
-    (both,) = reference[1]().forward([{**prompt, "samplers": [run(1), run(2), run(0, True), run(0, True)]}])
-    alone = [reference[1]().forward([{**prompt, "samplers": [s]}])[0]["outputs"][0]
+    (both,) = fresh().forward([{**prompt, "samplers": [run(1), run(2), run(0, True), run(0, True)]}])
+    alone = [fresh().forward([{**prompt, "samplers": [s]}])[0]["outputs"][0]
              for s in (run(1), run(2), run(0, True))]
     assert both["outputs"] == [*alone, alone[2]]
+
+
+@pytest.mark.parametrize("kind", [{"type": "greedy"}, {"type": "greedy", "stop_token_ids": [7]},
+                                  {"type": "multinomial", "temperature": 0.0, "seed": 5},
+                                  {"type": "top_k", "top_k": 6, "seed": 3}])
+def test_a_run_followed_in_its_forward_by_an_append_to_its_context_equals_two_forwards(fresh, kind) -> None:
+    """The append reads past the run's prefix on the live history: the run still makes all its tokens."""
+    first = {"context": 1, "tokens": [1, 15, 99], "positions": [0, 1, 2],
+             "samplers": [{"at": 2, **kind, "max_tokens": 4}]}
+    (made,) = fresh().forward([first])
+    for token in (made["outputs"][0]["tokens"][0], 7):
+        for then in ([], [{"at": 0, "type": "greedy"}], [{"at": 0, "type": "greedy", "max_tokens": 3}],
+                     [{"at": 0, "type": "dist", "k": 2}]):
+            append = {"context": 1, "tokens": [token], "positions": [3], "samplers": then}
+            together = fresh().forward([first, append])
+            apart = fresh()
+            same(together, [*apart.forward([first]), *apart.forward([append])])
+            assert together[0] == made
 
 
 def test_a_run_after_one_fed_back_token_is_a_run(reference) -> None:

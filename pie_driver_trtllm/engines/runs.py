@@ -8,6 +8,7 @@ by one with those seeds.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from pie_driver_trtllm.engines.base import Row, RowResult
@@ -40,12 +41,11 @@ def step_with_runs(step_once: Callable[[list[Row]], list[RowResult]], rows: list
 
     A run whose context has rows over another token list in this step (the context was rewritten later in
     the forward, so the run reads a private copy of its prefix) takes a call of its own: both would
-    otherwise extend one cache.
+    otherwise extend one cache. So does a chained run when another row of its context reads past its prefix
+    (the context was appended to later in the forward) or another chained run starts where it does: an
+    engine may chain on the cache its call left, which then ends at that other row or chain, not at the run.
     """
-    lists: dict[int, set[int]] = {}
-    for row in rows:
-        lists.setdefault(row.context, set()).add(id(row.tokens))
-    alone = {i for i, row in enumerate(rows) if row.steps > 1 and len(lists[row.context]) > 1}
+    alone = _alone(rows, chained)
     if alone:
         results: list[RowResult | None] = [None] * len(rows)
         rest = [i for i in range(len(rows)) if i not in alone]
@@ -58,6 +58,23 @@ def step_with_runs(step_once: Callable[[list[Row]], list[RowResult]], rows: list
     if any(row.steps > 1 and not chained(row) for row in rows):
         continue_runs(step_once, rows, results)
     return results  # type: ignore[return-value]
+
+
+def _alone(rows: list[Row], chained: Callable[[Row], bool]) -> set[int]:
+    """The indexes of the runs that take a call of their own (see `step_with_runs`)."""
+    if len({row.context for row in rows}) == len(rows):  # the decode step's case, every context once
+        return set()
+    lists: dict[int, set[int]] = {}
+    longest: dict[int, int] = {}
+    for row in rows:
+        lists.setdefault(row.context, set()).add(id(row.tokens))
+        longest[row.context] = max(longest.get(row.context, 0), row.length)
+    runs = [(i, row) for i, row in enumerate(rows) if row.steps > 1]
+    chains = Counter((row.context, row.length) for _, row in runs if chained(row))
+    private = {i for i, row in runs if len(lists[row.context]) > 1}
+    overtaken = {i for i, row in runs if chained(row)
+                 and (row.length < longest[row.context] or chains[row.context, row.length] > 1)}
+    return private | overtaken
 
 
 def continue_runs(step_once: Callable[[list[Row]], list[RowResult]], rows: list[Row],
