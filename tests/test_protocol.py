@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -488,6 +489,14 @@ def test_state_op_errors_are_bad_request(frame: dict[str, Any]) -> None:
     exc = rejected({"v": 1, "id": 11, **frame})
     assert exc.error.code is ErrorCode.BAD_REQUEST
     assert exc.request_id == 11
+
+
+def test_a_release_of_more_than_a_million_contexts_is_capacity_and_costs_no_decoding() -> None:
+    roomy = dataclasses.replace(LIMITS, max_frame_bytes=8 << 20)
+    exc = rejected({"v": 1, "id": 12, "op": "release", "contexts": [1] * ((1 << 20) + 1)}, roomy)
+    assert exc.error.code is ErrorCode.CAPACITY and exc.request_id == 12
+    assert decode({"v": 1, "id": 12, "op": "release", "contexts": [1] * (1 << 20)}, roomy).body == \
+        Release((1,) * (1 << 20))
 
 
 # ---------------------------------------------------------------- encoding

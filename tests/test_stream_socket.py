@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from pie_driver_trtllm.client import DriverClient, DriverProcess, parse_reply, spawn
 from pie_driver_trtllm.config import StartupError, parse_config
+from pie_driver_trtllm.serving.stream_listener import StreamListener
 from pie_driver_trtllm.wire.errors import ErrorCode
 from pie_driver_trtllm.wire.stream_frames import FrameSplitter, FrameTooLarge
 
@@ -67,6 +68,23 @@ def test_memory_held_is_what_arrived_not_what_a_header_declares():
     splitter = FrameSplitter(limit=1 << 30)
     splitter.feed(HEADER.pack(1 << 30) + b"x" * 10)
     assert splitter.buffered == 14 and splitter.missing == (1 << 30) - 10
+
+
+def test_a_stream_connections_identity_cannot_be_guessed(tmp_path):
+    import zmq
+
+    poller = zmq.Poller()
+    identities = []
+    for _ in range(2):
+        listener = StreamListener(str(tmp_path), 1 << 16, 1 << 20, poller, lambda identity: False)
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer.connect(listener.path)
+        listener.serve({listener.fd: zmq.POLLIN}, lambda: True, lambda *_: None, lambda *_: None)
+        identities += [conn.identity for conn in listener._by_fd.values()]
+        peer.close()
+        listener.close()
+    first, again = identities  # each listener's first connection
+    assert first != again and len(first) >= 12 + len(b"\x00stream-1-")  # 12 random bytes a peer cannot guess
 
 
 def test_stream_socket_and_curve_are_refused_together(tmp_path):
@@ -343,6 +361,34 @@ def test_a_client_send_that_times_out_part_way_closes_its_connection(start):
     with pytest.raises(ConnectionError):  # never the rest of a message the driver would misread
         client.call("health")
     assert DriverClient(driver.stream_endpoint, timeout_s=5).call("health").ok
+
+
+@pytest.mark.slow
+def test_at_shutdown_every_message_already_sent_gets_a_reply(start):
+    driver = start()
+    sockets = [raw_connection(driver) for _ in range(3)]
+    os.kill(driver.process.pid, signal.SIGSTOP)  # all of it arrives before the driver reads any
+    try:
+        sockets[0].sendall(framed(request(0, "shutdown")))
+        for sock in sockets:
+            sock.sendall(framed(*(request(n, "health") for n in range(1, 401))))
+    finally:
+        os.kill(driver.process.pid, signal.SIGCONT)
+    replies: dict[int, list[dict]] = {}
+
+    def read_all(index: int) -> None:  # every connection at once, as a host reads them
+        replies[index] = [read_message(sockets[index]) for _ in range(401 if index == 0 else 400)]
+        assert sockets[index].recv(1) == b""  # then closed
+
+    readers = [threading.Thread(target=read_all, args=(index,)) for index in range(len(sockets))]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(30)
+    assert sorted(replies) == [0, 1, 2]
+    for answered in replies.values():
+        assert {reply["error"]["code"] for reply in answered if not reply["ok"]} <= {"SHUTTING_DOWN"}
+    assert driver.process.wait(10) == 0
 
 
 def test_the_client_refuses_a_stream_url_nobody_serves(tmp_path):

@@ -39,9 +39,10 @@ _IN, _OUT, _ERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
 
 
 class StreamPeer(bytes):
-    """The identity of a stream connection, as a ROUTER peer's is its routing id. It starts with a zero
-    byte and is longer than 5 bytes, so it equals no routing id: ZeroMQ refuses a chosen id that starts
-    with a zero byte and makes its own 5 bytes long. (Queues keyed by identity hold both kinds.)"""
+    """The identity of a stream connection, as a ROUTER peer's is its routing id. Queues keyed by identity
+    hold both kinds, so no ZeroMQ peer may name itself like a stream connection: the identity ends in 12
+    random bytes, which a peer cannot guess (ZeroMQ takes any chosen routing id, a leading zero byte
+    included), and is longer than the 5 bytes of the ids ZeroMQ makes itself."""
 
     __slots__ = ()
 
@@ -155,7 +156,8 @@ class StreamListener:
                 continue
             sock.setblocking(False)
             self._serial += 1
-            conn = _Connection(sock, StreamPeer(b"\x00stream-%d" % self._serial), self.max_frame_bytes)
+            conn = _Connection(sock, StreamPeer(b"\x00stream-%d-" % self._serial + os.urandom(12)),
+                               self.max_frame_bytes)
             self._by_fd[conn.fd] = conn
             self._by_identity[conn.identity] = conn
             self._poller.register(conn.fd, _IN)

@@ -51,6 +51,7 @@ __all__ = ["ALL_SAMPLERS", "TOKEN_SAMPLERS", "Fork", "Forward", "ForwardItem", "
 CONTROL_OPS = frozenset({"handshake", "health", "stats"})
 STATE_OPS = frozenset({"forward", "step", "fork", "truncate", "release", "load_weights", "sleep", "wake", "shutdown"})
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_RELEASE_CONTEXTS = 1 << 20  # one release: the ids are handled on the serving thread, about 75 ms a million
 
 
 # ---------------------------------------------------------------- wire shapes (decoded by msgspec)
@@ -83,7 +84,7 @@ class _Truncate(_Op):
 
 
 class _Release(_Op):
-    contexts: list[U64]
+    contexts: Annotated[list[U64], msgspec.Meta(max_length=MAX_RELEASE_CONTEXTS)]  # checked from the header
 
 
 class _LoadWeights(_Op):
@@ -152,7 +153,8 @@ def _decode(frame: bytes | memoryview, limits: Limits) -> Request:
     try:
         wire = _op_decoders[op].decode(frame)
     except msgspec.ValidationError as exc:
-        raise FrameRejected(request_id, DriverError(ErrorCode.BAD_REQUEST, f"{op}: {exc}")) from None
+        code = ErrorCode.CAPACITY if op == "release" and "of length <=" in str(exc) else ErrorCode.BAD_REQUEST
+        raise FrameRejected(request_id, DriverError(code, f"{op}: {exc}")) from None
     if isinstance(wire, _Forward):
         return Request(request_id, op, _forward_body(wire, limits, request_id))
     if isinstance(wire, _Fork):
