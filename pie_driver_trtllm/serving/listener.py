@@ -25,6 +25,21 @@ class Delimited(bytes):
     __slots__ = ()
 
 
+def read_message(router: zmq.Socket) -> tuple[bytes, Any, int]:
+    """One message off the ROUTER (raises zmq.Again when none waits): the sender's identity (`Delimited`
+    after an empty delimiter), its first frame, and how many frames it had. Frames past the first are
+    counted, not kept, so a message of a million parts costs no list (libzmq holds it whole until then)."""
+    identity = router.recv(zmq.NOBLOCK)
+    frame = router.recv(copy=False) if router.rcvmore else None
+    if frame is not None and router.rcvmore and not frame.buffer:  # the delimiter, kept in the reply's envelope
+        identity, frame = Delimited(identity), router.recv(copy=False)
+    count = 0 if frame is None else 1
+    while router.rcvmore:
+        router.recv()
+        count += 1
+    return identity, frame, count
+
+
 class Listener:
     """The bound ROUTER socket and what closes with it: the connection cap and the ZAP thread. If the
     bind fails, everything made is closed, the endpoint released, and the StartupError raised."""

@@ -25,7 +25,7 @@ from pie_driver_trtllm.serving.backend import Backend, Pending
 from pie_driver_trtllm.serving.backlog import Backlog
 from pie_driver_trtllm.serving.endpoint import CurveKeys, Endpoint
 from pie_driver_trtllm.serving.engine_guard import Abandoned
-from pie_driver_trtllm.serving.listener import Delimited, Listener
+from pie_driver_trtllm.serving.listener import Delimited, Listener, read_message
 from pie_driver_trtllm.serving.stage_clock import StageClock
 from pie_driver_trtllm.serving.stream_listener import StreamListener, StreamPeer
 from pie_driver_trtllm.serving.unread_replies import TRACKED_BYTES, UnreadReplies
@@ -199,27 +199,18 @@ class DriverServer:
 
     def _receive_frames(self) -> bool:
         """Serve what the ROUTER holds, up to a bound; True when it stopped at the bound."""
-        router = self._router
         for _ in range(256):  # bounded, so replies keep flowing under a flood
             try:
-                identity = router.recv(zmq.NOBLOCK)
+                identity, frame, count = read_message(self._router)
             except zmq.Again:
                 return False
-            parts = [router.recv(copy=False)] if router.rcvmore else []
-            if router.rcvmore and not parts[0].buffer:  # an empty delimiter: kept in the reply's envelope
-                identity = Delimited(identity)
-                parts = [router.recv(copy=False)]
-            extra = 0
-            while router.rcvmore:  # counted, not kept: a message of a million parts costs no list
-                router.recv()
-                extra += 1
-            if len(parts) + extra != 1:
-                if self.stages is not None:
-                    self.stages.frame()
-                self._reject(identity, None, DriverError(
-                    ErrorCode.BAD_FRAME, f"expected one frame per message, got {len(parts) + extra}"))
+            if count == 1:
+                self._take(identity, frame.buffer)
                 continue
-            self._take(identity, parts[0].buffer)
+            if self.stages is not None:
+                self.stages.frame()
+            self._reject(identity, None, DriverError(ErrorCode.BAD_FRAME,
+                                                     f"expected one frame per message, got {count}"))
         return True
 
     def _serve_stream(self, events: dict[Any, int]) -> None:
@@ -254,11 +245,10 @@ class DriverServer:
         elif request.op == "health":
             self._send(identity, encode_ok(request.id, self.health()))
         elif request.op == "stats":
-            stats = self.backend.stats()
-            stats["dropped_replies"] = self.dropped_replies
-            stats["rehearsals"] = self.rehearsals
-            stats["connections"] = self._connections.connections + self._connections.elsewhere()
-            stats["refused_connections"] = self._connections.refused + (self._stream.refused if self._stream else 0)
+            cap, stream = self._connections, self._stream
+            stats = {**self.backend.stats(), "dropped_replies": self.dropped_replies, "rehearsals": self.rehearsals,
+                     "connections": cap.connections + cap.elsewhere(),
+                     "refused_connections": cap.refused + (stream.refused if stream else 0)}
             if self.stages is not None:
                 stats["stages"] = self.stages.report()
             self._send(identity, encode_ok(request.id, stats))
@@ -282,9 +272,8 @@ class DriverServer:
     @property
     def inflight(self) -> int:
         """Forwards started or waiting."""
-        waiting = self._backlog.forwards()
         run = self._run
-        return waiting + (run is not None and run.request.op == "forward")
+        return self._backlog.forwards() + (run is not None and run.request.op == "forward")
 
     def health(self) -> dict[str, Any]:
         health = self.backend.health()
