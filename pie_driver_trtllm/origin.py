@@ -44,4 +44,4 @@ def package_spec(source: str | None, extra: str) -> str:
 def tensorrt_install_hint(pip: str) -> str:
     """The remedy for a missing tensorrt_llm; `pip` is the command that installs into the right interpreter."""
     return (f"install it with `{pip} install '{package_spec(None, 'tensorrt')}' --extra-index-url {NVIDIA_INDEX}` "
-            "on Python 3.10/3.12 with an NVIDIA GPU and an MPI runtime, or set engine = \"reference\"")
+            "on Python 3.12 with an NVIDIA GPU and an MPI runtime, or set engine = \"reference\"")

@@ -121,6 +121,10 @@ def test_engine_hang_past_deadline_fails_the_forward_and_fences_the_engine(fault
         reply = client.call(op, check=False, **fields)
         assert reply.error is not None and reply.error.code == "ENGINE_ERROR" and "not started" in reply.error.message
     assert client.call("health")["asleep"] == 0 and client.call("health")["weights_version"] == 0
+    # History ops still work: a fork of a context whose engine state predates the hang, a truncate, a release.
+    assert client.call("fork", src=20, dst=25)["length"] == len(PROMPT) + len(control) - 1
+    assert client.call("truncate", context=25, length=len(PROMPT))["length"] == len(PROMPT)
+    assert client.call("release", contexts=[26, 20])["released"] == 1
     # Once the stuck call returns the engine is back, and no context lost its state.
     deadline = time.monotonic() + 10
     while client.call("health")["status"] != "ok":
@@ -128,6 +132,9 @@ def test_engine_hang_past_deadline_fails_the_forward_and_fences_the_engine(fault
         time.sleep(0.1)
     assert greedy_run(client, 22, PROMPT) == control
     assert greedy_run(client, 23, PROMPT) == control
+    forked = client.forward([{"context": 25, "tokens": [PROMPT[-1]], "positions": [len(PROMPT) - 1],
+                              "samplers": [{"at": 0, "type": "greedy"}]}])[0]
+    assert forked["outputs"][0]["token"] == control[0]  # the fork made while stuck decodes as its source did
     more = client.forward([{"context": 20, "tokens": PROMPT + control, "positions": list(range(9)),
                             "samplers": [{"at": 8, "type": "greedy"}]}])[0]
     assert more["ok"] and more["outputs"][0]["token"] == greedy_run(client, 24, PROMPT, steps=5)[4]

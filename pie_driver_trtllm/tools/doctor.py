@@ -160,9 +160,10 @@ def run_checks(config: Path | None = None, engine: str | None = None, min_free_g
         checks.append(Check("python version", "FAIL", _last_line(err), "use a working interpreter"))
         return finish_report(report, checks + config_checks)
     parts = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
-    good = parts in ((3, 12), (3, 10)) if trt else parts >= (3, 11)
+    good = parts == (3, 12) if trt else parts >= (3, 11)  # TensorRT-LLM: 3.10 and 3.12; this package: 3.11+
     checks.append(Check("python version", "PASS" if good else "WARN", version,
-                        "" if good else "TensorRT-LLM 1.2.1 wheels are built for Python 3.10 and 3.12; "
+                        "" if good else "TensorRT-LLM 1.2.1 wheels are built for Python 3.10 and 3.12, and "
+                                        "this package needs 3.11 or later: so 3.12; "
                                         "recreate the venv with `pie-driver-trtllm install --run --python 3.12`"))
     code, out, err = _run(python, "import pie_driver_trtllm as p, pie_driver_trtllm.serving.driver; "
                                   "print(p.__version__, p.__file__)", timeout=120)

@@ -1,10 +1,11 @@
 """`install`: the recipe for a driver venv, and running it (`--run`).
 
 The venv is made with uv when it is on PATH, else with `python -m venv`; Python 3.12 is preferred
-(TensorRT-LLM 1.2.1 publishes wheels for 3.10 and 3.12), and when it cannot be found the current
-interpreter is used with a notice (a version asked for with --python must exist). The package comes from
-where this copy came from (its source checkout, or the wheel or folder it was installed from), with the
-tensorrt extra on a machine with an NVIDIA GPU and the reference extra (CPU torch first) without one.
+(TensorRT-LLM 1.2.1 publishes wheels for 3.10 and 3.12; this package needs 3.11 or later), and when it
+cannot be found the current interpreter is used with a notice (a version asked for with --python must
+exist). The package comes from where this copy came from (its source checkout, or the wheel or folder it
+was installed from), with the tensorrt extra on a machine with an NVIDIA GPU and the reference extra (CPU
+torch first) without one.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def recipe(venv: Path, extra: str = "tensorrt", source: str | None = None, no_de
     lines = [f"# Recipe for the {DRIVER_TYPE} driver ({PACKAGE} {__version__}, extra: {extra}, from {origin})"]
     if extra == "tensorrt":
         lines.append("# Requires a system MPI runtime, for example: sudo apt-get install -y libopenmpi-dev openmpi-bin")
-    torch = cpu_torch() if extra == "reference" and not no_deps and not gpu_present() else []
+    # The recipe makes a venv of PREFERRED_PYTHON: a torch wheel of this tool's own Python may not fit it.
+    torch = cpu_torch(PREFERRED_PYTHON) if extra == "reference" and not no_deps and not gpu_present() else []
     lines += ["# with uv:", _q(["uv", "venv", str(venv), "--python", PREFERRED_PYTHON])]
     if torch:
         lines.append(_q(["uv", "pip", "install", "--python", vpy, *torch]) + "   # no GPU here: CPU torch")
@@ -112,8 +114,8 @@ def choose_python(requested: str | None) -> tuple[str, str, str | None]:
     fallback = sys.executable
     version = python_version(fallback) or ".".join(map(str, sys.version_info[:3]))
     notice = (f"! Python {wanted} was not found (tried {candidate}); falling back to Python {version} "
-              f"({fallback}). TensorRT-LLM 1.2.1 wheels exist for Python 3.10 and 3.12 only; use "
-              f"--python /path/to/python3.12 to choose.")
+              f"({fallback}). With TensorRT-LLM use Python 3.12 (its 1.2.1 wheels are for 3.10 and 3.12, and "
+              "this package needs 3.11 or later): choose it with --python /path/to/python3.12.")
     return fallback, version, notice
 
 
