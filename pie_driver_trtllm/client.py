@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,11 +247,13 @@ class DriverProcess:
 
 def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout_s: float = 120.0,
           env: dict[str, str] | None = None, stderr_path: str | Path | None = None, stderr_fd: int | None = None,
-          extra_args: list[str] | tuple[str, ...] = (), cpus: set[int] | None = None) -> DriverProcess:
+          extra_args: list[str] | tuple[str, ...] = (), cpus: set[int] | None = None,
+          abandon: threading.Event | None = None) -> DriverProcess:
     """Start `python -m pie_driver_trtllm` and wait for its two handshake lines.
 
     Standard error goes to `stderr_fd` when given (an open descriptor the child inherits: a file, pipe or
-    socket), else to `stderr_path` (default: next to the config file); `cpus` pins the process.
+    socket), else to `stderr_path` (default: next to the config file); `cpus` pins the process. Once
+    `abandon` is set, a driver still starting is killed and DriverFailed raised.
     """
     command = [sys.executable, "-m", "pie_driver_trtllm", "--config", str(config_path), *extra_args]
     if endpoint:
@@ -276,6 +279,10 @@ def spawn(config_path: str | Path, *, endpoint: str | None = None, ready_timeout
     os.set_blocking(process.stdout.fileno(), False)
     buffer = b""
     while len(lines) < 2:
+        if abandon is not None and abandon.is_set():
+            process.kill()
+            process.wait()
+            raise DriverFailed("its start was abandoned")
         if time.monotonic() > deadline:
             process.kill()
             raise DriverFailed(f"driver not ready within {ready_timeout_s} s: {tail()}")

@@ -210,7 +210,42 @@ def test_sigterm_during_start_up_removes_what_start_up_made(tmp_path, tiny_model
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 2 and b"Traceback" not in stderr
+    assert stderr.decode().strip().splitlines()[-1] == "pie-driver-trtllm: stopped by a signal during start-up"
     assert not lock.exists() and not (tmp_path / "d.sock").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_while_replicas_start_removes_them_and_the_private_directory(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_model, driver={"device": ["cpu", "cpu"]})
+    before = set(Path("/tmp").glob("pie-trtllm-*"))
+    process = subprocess.Popen([sys.executable, "-m", "pie_driver_trtllm", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def replicas() -> list[str]:  # processes started with this config and --replica
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(config).encode() in args and b"--replica" in args:
+                found.append(cmdline.parent.name)
+        return found
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not replicas():  # the endpoint is made and a replica starts
+        time.sleep(0.01)
+    made = set(Path("/tmp").glob("pie-trtllm-*")) - before
+    assert made and replicas()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2, stderr
+    assert stderr.decode().strip().splitlines()[-1] == "pie-driver-trtllm: stopped by a signal during start-up"
+    assert not any(path.exists() for path in made)
+    deadline = time.monotonic() + 10
+    while replicas():
+        assert time.monotonic() < deadline, "a replica outlived the driver's start-up"
+        time.sleep(0.05)
 
 
 def _driver_under_fd_limit(config: Path, soft: int, hard: int) -> subprocess.Popen:

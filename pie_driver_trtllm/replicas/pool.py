@@ -59,8 +59,15 @@ class ReplicaPool:
         starters = [threading.Thread(target=self._start, args=(r,)) for r in self.replicas]
         for thread in starters:
             thread.start()
-        for thread in starters:
-            thread.join()
+        try:
+            for thread in starters:
+                thread.join()
+        except BaseException:  # a signal during start-up: replicas still starting are killed, not left behind
+            self.close()
+            for thread in starters:
+                thread.join()
+            self.close()  # those that became ready meanwhile
+            raise
         dead = [r for r in self.replicas if not r.alive]
         if dead:
             self.close()
@@ -79,14 +86,15 @@ class ReplicaPool:
         try:
             # The descriptor itself, not a path to it: /dev/stderr cannot be opened when it is a socket.
             process = spawn(self.config_path, endpoint=endpoint, env=env, stderr_fd=_stderr_fd(),
-                            extra_args=["--replica", str(replica.index)], cpus=cpus)
+                            extra_args=["--replica", str(replica.index)], cpus=cpus, abandon=self._stop)
         except (DriverFailed, OSError) as exc:
             with self.lock:
                 replica.failures += 1
                 replica.next_start = time.monotonic() + BACKOFF_S[min(replica.failures, len(BACKOFF_S)) - 1]
                 replica.restarting = False
-            print(f"pie-driver-trtllm: replica {replica.index} ({replica.device}) failed to start: {exc}",
-                  file=sys.stderr)
+            if not self._stop.is_set():  # closing: its start was abandoned on purpose
+                print(f"pie-driver-trtllm: replica {replica.index} ({replica.device}) failed to start: {exc}",
+                      file=sys.stderr)
             return
         with self.lock:
             replica.process = process
