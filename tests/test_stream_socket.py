@@ -352,7 +352,7 @@ def test_a_client_send_that_times_out_part_way_closes_its_connection(start):
     driver = start()
     client = DriverClient(driver.stream_endpoint, timeout_s=1.0)
     assert client.call("health").ok
-    os.kill(driver.process.pid, signal.SIGSTOP)  # the kernel's buffer fills and stays full
+    stop_until_stopped(driver.process.pid)  # the kernel's buffer fills and stays full
     try:
         with pytest.raises(TimeoutError, match="part of the message went out"):
             client.send_raw(request(2, "health", pad=b"p" * (8 << 20)))
@@ -363,11 +363,24 @@ def test_a_client_send_that_times_out_part_way_closes_its_connection(start):
     assert DriverClient(driver.stream_endpoint, timeout_s=5).call("health").ok
 
 
+def stop_until_stopped(pid: int) -> None:
+    """SIGSTOP, then wait until the kernel shows every thread stopped (the signal lands asynchronously)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+
+    def states() -> set[str]:
+        return {stat.read_text().rsplit(")", 1)[1].split()[0] for stat in Path(f"/proc/{pid}/task").glob("*/stat")}
+
+    while states() != {"T"}:
+        assert time.monotonic() < deadline, "the driver did not stop"
+        time.sleep(0.001)
+
+
 @pytest.mark.slow
 def test_at_shutdown_every_message_already_sent_gets_a_reply(start):
     driver = start()
     sockets = [raw_connection(driver) for _ in range(3)]
-    os.kill(driver.process.pid, signal.SIGSTOP)  # all of it arrives before the driver reads any
+    stop_until_stopped(driver.process.pid)  # all of it arrives before the driver reads any
     try:
         sockets[0].sendall(framed(request(0, "shutdown")))
         for sock in sockets:

@@ -56,16 +56,18 @@ class ReplicaPool:
         self._on_death = on_death
         self._stop = threading.Event()
         self._cpus = cpu_partition(len(devices))
-        starters = [threading.Thread(target=self._start, args=(r,)) for r in self.replicas]
-        for thread in starters:
-            thread.start()
-        try:
-            for thread in starters:
-                thread.join()
+        finished = [threading.Event() for _ in self.replicas]
+        launched = 0
+        try:  # a signal may land anywhere here, Thread.start's own wait included
+            for replica, event in zip(self.replicas, finished, strict=True):
+                threading.Thread(target=self._start, args=(replica, event), daemon=True).start()
+                launched += 1
+            for event in finished:
+                event.wait()
         except BaseException:  # a signal during start-up: replicas still starting are killed, not left behind
             self.close()
-            for thread in starters:
-                thread.join()
+            for event in finished[:launched + 1]:  # the one being launched when the signal came may run too
+                event.wait(5)
             self.close()  # those that became ready meanwhile
             raise
         dead = [r for r in self.replicas if not r.alive]
@@ -75,7 +77,14 @@ class ReplicaPool:
         self._monitor = threading.Thread(target=self._watch, name="replica-monitor", daemon=True)
         self._monitor.start()
 
-    def _start(self, replica: Replica) -> None:
+    def _start(self, replica: Replica, finished: threading.Event | None = None) -> None:
+        try:
+            self._spawn(replica)
+        finally:
+            if finished is not None:
+                finished.set()
+
+    def _spawn(self, replica: Replica) -> None:
         env = {}
         if replica.device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = replica.device.split(":", 1)[1]  # before any CUDA import there
