@@ -48,9 +48,9 @@ class Counters:
     errors: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def error(self, code: ErrorCode | str) -> None:
+    def error(self, code: ErrorCode | str, count: int = 1) -> None:
         with self._lock:
-            self.errors[str(code)] += 1
+            self.errors[str(code)] += count
 
 
 @dataclass
@@ -335,8 +335,7 @@ class DriverCore:
         """Every request fails with `error`, a valid one or not (as with replicas); no state changes."""
         count = len(body.items)
         self.counters.requests += count
-        for _ in range(count):
-            self.counters.error(error.code)
+        self.counters.error(error.code, count)
         wire = error.to_wire()
         results = [{"ok": False, "error": wire} for _ in range(count)]
         return {"results": results, "weights_version": self.weights_version}

@@ -30,13 +30,18 @@ def read_message(router: zmq.Socket) -> tuple[bytes, Any, int]:
     after an empty delimiter), its first frame, and how many frames it had. Frames past the first are
     counted, not kept, so a message of a million parts costs no list (libzmq holds it whole until then)."""
     identity = router.recv(zmq.NOBLOCK)
-    frame = router.recv(copy=False) if router.rcvmore else None
-    if frame is not None and router.rcvmore and not frame.buffer:  # the delimiter, kept in the reply's envelope
+    if not router.rcvmore:
+        return identity, None, 0
+    frame = router.recv(copy=False)
+    more = router.rcvmore  # asked once per part: a message of one frame costs what recv_multipart did
+    if more and not frame.buffer:  # the delimiter, kept in the reply's envelope
         identity, frame = Delimited(identity), router.recv(copy=False)
-    count = 0 if frame is None else 1
-    while router.rcvmore:
+        more = router.rcvmore
+    count = 1
+    while more:
         router.recv()
         count += 1
+        more = router.rcvmore
     return identity, frame, count
 
 
